@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from alijax import parallel
 from alijax.data import batching
+from alijax.data.files import atomic_write
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -241,10 +242,8 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path, text=True) as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _to_python(tree) -> dict:

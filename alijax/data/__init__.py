@@ -11,6 +11,7 @@ import numpy as np
 
 from alijax.data.batching import batch_indices, epoch_permutation, eval_batches, train_batches
 from alijax.data.digits import load_digits
+from alijax.data.files import FormatError, atomic_write
 
 DATASETS = ("digits", "cifar10", "cifar100")
 
@@ -47,6 +48,8 @@ def load_dataset(cfg: Mapping, seed: int = 0) -> dict[str, dict[str, np.ndarray]
 
 __all__ = [
     "DATASETS",
+    "FormatError",
+    "atomic_write",
     "batch_indices",
     "epoch_permutation",
     "eval_batches",

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from alijax.data.errors import FormatError, atomic_write
+from alijax.data.files import FormatError, atomic_write
 
 IMAGE_SHAPE = (32, 32, 3)
 _PIXEL_BYTES = 3 * 32 * 32

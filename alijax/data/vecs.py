@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from alijax.data.errors import FormatError, atomic_write
+from alijax.data.files import FormatError, atomic_write
 
 VECS_DTYPES = {".fvecs": np.dtype("<f4"), ".ivecs": np.dtype("<i4"), ".bvecs": np.dtype("u1")}
 BIN_DTYPES = {

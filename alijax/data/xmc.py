@@ -17,7 +17,7 @@ import re
 import numpy as np
 import scipy.sparse as sp
 
-from alijax.data.errors import FormatError, atomic_write
+from alijax.data.files import FormatError, atomic_write
 
 _LABELS = re.compile(r"\d+(?:,\d+)*")
 _FEATURES = re.compile(r"(?:\d+:[^\s:]+(?:\s+|$))*")

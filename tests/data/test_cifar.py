@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from alijax.data.cifar import load_cifar10, load_cifar100, write_cifar10, write_cifar100
-from alijax.data.errors import FormatError
+from alijax.data.files import FormatError
 
 TRAIN10 = [f"data_batch_{i}.bin" for i in range(1, 6)]
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alijax.data.errors import FormatError
+from alijax.data.files import FormatError
 from alijax.data.image_folder import list_image_folder, load_image_folder
 
 RED, BLUE, GREEN = (255, 0, 0), (10, 20, 200), (0, 128, 0)

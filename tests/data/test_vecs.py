@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from alijax.data.errors import FormatError, atomic_write
+from alijax.data.files import FormatError, atomic_write
 from alijax.data.vecs import (
     read_bvecs,
     read_fbin,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from alijax.data.errors import FormatError
+from alijax.data.files import FormatError
 from alijax.data.xmc import XMCData, load_xmc, write_xmc
 
 HAND_WRITTEN = (

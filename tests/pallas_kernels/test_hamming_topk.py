@@ -99,7 +99,6 @@ class TestHammingInterpret(HammingTests):
 class TestHammingGpu(HammingTests):
   interpret = False
   configs = HammingTests.configs + (
-      HammingTopkConfig(block_q=64, block_n=128, num_splits=None, num_warps=4, num_stages=2),
       HammingTopkConfig(block_q=32, block_n=256, num_splits=7, num_warps=8, num_stages=1),
   )
 

@@ -101,7 +101,6 @@ class TestInt8MatmulInterpret(Int8MatmulTests):
 class TestInt8MatmulGpu(Int8MatmulTests):
   interpret = False
   configs = (SMALL, None,
-             Int8MatmulConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3),
              Int8MatmulConfig(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3))
   extra_shapes = ((1000, 1500, 700), (2048, 512, 576), (777, 64, 147))
 

@@ -1,4 +1,5 @@
-"""The error the format readers raise, and the atomic write their writers share."""
+"""Files: the error the format readers raise, and the atomic write that every writer shares
+(vector files, indexes, metrics and summaries)."""
 from __future__ import annotations
 
 import contextlib

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# GPU check for the Pallas kernels (issue 4): the gpu-marked tests, then the kernel benchmark.
+# Run from the repo root with the machine's python3 (jax with CUDA installed; alijax need not
+# be installed). Results: ${OUT:-benchmarks/results}/kernels-gpu.json and a table printed last.
+# Aimed at ~5 minutes on one H100/H200: config sweeps stop early after --budget-s.
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+OUT_DIR="${OUT:-benchmarks/results}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python3}"
+
+"$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())'
+echo "=== gpu-marked tests ==="
+start=$(date +%s)
+timeout 150 "$PY" -m pytest -m gpu tests/pallas_kernels tests/ann -q -p no:cacheprovider \
+  -o addopts="" --durations=8 2>&1 | tee "$OUT_DIR/gpu-tests.log"
+test_rc=${PIPESTATUS[0]}
+echo "tests rc=$test_rc in $(( $(date +%s) - start ))s"
+
+echo "=== benchmarks ==="
+timeout 300 "$PY" benchmarks/kernels.py --budget-s 150 --out "$OUT_DIR/kernels-gpu.json" "$@" \
+  2>&1 | tee "$OUT_DIR/kernels-gpu.log"
+bench_rc=${PIPESTATUS[0]}
+echo "tests rc=$test_rc, bench rc=$bench_rc, total $(( $(date +%s) - start ))s"
+exit $(( test_rc != 0 || bench_rc != 0 ))
