@@ -13,13 +13,13 @@ PY="${PYTHON:-python3}"
 "$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())'
 echo "=== gpu-marked tests ==="
 start=$(date +%s)
-timeout 150 "$PY" -m pytest -m gpu tests/pallas_kernels tests/ann -q -p no:cacheprovider \
+timeout 120 "$PY" -m pytest -m gpu tests/pallas_kernels tests/ann -q -p no:cacheprovider \
   -o addopts="" --durations=8 2>&1 | tee "$OUT_DIR/gpu-tests.log"
 test_rc=${PIPESTATUS[0]}
 echo "tests rc=$test_rc in $(( $(date +%s) - start ))s"
 
 echo "=== benchmarks ==="
-timeout 300 "$PY" benchmarks/kernels.py --budget-s 150 --out "$OUT_DIR/kernels-gpu.json" "$@" \
+timeout 250 "$PY" benchmarks/kernels.py --budget-s 110 --out "$OUT_DIR/kernels-gpu.json" "$@" \
   2>&1 | tee "$OUT_DIR/kernels-gpu.log"
 bench_rc=${PIPESTATUS[0]}
 echo "tests rc=$test_rc, bench rc=$bench_rc, total $(( $(date +%s) - start ))s"
