@@ -1,8 +1,9 @@
 """Command line: python -m alijax {train,demo} ...
 
-  python -m alijax train --config configs/digits_resnet.py[:smoke] [--set key=value ...] --workdir DIR
-  python -m alijax demo [--workdir DIR]
+python -m alijax train --config configs/digits_resnet.py[:smoke] [--set key=value ...] --workdir DIR
+python -m alijax demo [--workdir DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,9 @@ def apply_overrides(config, assignments: list[str]):
         if not sep:
             raise SystemExit(f"--set {assignment!r} must look like key=value")
         if key not in valid:
-            raise SystemExit(f"--set: unknown key {key!r}; valid keys are:\n  " + "\n  ".join(valid))
+            raise SystemExit(
+                f"--set: unknown key {key!r}; valid keys are:\n  " + "\n  ".join(valid)
+            )
         *parents, leaf = key.split(".")
         node = config
         for parent in parents:
@@ -80,7 +83,9 @@ def _train(args) -> int:
     config = apply_overrides(load_config(args.config), args.set)
     _, summary = train.train(config, args.workdir, progress=not args.no_progress)
     print(json.dumps(summary))
-    print(f"test accuracy {summary['test_accuracy']:.4f} after {summary['step']} steps ({args.workdir})")
+    print(
+        f"test accuracy {summary['test_accuracy']:.4f} after {summary['step']} steps ({args.workdir})"
+    )
     return 0
 
 
@@ -90,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_parser = commands.add_parser("train", help="train a config, resuming from workdir")
     train_parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
-    train_parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, summary.json")
+    train_parser.add_argument(
+        "--workdir", required=True, help="checkpoints, metrics.jsonl, summary.json"
+    )
     train_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     train_parser.set_defaults(run=_train)

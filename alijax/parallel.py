@@ -4,6 +4,7 @@ Every sharded piece of alijax runs on a `Mesh` with the named axes `data` (batch
 `model` (class-sharded heads, sharded indexes). The same code runs on one CPU, on 8 simulated CPU
 devices, on one GPU and on many hosts after `maybe_initialize_distributed()`.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,8 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"

@@ -5,6 +5,7 @@ and an optax optimizer; it is jitted with the state donated. The rng of a step i
 `fold_in(rng, state.step)` and the batch of a step is a pure function of (seed, step), so a run
 resumed from a checkpoint is bitwise identical to one that never stopped.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,7 +67,9 @@ def make_optimizer(cfg: Mapping, num_steps: int) -> optax.GradientTransformation
     if name == "sgd":
         core = optax.chain(
             optax.add_decayed_weights(cfg.get("weight_decay", 0.0), mask=_decay_mask),
-            optax.sgd(schedule, momentum=cfg.get("momentum", 0.9), nesterov=cfg.get("nesterov", True)),
+            optax.sgd(
+                schedule, momentum=cfg.get("momentum", 0.9), nesterov=cfg.get("nesterov", True)
+            ),
         )
     elif name == "adamw":
         core = optax.adamw(schedule, weight_decay=cfg.get("weight_decay", 0.0), mask=_decay_mask)
@@ -171,7 +174,9 @@ def make_eval_step(model, loss_fn: Callable = cross_entropy_loss) -> Callable:
     """Builds `eval_step(state, batch) -> sums` over a padded batch with "mask" [B]."""
 
     def eval_step(state: TrainState, batch):
-        logits = model.apply({"params": state.params, **state.model_state}, batch["image"], train=False)
+        logits = model.apply(
+            {"params": state.params, **state.model_state}, batch["image"], train=False
+        )
         per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         mask = batch["mask"]
         return {
@@ -190,7 +195,10 @@ def evaluate(eval_step, state, arrays: Mapping[str, np.ndarray], batch_size: int
     for batch in batching.eval_batches(arrays, batch_size, mesh):
         sums = jax.device_get(eval_step(state, batch))
         totals = {k: totals[k] + float(sums[k]) for k in totals}
-    return {"loss": totals["loss_sum"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
+    return {
+        "loss": totals["loss_sum"] / totals["count"],
+        "accuracy": totals["correct"] / totals["count"],
+    }
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -201,7 +209,9 @@ def checkpoint_manager(workdir: str, every: int, max_to_keep: int) -> ocp.Checkp
     renames it when complete, so a crash mid-save never leaves a checkpoint that restores."""
     del every  # the loop decides when to save; Orbax would also save the very first step
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
+    )
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
@@ -299,7 +309,11 @@ def train(
         tqdm.write(f"resumed from {workdir} at step {start_step}")
 
     bar = tqdm(
-        total=config.num_steps, initial=start_step, disable=not progress, desc="train", mininterval=1.0
+        total=config.num_steps,
+        initial=start_step,
+        disable=not progress,
+        desc="train",
+        mininterval=1.0,
     )
     pending: list = []
     last_time, last_step = time.perf_counter(), start_step
@@ -329,7 +343,11 @@ def train(
                 pending, last_time, last_step = [], time.perf_counter(), done
             if done % config.eval_every == 0 and done != config.num_steps:
                 result = evaluate(eval_step, state, data["test"], config.eval_batch_size, mesh)
-                record = {"step": done, "test_loss": result["loss"], "test_accuracy": result["accuracy"]}
+                record = {
+                    "step": done,
+                    "test_loss": result["loss"],
+                    "test_accuracy": result["accuracy"],
+                }
                 log.write(record)
                 bar.write(_format_record(record))
                 last_time = time.perf_counter()
@@ -351,7 +369,9 @@ def train(
         "test_loss": result["loss"],
         "train_time_s": train_time,
     }
-    log.write({"step": final_step, "test_loss": result["loss"], "test_accuracy": result["accuracy"]})
+    log.write(
+        {"step": final_step, "test_loss": result["loss"], "test_accuracy": result["accuracy"]}
+    )
     _atomic_write(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return state, summary
 

@@ -15,6 +15,7 @@ when they fit in L2. A kernel that fails to lower or compile becomes a row with 
 of its error, so one run gives the most information. Each fused/ours result is checked for
 exact agreement with its baseline (column ``check``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,102 +44,104 @@ T0 = time.perf_counter()
 
 
 def log(msg):
-  print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
 
 
 def first_line(e: BaseException) -> str:
-  for line in str(e).splitlines():
-    if line.strip():
-      return f"{type(e).__name__}: {line.strip()[:300]}"
-  return type(e).__name__
+    for line in str(e).splitlines():
+        if line.strip():
+            return f"{type(e).__name__}: {line.strip()[:300]}"
+    return type(e).__name__
 
 
 def bench(fn, arg_sets, samples=5, target_s=0.02, max_calls=200):
-  """Median seconds per call of fn(*args), rotating through arg_sets."""
-  out = fn(*arg_sets[0])
-  jax.block_until_ready(out)
-  t = time.perf_counter()
-  jax.block_until_ready(fn(*arg_sets[-1]))
-  one = max(time.perf_counter() - t, 1e-7)
-  calls = int(min(max_calls, max(1, target_s / one)))
-  times = []
-  for _ in range(samples):
-    t = time.perf_counter()
-    for c in range(calls):
-      out = fn(*arg_sets[c % len(arg_sets)])
+    """Median seconds per call of fn(*args), rotating through arg_sets."""
+    out = fn(*arg_sets[0])
     jax.block_until_ready(out)
-    times.append((time.perf_counter() - t) / calls)
-  return statistics.median(times)
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*arg_sets[-1]))
+    one = max(time.perf_counter() - t, 1e-7)
+    calls = int(min(max_calls, max(1, target_s / one)))
+    times = []
+    for _ in range(samples):
+        t = time.perf_counter()
+        for c in range(calls):
+            out = fn(*arg_sets[c % len(arg_sets)])
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / calls)
+    return statistics.median(times)
 
 
 def n_sets(nbytes):
-  return 3 if nbytes * 3 <= L2_BYTES else 1
+    return 3 if nbytes * 3 <= L2_BYTES else 1
 
 
 @dataclasses.dataclass
 class Row:
-  op: str
-  shape: str
-  ours: str
-  baseline: str
-  unit: str
-  ours_rate: float | None = None
-  base_rate: float | None = None
-  ratio: float | None = None
-  config: str = ""
-  check: str = ""
-  error: str = ""
+    op: str
+    shape: str
+    ours: str
+    baseline: str
+    unit: str
+    ours_rate: float | None = None
+    base_rate: float | None = None
+    ratio: float | None = None
+    config: str = ""
+    check: str = ""
+    error: str = ""
 
 
 ROWS: list[Row] = []
 
 
 def add(row: Row):
-  if row.ours_rate and row.base_rate:
-    row.ratio = row.ours_rate / row.base_rate
-  ROWS.append(row)
-  r = row
-  log(f"{r.op:14s} {r.shape:34s} {r.ours:18s} {fmt(r.ours_rate):>9s} | {r.baseline:18s} "
-      f"{fmt(r.base_rate):>9s} {r.unit:9s} x{fmt(r.ratio)} {r.check} {r.config} {r.error}")
+    if row.ours_rate and row.base_rate:
+        row.ratio = row.ours_rate / row.base_rate
+    ROWS.append(row)
+    r = row
+    log(
+        f"{r.op:14s} {r.shape:34s} {r.ours:18s} {fmt(r.ours_rate):>9s} | {r.baseline:18s} "
+        f"{fmt(r.base_rate):>9s} {r.unit:9s} x{fmt(r.ratio)} {r.check} {r.config} {r.error}"
+    )
 
 
 def fmt(x):
-  return "-" if x is None else f"{x:.3g}"
+    return "-" if x is None else f"{x:.3g}"
 
 
 def timed(fn, arg_sets):
-  """(seconds, result, error-line)."""
-  try:
-    res = jax.block_until_ready(fn(*arg_sets[0]))
-    return bench(fn, arg_sets), res, ""
-  except Exception as e:  # noqa: BLE001 -- any lowering/compile failure becomes a row
-    return None, None, first_line(e)
+    """(seconds, result, error-line)."""
+    try:
+        res = jax.block_until_ready(fn(*arg_sets[0]))
+        return bench(fn, arg_sets), res, ""
+    except Exception as e:  # noqa: BLE001 -- any lowering/compile failure becomes a row
+        return None, None, first_line(e)
 
 
 # ----------------------------------------------------------------------------- int8 matmul
 
 
 def matmul_operands(rng_key, m, n, k, ta, tb, count):
-  sets = []
-  for i in range(count):
-    ka, kb, ks1, ks2 = jax.random.split(jax.random.fold_in(rng_key, i), 4)
-    a = jax.random.randint(ka, (k, m) if ta else (m, k), -127, 128, jnp.int8)
-    b = jax.random.randint(kb, (n, k) if tb else (k, n), -127, 128, jnp.int8)
-    sa = jax.random.uniform(ks1, (m,), jnp.float32, 0.5, 1.5)
-    sb = jax.random.uniform(ks2, (n,), jnp.float32, 0.5, 1.5)
-    sets.append((a, b, sa, sb))
-  return sets
+    sets = []
+    for i in range(count):
+        ka, kb, ks1, ks2 = jax.random.split(jax.random.fold_in(rng_key, i), 4)
+        a = jax.random.randint(ka, (k, m) if ta else (m, k), -127, 128, jnp.int8)
+        b = jax.random.randint(kb, (n, k) if tb else (k, n), -127, 128, jnp.int8)
+        sa = jax.random.uniform(ks1, (m,), jnp.float32, 0.5, 1.5)
+        sb = jax.random.uniform(ks2, (n,), jnp.float32, 0.5, 1.5)
+        sets.append((a, b, sa, sb))
+    return sets
 
 
 def xla_int8(a, b, sa, sb, *, ta, tb):
-  dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-  acc = lax.dot_general(a, b, dims, preferred_element_type=jnp.int32)
-  return acc.astype(jnp.float32) * sa[:, None] * sb[None, :]
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    acc = lax.dot_general(a, b, dims, preferred_element_type=jnp.int32)
+    return acc.astype(jnp.float32) * sa[:, None] * sb[None, :]
 
 
 def xla_bf16(a, b, *, ta, tb):
-  dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 MATMUL_CANDIDATES = [
@@ -152,251 +155,394 @@ MATMUL_CANDIDATES = [
 
 
 def cfg_str(c):
-  if c is None:
-    return "default"
-  return ",".join(f"{f.name}={getattr(c, f.name)}" for f in dataclasses.fields(c))
+    if c is None:
+        return "default"
+    return ",".join(f"{f.name}={getattr(c, f.name)}" for f in dataclasses.fields(c))
 
 
 def run_matmul(name, m, n, k, ta, tb, *, interpret, candidates, deadline):
-  ops = 2.0 * m * n * k
-  count = n_sets(m * k + k * n + 4 * m * n)
-  sets = matmul_operands(jax.random.key(m * 7 + n * 3 + k), m, n, k, ta, tb, count)
-  shape = f"{name} M={m} N={n} K={k}" + (" tA" if ta else "") + (" tB" if tb else "")
-  base_fn = jax.jit(functools.partial(xla_int8, ta=ta, tb=tb))
-  t_int8, want, err_i8 = timed(base_fn, sets)
-  bf_sets = [(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)) for a, b, _, _ in sets]
-  t_bf16, _, err_bf = timed(jax.jit(functools.partial(xla_bf16, ta=ta, tb=tb)), bf_sets)
-  del bf_sets
-  best = None  # (seconds, config, check)
-  errors = []
-  for cfg in candidates:
-    if time.perf_counter() > deadline and best is not None:
-      errors.append("sweep cut by --budget-s")
-      break
-    fn = functools.partial(im.int8_matmul, transpose_a=ta, transpose_b=tb, config=cfg,
-                           interpret=interpret)
-    t, got, err = timed(fn, sets)
-    if err:
-      errors.append(f"[{cfg_str(cfg)}] {err}")
-      log(f"  {shape} config {cfg_str(cfg)} failed: {err}")
-      continue
-    ok = want is None or bool(jnp.allclose(got, want, rtol=1e-6, atol=0))
-    log(f"  {shape} {cfg_str(cfg)}: {ops / t / 1e12:.3g} TOPS {'ok' if ok else 'MISMATCH'}")
-    if best is None or t < best[0]:
-      best = (t, cfg if cfg is not None else im.default_config(m, n, k), "ok" if ok else "MISMATCH")
-  rate = lambda t: None if t is None else ops / t / 1e12  # noqa: E731
-  ours_rate = rate(best[0]) if best else None
-  add(Row("int8_matmul", shape, "pallas" + (" (interp)" if interpret else ""), "xla int8",
-          "TOPS", ours_rate, rate(t_int8), config=cfg_str(best[1]) if best else "",
-          check=best[2] if best else "", error="; ".join(errors + [e for e in (err_i8,) if e])))
-  add(Row("int8_matmul", shape, "pallas" + (" (interp)" if interpret else ""), "xla bf16",
-          "TOPS", ours_rate, rate(t_bf16), config=cfg_str(best[1]) if best else "",
-          error=err_bf))
+    ops = 2.0 * m * n * k
+    count = n_sets(m * k + k * n + 4 * m * n)
+    sets = matmul_operands(jax.random.key(m * 7 + n * 3 + k), m, n, k, ta, tb, count)
+    shape = f"{name} M={m} N={n} K={k}" + (" tA" if ta else "") + (" tB" if tb else "")
+    base_fn = jax.jit(functools.partial(xla_int8, ta=ta, tb=tb))
+    t_int8, want, err_i8 = timed(base_fn, sets)
+    bf_sets = [(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)) for a, b, _, _ in sets]
+    t_bf16, _, err_bf = timed(jax.jit(functools.partial(xla_bf16, ta=ta, tb=tb)), bf_sets)
+    del bf_sets
+    best = None  # (seconds, config, check)
+    errors = []
+    for cfg in candidates:
+        if time.perf_counter() > deadline and best is not None:
+            errors.append("sweep cut by --budget-s")
+            break
+        fn = functools.partial(
+            im.int8_matmul, transpose_a=ta, transpose_b=tb, config=cfg, interpret=interpret
+        )
+        t, got, err = timed(fn, sets)
+        if err:
+            errors.append(f"[{cfg_str(cfg)}] {err}")
+            log(f"  {shape} config {cfg_str(cfg)} failed: {err}")
+            continue
+        ok = want is None or bool(jnp.allclose(got, want, rtol=1e-6, atol=0))
+        log(f"  {shape} {cfg_str(cfg)}: {ops / t / 1e12:.3g} TOPS {'ok' if ok else 'MISMATCH'}")
+        if best is None or t < best[0]:
+            best = (
+                t,
+                cfg if cfg is not None else im.default_config(m, n, k),
+                "ok" if ok else "MISMATCH",
+            )
+    rate = lambda t: None if t is None else ops / t / 1e12  # noqa: E731
+    ours_rate = rate(best[0]) if best else None
+    add(
+        Row(
+            "int8_matmul",
+            shape,
+            "pallas" + (" (interp)" if interpret else ""),
+            "xla int8",
+            "TOPS",
+            ours_rate,
+            rate(t_int8),
+            config=cfg_str(best[1]) if best else "",
+            check=best[2] if best else "",
+            error="; ".join(errors + [e for e in (err_i8,) if e]),
+        )
+    )
+    add(
+        Row(
+            "int8_matmul",
+            shape,
+            "pallas" + (" (interp)" if interpret else ""),
+            "xla bf16",
+            "TOPS",
+            ours_rate,
+            rate(t_bf16),
+            config=cfg_str(best[1]) if best else "",
+            error=err_bf,
+        )
+    )
 
 
 def resnet50_gemms():
-  """(name, M, K, N) im2col GEMMs of ResNet-50 at batch 256, 224x224 (M = batch * H * W)."""
-  b = 256
-  return [
-      ("r50 l1 3x3", b * 56 * 56, 64 * 9, 64),
-      ("r50 l2 3x3", b * 28 * 28, 128 * 9, 128),
-      ("r50 l3 3x3", b * 14 * 14, 256 * 9, 256),
-      ("r50 l4 1x1", b * 7 * 7, 512, 2048),
-  ]
+    """(name, M, K, N) im2col GEMMs of ResNet-50 at batch 256, 224x224 (M = batch * H * W)."""
+    b = 256
+    return [
+        ("r50 l1 3x3", b * 56 * 56, 64 * 9, 64),
+        ("r50 l2 3x3", b * 28 * 28, 128 * 9, 128),
+        ("r50 l3 3x3", b * 14 * 14, 256 * 9, 256),
+        ("r50 l4 1x1", b * 7 * 7, 512, 2048),
+    ]
 
 
 def matmul_suite(args, on_gpu, deadline):
-  if not on_gpu:
-    # Interpret mode is a correctness path, not a fast one: toy sizes only.
-    for ta, tb in ((False, False), (False, True), (True, False)):
-      run_matmul("toy", 128, 96, 160, ta, tb, interpret=True, candidates=[None],
-                 deadline=deadline)
-    return
-  squares = [4096] if args.quick else [4096, 8192]
-  for s in squares:
-    run_matmul(f"{s}^3", s, s, s, False, False, interpret=False,
-               candidates=[None] + MATMUL_CANDIDATES, deadline=deadline)
-  for name, m, k, n in resnet50_gemms()[: 2 if args.quick else None]:
-    short = [None] + MATMUL_CANDIDATES[:3]
-    run_matmul(name + " fwd", m, n, k, False, False, interpret=False, candidates=short,
-               deadline=deadline)
-    run_matmul(name + " G_X", m, k, n, False, True, interpret=False, candidates=short,
-               deadline=deadline)
-    run_matmul(name + " G_W", k, n, m, True, False, interpret=False, candidates=short,
-               deadline=deadline)
+    if not on_gpu:
+        # Interpret mode is a correctness path, not a fast one: toy sizes only.
+        for ta, tb in ((False, False), (False, True), (True, False)):
+            run_matmul(
+                "toy", 128, 96, 160, ta, tb, interpret=True, candidates=[None], deadline=deadline
+            )
+        return
+    squares = [4096] if args.quick else [4096, 8192]
+    for s in squares:
+        run_matmul(
+            f"{s}^3",
+            s,
+            s,
+            s,
+            False,
+            False,
+            interpret=False,
+            candidates=[None] + MATMUL_CANDIDATES,
+            deadline=deadline,
+        )
+    for name, m, k, n in resnet50_gemms()[: 2 if args.quick else None]:
+        short = [None] + MATMUL_CANDIDATES[:3]
+        run_matmul(
+            name + " fwd",
+            m,
+            n,
+            k,
+            False,
+            False,
+            interpret=False,
+            candidates=short,
+            deadline=deadline,
+        )
+        run_matmul(
+            name + " G_X",
+            m,
+            k,
+            n,
+            False,
+            True,
+            interpret=False,
+            candidates=short,
+            deadline=deadline,
+        )
+        run_matmul(
+            name + " G_W",
+            k,
+            n,
+            m,
+            True,
+            False,
+            interpret=False,
+            candidates=short,
+            deadline=deadline,
+        )
 
 
 # ----------------------------------------------------------------------------- hamming
 
 
 def xla_hamming_topk(q, c, *, k):
-  """The unfused baseline: full [Q, N] distance matrix, then lax.top_k. top_k runs on float32
-  (exact for distances < 2**24; XLA:CPU's int32 top_k is ~100x slower than its f32 one)."""
-  d = hk.hamming_distance_reference(q, c)
-  neg, idx = lax.top_k(-d.astype(jnp.float32), k)
-  return (-neg).astype(jnp.int32), idx
+    """The unfused baseline: full [Q, N] distance matrix, then lax.top_k. top_k runs on float32
+    (exact for distances < 2**24; XLA:CPU's int32 top_k is ~100x slower than its f32 one)."""
+    d = hk.hamming_distance_reference(q, c)
+    neg, idx = lax.top_k(-d.astype(jnp.float32), k)
+    return (-neg).astype(jnp.int32), idx
 
 
 def hamming_inputs(q, n, w, seed):
-  kq, kc = jax.random.split(jax.random.key(seed))
-  queries = jax.random.bits(kq, (q, w), jnp.uint32)
-  codes = jax.random.bits(kc, (n, w), jnp.uint32)
-  return queries, codes
+    kq, kc = jax.random.split(jax.random.key(seed))
+    queries = jax.random.bits(kq, (q, w), jnp.uint32)
+    codes = jax.random.bits(kc, (n, w), jnp.uint32)
+    return queries, codes
 
 
 def same(a, b):
-  return all(bool(jnp.array_equal(x, y)) for x, y in zip(a, b))
+    return all(bool(jnp.array_equal(x, y)) for x, y in zip(a, b))
 
 
 def hamming_candidates(q):
-  if q <= 16:
-    return [None, hk.HammingTopkConfig(block_q=16, block_n=512, num_warps=4),
-            hk.HammingTopkConfig(block_q=16, block_n=256, num_warps=4, num_stages=2)]
-  return [None, hk.HammingTopkConfig(block_q=64, block_n=256, num_warps=8),
-          hk.HammingTopkConfig(block_q=32, block_n=256, num_warps=4),
-          hk.HammingTopkConfig(block_q=128, block_n=128, num_warps=8),
-          hk.HammingTopkConfig(block_q=64, block_n=128, num_warps=4, num_stages=2)]
+    if q <= 16:
+        return [
+            None,
+            hk.HammingTopkConfig(block_q=16, block_n=512, num_warps=4),
+            hk.HammingTopkConfig(block_q=16, block_n=256, num_warps=4, num_stages=2),
+        ]
+    return [
+        None,
+        hk.HammingTopkConfig(block_q=64, block_n=256, num_warps=8),
+        hk.HammingTopkConfig(block_q=32, block_n=256, num_warps=4),
+        hk.HammingTopkConfig(block_q=128, block_n=128, num_warps=8),
+        hk.HammingTopkConfig(block_q=64, block_n=128, num_warps=4, num_stages=2),
+    ]
 
 
 def run_hamming(q, n, k, *, interpret, candidates, deadline, w=8):
-  queries, codes = hamming_inputs(q, n, w, q + n)
-  codes_t = codes.T.copy() if not interpret else jnp.asarray(np.asarray(codes).T.copy())
-  pairs = float(q) * n
-  rate = lambda t: None if t is None else pairs / t / 1e9  # noqa: E731
-  shape = f"Q={q} N={n} bits={32 * w} k={k}"
-  t_base, want, err_b = timed(jax.jit(functools.partial(xla_hamming_topk, k=k)),
-                              [(queries, codes)])
-  for layout, cs in (("wn", codes_t), ("nw", codes)):
-    best, errors = None, []
-    for cfg in candidates:
-      if time.perf_counter() > deadline and best is not None:
-        errors.append("sweep cut by --budget-s")
-        break
-      fn = functools.partial(hk.hamming_topk, k=k, codes_layout=layout, config=cfg,
-                             interpret=interpret)
-      t, got, err = timed(fn, [(queries, cs)])
-      if err:
-        errors.append(f"[{cfg_str(cfg)}] {err}")
-        log(f"  {shape} {layout} config {cfg_str(cfg)} failed: {err}")
-        continue
-      ok = want is None or same(got, want)
-      log(f"  {shape} {layout} {cfg_str(cfg)}: {rate(t):.3g} Gpairs/s {'ok' if ok else 'MISMATCH'}")
-      if best is None or t < best[0]:
-        best = (t, cfg or hk.default_config(q, n, w, k), "ok" if ok else "MISMATCH")
-      if layout == "nw":
-        break  # the packed layout: default config only
-    add(Row("hamming_topk", shape, f"fused {layout}" + (" (interp)" if interpret else ""),
-            "xla popc+top_k", "Gpairs/s", rate(best[0]) if best else None, rate(t_base),
-            config=cfg_str(best[1]) if best else "", check=best[2] if best else "",
-            error="; ".join(errors + ([err_b] if err_b else []))))
-  # The full distance matrix kernel vs XLA's (bandwidth of the [Q, N] int32 write dominates).
-  if not interpret and q >= 64:
-    t_xd, want_d, err_x = timed(jax.jit(hk.hamming_distance_reference), [(queries, codes)])
-    t_d, got_d, err_d = timed(functools.partial(hk.hamming_distance, codes_layout="wn"),
-                              [(queries, codes_t)])
-    check = "" if got_d is None or want_d is None else (
-        "ok" if bool(jnp.array_equal(got_d, want_d)) else "MISMATCH")
-    add(Row("hamming_dist", shape.replace(f" k={k}", ""), "pallas wn", "xla popc",
-            "Gpairs/s", rate(t_d), rate(t_xd), check=check, error=err_d or err_x))
-  return queries, codes, want
+    queries, codes = hamming_inputs(q, n, w, q + n)
+    codes_t = codes.T.copy() if not interpret else jnp.asarray(np.asarray(codes).T.copy())
+    pairs = float(q) * n
+    rate = lambda t: None if t is None else pairs / t / 1e9  # noqa: E731
+    shape = f"Q={q} N={n} bits={32 * w} k={k}"
+    t_base, want, err_b = timed(
+        jax.jit(functools.partial(xla_hamming_topk, k=k)), [(queries, codes)]
+    )
+    for layout, cs in (("wn", codes_t), ("nw", codes)):
+        best, errors = None, []
+        for cfg in candidates:
+            if time.perf_counter() > deadline and best is not None:
+                errors.append("sweep cut by --budget-s")
+                break
+            fn = functools.partial(
+                hk.hamming_topk, k=k, codes_layout=layout, config=cfg, interpret=interpret
+            )
+            t, got, err = timed(fn, [(queries, cs)])
+            if err:
+                errors.append(f"[{cfg_str(cfg)}] {err}")
+                log(f"  {shape} {layout} config {cfg_str(cfg)} failed: {err}")
+                continue
+            ok = want is None or same(got, want)
+            log(
+                f"  {shape} {layout} {cfg_str(cfg)}: {rate(t):.3g} Gpairs/s {'ok' if ok else 'MISMATCH'}"
+            )
+            if best is None or t < best[0]:
+                best = (t, cfg or hk.default_config(q, n, w, k), "ok" if ok else "MISMATCH")
+            if layout == "nw":
+                break  # the packed layout: default config only
+        add(
+            Row(
+                "hamming_topk",
+                shape,
+                f"fused {layout}" + (" (interp)" if interpret else ""),
+                "xla popc+top_k",
+                "Gpairs/s",
+                rate(best[0]) if best else None,
+                rate(t_base),
+                config=cfg_str(best[1]) if best else "",
+                check=best[2] if best else "",
+                error="; ".join(errors + ([err_b] if err_b else [])),
+            )
+        )
+    # The full distance matrix kernel vs XLA's (bandwidth of the [Q, N] int32 write dominates).
+    if not interpret and q >= 64:
+        t_xd, want_d, err_x = timed(jax.jit(hk.hamming_distance_reference), [(queries, codes)])
+        t_d, got_d, err_d = timed(
+            functools.partial(hk.hamming_distance, codes_layout="wn"), [(queries, codes_t)]
+        )
+        check = (
+            ""
+            if got_d is None or want_d is None
+            else ("ok" if bool(jnp.array_equal(got_d, want_d)) else "MISMATCH")
+        )
+        add(
+            Row(
+                "hamming_dist",
+                shape.replace(f" k={k}", ""),
+                "pallas wn",
+                "xla popc",
+                "Gpairs/s",
+                rate(t_d),
+                rate(t_xd),
+                check=check,
+                error=err_d or err_x,
+            )
+        )
+    return queries, codes, want
 
 
 def run_hamming_cpu_peers(q, n, k, queries, codes, want, t_xla=None):
-  """alijax.ann chunked jnp path vs faiss IndexBinaryFlat (and vs XLA full matrix)."""
-  pairs = float(q) * n
-  rate = lambda t: None if t is None else pairs / t / 1e9  # noqa: E731
-  shape = f"Q={q} N={n} bits={32 * codes.shape[1]} k={k}"
-  chunk = ann_hamming.default_chunk_size(q, n)
-  fn = functools.partial(ann_hamming.hamming_topk_chunked, k=k, chunk_size=chunk)
-  t_ours, got, err = timed(fn, [(queries, codes)])
-  check = "" if got is None or want is None else ("ok" if same(got, want) else "MISMATCH")
-  try:
-    import faiss
-  except ImportError:
-    faiss = None
-  t_f, err_f, fcheck = None, "faiss not installed", ""
-  if faiss is not None:
-    qn, cn = np.asarray(queries), np.asarray(codes)
-    index = faiss.IndexBinaryFlat(cn.shape[1] * 32)
-    index.add(cn.view(np.uint8))  # little-endian words: same bits, as bytes
-    qb = qn.view(np.uint8)
-    t_f = bench(lambda: index.search(qb, k), [()], samples=3, target_s=0.0)
-    fd, _ = index.search(qb, k)
-    err_f = ""
-    if got is not None:
-      fcheck = "faiss dist ok" if np.array_equal(fd, np.asarray(got[0])) else "faiss dist MISMATCH"
-  add(Row("hamming_topk", shape, f"ann chunked({chunk})", "faiss BinaryFlat", "Gpairs/s",
-          rate(t_ours), rate(t_f), check=" ".join(x for x in (check, fcheck) if x),
-          error=err or err_f))
-  if t_xla is not None:
-    add(Row("hamming_topk", shape, f"ann chunked({chunk})", "xla popc+top_k", "Gpairs/s",
-            rate(t_ours), rate(t_xla), check=check, error=err))
+    """alijax.ann chunked jnp path vs faiss IndexBinaryFlat (and vs XLA full matrix)."""
+    pairs = float(q) * n
+    rate = lambda t: None if t is None else pairs / t / 1e9  # noqa: E731
+    shape = f"Q={q} N={n} bits={32 * codes.shape[1]} k={k}"
+    chunk = ann_hamming.default_chunk_size(q, n)
+    fn = functools.partial(ann_hamming.hamming_topk_chunked, k=k, chunk_size=chunk)
+    t_ours, got, err = timed(fn, [(queries, codes)])
+    check = "" if got is None or want is None else ("ok" if same(got, want) else "MISMATCH")
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    t_f, err_f, fcheck = None, "faiss not installed", ""
+    if faiss is not None:
+        qn, cn = np.asarray(queries), np.asarray(codes)
+        index = faiss.IndexBinaryFlat(cn.shape[1] * 32)
+        index.add(cn.view(np.uint8))  # little-endian words: same bits, as bytes
+        qb = qn.view(np.uint8)
+        t_f = bench(lambda: index.search(qb, k), [()], samples=3, target_s=0.0)
+        fd, _ = index.search(qb, k)
+        err_f = ""
+        if got is not None:
+            fcheck = (
+                "faiss dist ok" if np.array_equal(fd, np.asarray(got[0])) else "faiss dist MISMATCH"
+            )
+    add(
+        Row(
+            "hamming_topk",
+            shape,
+            f"ann chunked({chunk})",
+            "faiss BinaryFlat",
+            "Gpairs/s",
+            rate(t_ours),
+            rate(t_f),
+            check=" ".join(x for x in (check, fcheck) if x),
+            error=err or err_f,
+        )
+    )
+    if t_xla is not None:
+        add(
+            Row(
+                "hamming_topk",
+                shape,
+                f"ann chunked({chunk})",
+                "xla popc+top_k",
+                "Gpairs/s",
+                rate(t_ours),
+                rate(t_xla),
+                check=check,
+                error=err,
+            )
+        )
 
 
 def hamming_suite(args, on_gpu, deadline):
-  k = 10
-  if not on_gpu:
-    for q in (1, 16):
-      run_hamming(q, 4096, k, interpret=True, candidates=[None], deadline=deadline)
-    n = 1 << 18 if args.quick else 1 << 20
-    for q in ((1, 64) if args.quick else (1, 64, 512)):
-      queries, codes = hamming_inputs(q, n, 8, q + n)
-      t, want, err = timed(jax.jit(functools.partial(xla_hamming_topk, k=k)),
-                           [(queries, codes)])
-      run_hamming_cpu_peers(q, n, k, queries, codes, want, t_xla=t)
-    return
-  sizes = [1 << 20] + ([10_000_000] if args.with_10m else [])
-  for n in sizes:
-    for q in (1, 64, 512):
-      queries, codes, want = run_hamming(q, n, k, interpret=False, candidates=hamming_candidates(q),
-                                         deadline=deadline)
-      if q == 64 and n == sizes[0]:
-        run_hamming_cpu_peers(q, n, k, queries, codes, want)
-      del queries, codes, want
+    k = 10
+    if not on_gpu:
+        for q in (1, 16):
+            run_hamming(q, 4096, k, interpret=True, candidates=[None], deadline=deadline)
+        n = 1 << 18 if args.quick else 1 << 20
+        for q in (1, 64) if args.quick else (1, 64, 512):
+            queries, codes = hamming_inputs(q, n, 8, q + n)
+            t, want, err = timed(
+                jax.jit(functools.partial(xla_hamming_topk, k=k)), [(queries, codes)]
+            )
+            run_hamming_cpu_peers(q, n, k, queries, codes, want, t_xla=t)
+        return
+    sizes = [1 << 20] + ([10_000_000] if args.with_10m else [])
+    for n in sizes:
+        for q in (1, 64, 512):
+            queries, codes, want = run_hamming(
+                q, n, k, interpret=False, candidates=hamming_candidates(q), deadline=deadline
+            )
+            if q == 64 and n == sizes[0]:
+                run_hamming_cpu_peers(q, n, k, queries, codes, want)
+            del queries, codes, want
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def print_table():
-  hdr = f"{'op':14s} {'shape':38s} {'ours':22s} {'ours':>9s} {'baseline':18s} {'base':>9s} " \
+    hdr = (
+        f"{'op':14s} {'shape':38s} {'ours':22s} {'ours':>9s} {'baseline':18s} {'base':>9s} "
         f"{'unit':9s} {'ratio':>6s} check / config / error"
-  print("\n" + hdr + "\n" + "-" * len(hdr))
-  for r in ROWS:
-    tail = " ".join(x for x in (r.check, r.config, r.error) if x)
-    print(f"{r.op:14s} {r.shape:38s} {r.ours:22s} {fmt(r.ours_rate):>9s} {r.baseline:18s} "
-          f"{fmt(r.base_rate):>9s} {r.unit:9s} {fmt(r.ratio):>6s} {tail}")
+    )
+    print("\n" + hdr + "\n" + "-" * len(hdr))
+    for r in ROWS:
+        tail = " ".join(x for x in (r.check, r.config, r.error) if x)
+        print(
+            f"{r.op:14s} {r.shape:38s} {r.ours:22s} {fmt(r.ours_rate):>9s} {r.baseline:18s} "
+            f"{fmt(r.base_rate):>9s} {r.unit:9s} {fmt(r.ratio):>6s} {tail}"
+        )
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--quick", action="store_true", help="reduced sizes (CPU smoke run)")
-  p.add_argument("--with-10m", action="store_true", help="also N=10M codes for hamming_topk")
-  p.add_argument("--budget-s", type=float, default=240.0,
-                 help="after this many seconds, config sweeps stop at the first success")
-  p.add_argument("--only", choices=["matmul", "hamming"], default=None)
-  p.add_argument("--out", default=None)
-  args = p.parse_args(argv)
-  dev = jax.devices()[0]
-  on_gpu = dev.platform == "gpu"
-  device = "gpu" if on_gpu else dev.platform
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                 f"kernels-{device}.json")
-  log(f"jax {jax.__version__}, device {dev.device_kind} ({dev.platform}), quick={args.quick}")
-  deadline = T0 + args.budget_s
-  # Hamming first: its sweep is the smaller one, so the matmul sweep absorbs any budget cut.
-  if args.only in (None, "hamming"):
-    hamming_suite(args, on_gpu, deadline)
-  if args.only in (None, "matmul"):
-    matmul_suite(args, on_gpu, deadline)
-  print_table()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump({"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
-               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "args": vars(args), "rows": [dataclasses.asdict(r) for r in ROWS]}, f, indent=1)
-  log(f"wrote {out}")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="reduced sizes (CPU smoke run)")
+    p.add_argument("--with-10m", action="store_true", help="also N=10M codes for hamming_topk")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=240.0,
+        help="after this many seconds, config sweeps stop at the first success",
+    )
+    p.add_argument("--only", choices=["matmul", "hamming"], default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    dev = jax.devices()[0]
+    on_gpu = dev.platform == "gpu"
+    device = "gpu" if on_gpu else dev.platform
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"kernels-{device}.json"
+    )
+    log(f"jax {jax.__version__}, device {dev.device_kind} ({dev.platform}), quick={args.quick}")
+    deadline = T0 + args.budget_s
+    # Hamming first: its sweep is the smaller one, so the matmul sweep absorbs any budget cut.
+    if args.only in (None, "hamming"):
+        hamming_suite(args, on_gpu, deadline)
+    if args.only in (None, "matmul"):
+        matmul_suite(args, on_gpu, deadline)
+    print_table()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(
+            {
+                "device": dev.device_kind,
+                "platform": dev.platform,
+                "jax": jax.__version__,
+                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "args": vars(args),
+                "rows": [dataclasses.asdict(r) for r in ROWS],
+            },
+            f,
+            indent=1,
+        )
+    log(f"wrote {out}")
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -3,6 +3,7 @@
 python -m alijax train --config configs/digits_resnet.py --workdir runs/digits
 python -m alijax train --config configs/digits_resnet.py:smoke --workdir /tmp/smoke
 """
+
 import ml_collections
 
 
@@ -10,7 +11,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.dataset = ml_collections.ConfigDict({"name": "digits", "root": "", "test_fraction": 0.2})
-    config.model = ml_collections.ConfigDict({"name": "resnet20", "num_classes": 10, "dtype": "float32"})
+    config.model = ml_collections.ConfigDict(
+        {"name": "resnet20", "num_classes": 10, "dtype": "float32"}
+    )
     config.augment = "shift"
     config.batch_size = 128
     config.eval_batch_size = 256

@@ -21,6 +21,7 @@ Public API:
       -> (distances int32 [Q, k], indices int32 [Q, k]), ascending (distance, index)
   hamming_distance_reference, hamming_topk_reference, HammingTopkConfig, default_config
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 # jax renamed TritonCompilerParams -> CompilerParams; accept either so the file runs on both.
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
 
 _INT32_MAX = 2**31 - 1
 # Programs to aim for when choosing the number of N splits: a few waves on a 132-SM H100/H200.
@@ -42,281 +43,320 @@ _TARGET_PROGRAMS = 4 * 132
 
 
 def _is_pow2(x: int) -> bool:
-  return x > 0 and (x & (x - 1)) == 0
+    return x > 0 and (x & (x - 1)) == 0
 
 
 def _next_pow2(x: int) -> int:
-  return 1 << max(0, (x - 1).bit_length())
+    return 1 << max(0, (x - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
 class HammingTopkConfig:
-  """Tiles for the Hamming kernels. block_q, block_n: powers of two (Triton tensor shapes);
-  num_splits: how many programs share the N axis per query block (None: chosen from the shape
-  so about _TARGET_PROGRAMS programs run)."""
-  block_q: int = 64
-  block_n: int = 128
-  num_splits: int | None = None
-  num_warps: int = 4
-  num_stages: int = 1
+    """Tiles for the Hamming kernels. block_q, block_n: powers of two (Triton tensor shapes);
+    num_splits: how many programs share the N axis per query block (None: chosen from the shape
+    so about _TARGET_PROGRAMS programs run)."""
 
-  def validate(self) -> None:
-    for name in ("block_q", "block_n", "num_warps"):
-      v = getattr(self, name)
-      if not _is_pow2(v):
-        raise ValueError(f"config.{name}={v} must be a power of two")
-    if self.block_n < 16:
-      raise ValueError(f"config.block_n={self.block_n} must be >= 16")
-    if self.num_splits is not None and self.num_splits < 1:
-      raise ValueError(f"config.num_splits={self.num_splits} must be >= 1")
-    if self.num_stages < 1:
-      raise ValueError(f"config.num_stages={self.num_stages} must be >= 1")
+    block_q: int = 64
+    block_n: int = 128
+    num_splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def validate(self) -> None:
+        for name in ("block_q", "block_n", "num_warps"):
+            v = getattr(self, name)
+            if not _is_pow2(v):
+                raise ValueError(f"config.{name}={v} must be a power of two")
+        if self.block_n < 16:
+            raise ValueError(f"config.block_n={self.block_n} must be >= 16")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"config.num_splits={self.num_splits} must be >= 1")
+        if self.num_stages < 1:
+            raise ValueError(f"config.num_stages={self.num_stages} must be >= 1")
 
 
 def default_config(q: int, n: int, n_words: int, k: int = 10) -> HammingTopkConfig:
-  """Per-shape default: a query block as large as Q allows (up to 64) so each code load serves
-  many queries; small Q (memory bound) gets wider code tiles and more splits."""
-  del n_words, k
-  block_q = min(64, max(16, _next_pow2(q)))
-  block_n = 128 if block_q >= 64 else 256
-  return HammingTopkConfig(block_q=block_q, block_n=block_n, num_splits=None,
-                           num_warps=4, num_stages=1)
+    """Per-shape default: a query block as large as Q allows (up to 64) so each code load serves
+    many queries; small Q (memory bound) gets wider code tiles and more splits."""
+    del n_words, k
+    block_q = min(64, max(16, _next_pow2(q)))
+    block_n = 128 if block_q >= 64 else 256
+    return HammingTopkConfig(
+        block_q=block_q, block_n=block_n, num_splits=None, num_warps=4, num_stages=1
+    )
 
 
 def _check(queries, codes, codes_layout):
-  """Validates inputs and returns (q, n, w)."""
-  if codes_layout not in ("nw", "wn"):
-    raise ValueError(f"codes_layout={codes_layout!r} must be 'nw' ([N, W]) or 'wn' ([W, N])")
-  for name, x in (("queries", queries), ("codes", codes)):
-    if x.dtype != jnp.uint32:
-      raise ValueError(f"{name}.dtype={x.dtype} must be uint32 (packed bit words)")
-    if x.ndim != 2:
-      raise ValueError(f"{name}.shape={x.shape} must be 2-D")
-  q, wq = queries.shape
-  n, wc = codes.shape if codes_layout == "nw" else codes.shape[::-1]
-  if wq != wc:
-    raise ValueError(f"queries has {wq} words per code but codes has {wc} "
-                     f"({queries.shape=}, {codes.shape=}, {codes_layout=})")
-  if wq < 1:
-    raise ValueError(f"queries.shape={queries.shape}: need at least one word per code")
-  return q, n, wq
+    """Validates inputs and returns (q, n, w)."""
+    if codes_layout not in ("nw", "wn"):
+        raise ValueError(f"codes_layout={codes_layout!r} must be 'nw' ([N, W]) or 'wn' ([W, N])")
+    for name, x in (("queries", queries), ("codes", codes)):
+        if x.dtype != jnp.uint32:
+            raise ValueError(f"{name}.dtype={x.dtype} must be uint32 (packed bit words)")
+        if x.ndim != 2:
+            raise ValueError(f"{name}.shape={x.shape} must be 2-D")
+    q, wq = queries.shape
+    n, wc = codes.shape if codes_layout == "nw" else codes.shape[::-1]
+    if wq != wc:
+        raise ValueError(
+            f"queries has {wq} words per code but codes has {wc} "
+            f"({queries.shape=}, {codes.shape=}, {codes_layout=})"
+        )
+    if wq < 1:
+        raise ValueError(f"queries.shape={queries.shape}: need at least one word per code")
+    return q, n, wq
 
 
 def _key_bits(n_words: int) -> tuple[int, int]:
-  """(index_bits, pad_distance) of the packed key ``dist << index_bits | index``.
+    """(index_bits, pad_distance) of the packed key ``dist << index_bits | index``.
 
-  Real distances are 0..bits, padding gets bits + 1. Reserving (bits + 2).bit_length() bits for
-  the distance keeps every real or padded key below 2**31 - 2**index_bits, so the initial
-  sentinels 2**31 - 1 - slot (distinct, so one slot is replaced at a time) sort after them.
-  """
-  bits = 32 * n_words
-  dist_bits = (bits + 2).bit_length()
-  return 31 - dist_bits, bits + 1
+    Real distances are 0..bits, padding gets bits + 1. Reserving (bits + 2).bit_length() bits for
+    the distance keeps every real or padded key below 2**31 - 2**index_bits, so the initial
+    sentinels 2**31 - 1 - slot (distinct, so one slot is replaced at a time) sort after them.
+    """
+    bits = 32 * n_words
+    dist_bits = (bits + 2).bit_length()
+    return 31 - dist_bits, bits + 1
 
 
 # ----------------------------------------------------------------------------- references
 
 
 def hamming_distance_reference(queries, codes, *, codes_layout="nw"):
-  """Plain jnp: int32 [Q, N] Hamming distances between queries [Q, W] and codes [N, W]."""
-  _check(queries, codes, codes_layout)
-  if codes_layout == "wn":
-    codes = codes.T
-  x = lax.bitwise_xor(queries[:, None, :], codes[None, :, :])
-  return lax.population_count(x).astype(jnp.int32).sum(axis=-1, dtype=jnp.int32)
+    """Plain jnp: int32 [Q, N] Hamming distances between queries [Q, W] and codes [N, W]."""
+    _check(queries, codes, codes_layout)
+    if codes_layout == "wn":
+        codes = codes.T
+    x = lax.bitwise_xor(queries[:, None, :], codes[None, :, :])
+    return lax.population_count(x).astype(jnp.int32).sum(axis=-1, dtype=jnp.int32)
 
 
 def hamming_topk_reference(queries, codes, k, *, codes_layout="nw"):
-  """Plain jnp: the k nearest codes per query, ascending by (distance, index).
+    """Plain jnp: the k nearest codes per query, ascending by (distance, index).
 
-  lax.top_k returns the lower index first among equal values, so on negated distances it
-  breaks ties towards the lower code index. Returns (int32 [Q, k], int32 [Q, k])."""
-  _, n, _ = _check(queries, codes, codes_layout)
-  _check_k(k, n)
-  d = hamming_distance_reference(queries, codes, codes_layout=codes_layout)
-  neg, idx = lax.top_k(-d, k)
-  return -neg, idx.astype(jnp.int32)
+    lax.top_k returns the lower index first among equal values, so on negated distances it
+    breaks ties towards the lower code index. Returns (int32 [Q, k], int32 [Q, k])."""
+    _, n, _ = _check(queries, codes, codes_layout)
+    _check_k(k, n)
+    d = hamming_distance_reference(queries, codes, codes_layout=codes_layout)
+    neg, idx = lax.top_k(-d, k)
+    return -neg, idx.astype(jnp.int32)
 
 
 def _check_k(k, n):
-  if not isinstance(k, int) or k < 1:
-    raise ValueError(f"k={k} must be an int >= 1")
-  if k > n:
-    raise ValueError(f"k={k} must be <= N={n} (number of codes)")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k} must be an int >= 1")
+    if k > n:
+        raise ValueError(f"k={k} must be <= N={n} (number of codes)")
 
 
 # ----------------------------------------------------------------------------- kernels
 
 
 def _as_i32(x):
-  # Triton's popcount takes int32; the bits are unchanged by the bitcast.
-  return lax.bitcast_convert_type(x, jnp.int32)
+    # Triton's popcount takes int32; the bits are unchanged by the bitcast.
+    return lax.bitcast_convert_type(x, jnp.int32)
 
 
 def _load_code_word(c_ref, w, start, size, valid, codes_layout):
-  """Word w of codes start..start+size as an int32 [size] vector (zeros where not valid).
-  The ref is indexed per word (never slicing a loaded block, which Pallas-Triton can't lower)."""
-  w = np.int32(w)  # a numpy scalar: the interpreter's load rule needs .shape on indices
-  view = c_ref.at[pl.ds(start, size), w] if codes_layout == "nw" else c_ref.at[w, pl.ds(start, size)]
-  return plgpu.load(view, mask=valid, other=0)
+    """Word w of codes start..start+size as an int32 [size] vector (zeros where not valid).
+    The ref is indexed per word (never slicing a loaded block, which Pallas-Triton can't lower)."""
+    w = np.int32(w)  # a numpy scalar: the interpreter's load rule needs .shape on indices
+    view = (
+        c_ref.at[pl.ds(start, size), w] if codes_layout == "nw" else c_ref.at[w, pl.ds(start, size)]
+    )
+    return plgpu.load(view, mask=valid, other=0)
 
 
 def _tile_distances(q_words, c_ref, start, size, valid, codes_layout):
-  """int32 [block_q, size] distances of the query words (list of W int32 [block_q]) to codes
-  start..start+size."""
-  d = None
-  for w, qw in enumerate(q_words):
-    cw = _load_code_word(c_ref, w, start, size, valid, codes_layout)
-    pc = lax.population_count(lax.bitwise_xor(qw[:, None], cw[None, :]))
-    d = pc if d is None else d + pc
-  return d
+    """int32 [block_q, size] distances of the query words (list of W int32 [block_q]) to codes
+    start..start+size."""
+    d = None
+    for w, qw in enumerate(q_words):
+        cw = _load_code_word(c_ref, w, start, size, valid, codes_layout)
+        pc = lax.population_count(lax.bitwise_xor(qw[:, None], cw[None, :]))
+        d = pc if d is None else d + pc
+    return d
 
 
-def hamming_distance_kernel(q_ref, c_ref, o_ref, *, n_queries, n_codes, n_words, block_q,
-                            block_n, codes_layout):
-  """One [block_q, block_n] tile of the distance matrix. All refs are whole arrays: the Q and N
-  edges are masked loads/stores, so nothing is padded or written out of bounds."""
-  q0 = pl.program_id(0) * block_q
-  n0 = pl.program_id(1) * block_n
-  row_ok = q0 + jnp.arange(block_q) < n_queries
-  col_ok = n0 + jnp.arange(block_n) < n_codes
-  q_words = [plgpu.load(q_ref.at[pl.ds(q0, block_q), np.int32(w)], mask=row_ok, other=0)
-             for w in range(n_words)]
-  d = _tile_distances(q_words, c_ref, n0, block_n, col_ok, codes_layout)
-  plgpu.store(o_ref.at[pl.ds(q0, block_q), pl.ds(n0, block_n)], d,
-              mask=row_ok[:, None] & col_ok[None, :])
+def hamming_distance_kernel(
+    q_ref, c_ref, o_ref, *, n_queries, n_codes, n_words, block_q, block_n, codes_layout
+):
+    """One [block_q, block_n] tile of the distance matrix. All refs are whole arrays: the Q and N
+    edges are masked loads/stores, so nothing is padded or written out of bounds."""
+    q0 = pl.program_id(0) * block_q
+    n0 = pl.program_id(1) * block_n
+    row_ok = q0 + jnp.arange(block_q) < n_queries
+    col_ok = n0 + jnp.arange(block_n) < n_codes
+    q_words = [
+        plgpu.load(q_ref.at[pl.ds(q0, block_q), np.int32(w)], mask=row_ok, other=0)
+        for w in range(n_words)
+    ]
+    d = _tile_distances(q_words, c_ref, n0, block_n, col_ok, codes_layout)
+    plgpu.store(
+        o_ref.at[pl.ds(q0, block_q), pl.ds(n0, block_n)], d, mask=row_ok[:, None] & col_ok[None, :]
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("codes_layout", "config", "interpret"))
 def hamming_distance(queries, codes, *, codes_layout="nw", config=None, interpret=False):
-  """Full Hamming distance matrix as a Pallas kernel.
+    """Full Hamming distance matrix as a Pallas kernel.
 
-  Args:
-    queries: uint32 [Q, W]; codes: uint32 [N, W] ("nw") or [W, N] ("wn").
-  Returns:
-    int32 [Q, N].
-  """
-  q, n, w = _check(queries, codes, codes_layout)
-  cfg = default_config(q, n, w) if config is None else config
-  cfg.validate()
-  kernel = functools.partial(
-      hamming_distance_kernel, n_queries=q, n_codes=n, n_words=w, block_q=cfg.block_q,
-      block_n=cfg.block_n, codes_layout=codes_layout)
-  return pl.pallas_call(
-      kernel,
-      grid=(pl.cdiv(q, cfg.block_q), pl.cdiv(n, cfg.block_n)),
-      out_shape=jax.ShapeDtypeStruct((q, n), jnp.int32),
-      compiler_params=_CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-      interpret=interpret,
-      name="hamming_distance",
-  )(_as_i32(queries), _as_i32(codes))
+    Args:
+      queries: uint32 [Q, W]; codes: uint32 [N, W] ("nw") or [W, N] ("wn").
+    Returns:
+      int32 [Q, N].
+    """
+    q, n, w = _check(queries, codes, codes_layout)
+    cfg = default_config(q, n, w) if config is None else config
+    cfg.validate()
+    kernel = functools.partial(
+        hamming_distance_kernel,
+        n_queries=q,
+        n_codes=n,
+        n_words=w,
+        block_q=cfg.block_q,
+        block_n=cfg.block_n,
+        codes_layout=codes_layout,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(q, cfg.block_q), pl.cdiv(n, cfg.block_n)),
+        out_shape=jax.ShapeDtypeStruct((q, n), jnp.int32),
+        compiler_params=_CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="hamming_distance",
+    )(_as_i32(queries), _as_i32(codes))
 
 
-def hamming_topk_kernel(q_ref, c_ref, o_ref, *, n_codes, n_words, block_n, split_size, k,
-                        index_bits, pad_distance, codes_layout):
-  """Running top-k of one query block over one split of the codes.
+def hamming_topk_kernel(
+    q_ref,
+    c_ref,
+    o_ref,
+    *,
+    n_codes,
+    n_words,
+    block_n,
+    split_size,
+    k,
+    index_bits,
+    pad_distance,
+    codes_layout,
+):
+    """Running top-k of one query block over one split of the codes.
 
-  q_ref: int32 [block_q, W] (a block of the padded queries); c_ref: the whole codes array;
-  o_ref: int32 [block_q, kp] packed keys, unsorted; slots >= k hold negative fillers.
-  """
-  block_q, kp = o_ref.shape
-  split_start = pl.program_id(1) * split_size
-  q_words = [q_ref[:, w] for w in range(n_words)]
-  lane = jnp.arange(block_n, dtype=jnp.int32)
-  slot = lax.broadcasted_iota(jnp.int32, (block_q, kp), 1)
-  # Distinct sentinels above every real key in slots < k; fillers below every key (so never
-  # the k-th best, never replaced) in the power-of-two padding slots >= k.
-  best0 = jnp.where(slot < k, _INT32_MAX - slot, -1 - slot)
+    q_ref: int32 [block_q, W] (a block of the padded queries); c_ref: the whole codes array;
+    o_ref: int32 [block_q, kp] packed keys, unsorted; slots >= k hold negative fillers.
+    """
+    block_q, kp = o_ref.shape
+    split_start = pl.program_id(1) * split_size
+    q_words = [q_ref[:, w] for w in range(n_words)]
+    lane = jnp.arange(block_n, dtype=jnp.int32)
+    slot = lax.broadcasted_iota(jnp.int32, (block_q, kp), 1)
+    # Distinct sentinels above every real key in slots < k; fillers below every key (so never
+    # the k-th best, never replaced) in the power-of-two padding slots >= k.
+    best0 = jnp.where(slot < k, _INT32_MAX - slot, -1 - slot)
 
-  def not_done(state):
-    _, _, tile_min, worst = state
-    # No reduce_or in Pallas-Triton: test "any row has tile_min < worst" with a min.
-    return jnp.min(tile_min - worst) < 0
+    def not_done(state):
+        _, _, tile_min, worst = state
+        # No reduce_or in Pallas-Triton: test "any row has tile_min < worst" with a min.
+        return jnp.min(tile_min - worst) < 0
 
-  def extract(state):
-    keys, best, tile_min, worst = state
-    take = (tile_min < worst)[:, None]
-    best = jnp.where(take & (best == worst[:, None]), tile_min[:, None], best)
-    keys = jnp.where(take & (keys == tile_min[:, None]), _INT32_MAX, keys)
-    return keys, best, jnp.min(keys, axis=1), jnp.max(best, axis=1)
+    def extract(state):
+        keys, best, tile_min, worst = state
+        take = (tile_min < worst)[:, None]
+        best = jnp.where(take & (best == worst[:, None]), tile_min[:, None], best)
+        keys = jnp.where(take & (keys == tile_min[:, None]), _INT32_MAX, keys)
+        return keys, best, jnp.min(keys, axis=1), jnp.max(best, axis=1)
 
-  def tile(t, carry):
-    best, worst = carry
-    local = t * block_n + lane
-    valid = split_start + local < n_codes
-    d = _tile_distances(q_words, c_ref, split_start + t * block_n, block_n, valid, codes_layout)
-    d = jnp.where(valid[None, :], d, pad_distance)
-    keys = d * (1 << index_bits) + local[None, :]
-    _, best, _, worst = lax.while_loop(not_done, extract,
-                                       (keys, best, jnp.min(keys, axis=1), worst))
-    return best, worst
+    def tile(t, carry):
+        best, worst = carry
+        local = t * block_n + lane
+        valid = split_start + local < n_codes
+        d = _tile_distances(q_words, c_ref, split_start + t * block_n, block_n, valid, codes_layout)
+        d = jnp.where(valid[None, :], d, pad_distance)
+        keys = d * (1 << index_bits) + local[None, :]
+        _, best, _, worst = lax.while_loop(
+            not_done, extract, (keys, best, jnp.min(keys, axis=1), worst)
+        )
+        return best, worst
 
-  best, _ = lax.fori_loop(0, split_size // block_n, tile, (best0, jnp.max(best0, axis=1)))
-  o_ref[...] = best
+    best, _ = lax.fori_loop(0, split_size // block_n, tile, (best0, jnp.max(best0, axis=1)))
+    o_ref[...] = best
 
 
 def _split_plan(q, n, n_words, cfg):
-  """(num_splits, split_size): split_size a multiple of block_n that fits the key's index bits."""
-  index_bits, _ = _key_bits(n_words)
-  max_split = (1 << index_bits) // cfg.block_n * cfg.block_n
-  if max_split < cfg.block_n:
-    raise ValueError(f"{n_words=} words leave {index_bits=} index bits, too few for "
-                     f"block_n={cfg.block_n}")
-  q_blocks = pl.cdiv(q, cfg.block_q)
-  tiles = pl.cdiv(n, cfg.block_n)
-  splits = cfg.num_splits or max(1, pl.cdiv(_TARGET_PROGRAMS, q_blocks))
-  splits = min(splits, tiles)
-  split_size = min(pl.cdiv(tiles, splits) * cfg.block_n, max_split)
-  return pl.cdiv(n, split_size), split_size
+    """(num_splits, split_size): split_size a multiple of block_n that fits the key's index bits."""
+    index_bits, _ = _key_bits(n_words)
+    max_split = (1 << index_bits) // cfg.block_n * cfg.block_n
+    if max_split < cfg.block_n:
+        raise ValueError(
+            f"{n_words=} words leave {index_bits=} index bits, too few for block_n={cfg.block_n}"
+        )
+    q_blocks = pl.cdiv(q, cfg.block_q)
+    tiles = pl.cdiv(n, cfg.block_n)
+    splits = cfg.num_splits or max(1, pl.cdiv(_TARGET_PROGRAMS, q_blocks))
+    splits = min(splits, tiles)
+    split_size = min(pl.cdiv(tiles, splits) * cfg.block_n, max_split)
+    return pl.cdiv(n, split_size), split_size
 
 
 def _merge_candidates(keys, k, split_size, index_bits):
-  """int32 [Q, S, kp] per-split keys -> final (distances, indices) [Q, k] by (dist, index)."""
-  q, s, kp = keys.shape
-  filler = keys < 0
-  dist = jnp.where(filler, _INT32_MAX, keys >> index_bits)
-  local = keys & ((1 << index_bits) - 1)
-  index = jnp.arange(s, dtype=jnp.int32)[None, :, None] * split_size + local
-  index = jnp.where(filler, _INT32_MAX, index)
-  dist, index = lax.sort((dist.reshape(q, s * kp), index.reshape(q, s * kp)),
-                         dimension=1, num_keys=2)
-  return dist[:, :k], index[:, :k]
+    """int32 [Q, S, kp] per-split keys -> final (distances, indices) [Q, k] by (dist, index)."""
+    q, s, kp = keys.shape
+    filler = keys < 0
+    dist = jnp.where(filler, _INT32_MAX, keys >> index_bits)
+    local = keys & ((1 << index_bits) - 1)
+    index = jnp.arange(s, dtype=jnp.int32)[None, :, None] * split_size + local
+    index = jnp.where(filler, _INT32_MAX, index)
+    dist, index = lax.sort(
+        (dist.reshape(q, s * kp), index.reshape(q, s * kp)), dimension=1, num_keys=2
+    )
+    return dist[:, :k], index[:, :k]
 
 
 @functools.partial(jax.jit, static_argnames=("k", "codes_layout", "config", "interpret"))
 def hamming_topk(queries, codes, k, *, codes_layout="nw", config=None, interpret=False):
-  """Fused Hamming k-nearest-neighbours: the [Q, N] distance matrix is never materialised.
+    """Fused Hamming k-nearest-neighbours: the [Q, N] distance matrix is never materialised.
 
-  Args:
-    queries: uint32 [Q, W]; codes: uint32 [N, W] ("nw") or [W, N] ("wn"); 1 <= k <= N.
-    config: HammingTopkConfig; default_config(Q, N, W, k) when None.
-  Returns:
-    (distances int32 [Q, k], indices int32 [Q, k]), ascending by distance, ties by lower index.
-  """
-  q, n, w = _check(queries, codes, codes_layout)
-  _check_k(k, n)
-  cfg = default_config(q, n, w, k) if config is None else config
-  cfg.validate()
-  kp = _next_pow2(k)
-  index_bits, pad_distance = _key_bits(w)
-  num_splits, split_size = _split_plan(q, n, w, cfg)
-  bq = cfg.block_q
-  q_pad = pl.cdiv(q, bq) * bq
-  qi = _as_i32(queries)
-  if q_pad != q:
-    qi = jnp.pad(qi, ((0, q_pad - q), (0, 0)))  # queries are small; codes are never copied
-  kernel = functools.partial(
-      hamming_topk_kernel, n_codes=n, n_words=w, block_n=cfg.block_n, split_size=split_size,
-      k=k, index_bits=index_bits, pad_distance=pad_distance, codes_layout=codes_layout)
-  keys = pl.pallas_call(
-      kernel,
-      grid=(q_pad // bq, num_splits),
-      in_specs=[pl.BlockSpec((bq, w), lambda i, s: (i, 0)), pl.no_block_spec],
-      out_specs=pl.BlockSpec((bq, kp), lambda i, s: (i, s)),
-      out_shape=jax.ShapeDtypeStruct((q_pad, num_splits * kp), jnp.int32),
-      compiler_params=_CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-      interpret=interpret,
-      name="hamming_topk",
-  )(qi, _as_i32(codes))
-  keys = keys[:q].reshape(q, num_splits, kp)
-  return _merge_candidates(keys, k, split_size, index_bits)
+    Args:
+      queries: uint32 [Q, W]; codes: uint32 [N, W] ("nw") or [W, N] ("wn"); 1 <= k <= N.
+      config: HammingTopkConfig; default_config(Q, N, W, k) when None.
+    Returns:
+      (distances int32 [Q, k], indices int32 [Q, k]), ascending by distance, ties by lower index.
+    """
+    q, n, w = _check(queries, codes, codes_layout)
+    _check_k(k, n)
+    cfg = default_config(q, n, w, k) if config is None else config
+    cfg.validate()
+    kp = _next_pow2(k)
+    index_bits, pad_distance = _key_bits(w)
+    num_splits, split_size = _split_plan(q, n, w, cfg)
+    bq = cfg.block_q
+    q_pad = pl.cdiv(q, bq) * bq
+    qi = _as_i32(queries)
+    if q_pad != q:
+        qi = jnp.pad(qi, ((0, q_pad - q), (0, 0)))  # queries are small; codes are never copied
+    kernel = functools.partial(
+        hamming_topk_kernel,
+        n_codes=n,
+        n_words=w,
+        block_n=cfg.block_n,
+        split_size=split_size,
+        k=k,
+        index_bits=index_bits,
+        pad_distance=pad_distance,
+        codes_layout=codes_layout,
+    )
+    keys = pl.pallas_call(
+        kernel,
+        grid=(q_pad // bq, num_splits),
+        in_specs=[pl.BlockSpec((bq, w), lambda i, s: (i, 0)), pl.no_block_spec],
+        out_specs=pl.BlockSpec((bq, kp), lambda i, s: (i, s)),
+        out_shape=jax.ShapeDtypeStruct((q_pad, num_splits * kp), jnp.int32),
+        compiler_params=_CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="hamming_topk",
+    )(qi, _as_i32(codes))
+    keys = keys[:q].reshape(q, num_splits, kp)
+    return _merge_candidates(keys, k, split_size, index_bits)

@@ -3,6 +3,7 @@
 XLA_FLAGS must be set before jax is imported anywhere, which is why this lives at the top of
 the root conftest and why no test module imports jax at collection time before it.
 """
+
 import os
 
 os.environ["XLA_FLAGS"] = (

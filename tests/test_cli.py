@@ -9,14 +9,18 @@ SMOKE = os.path.join(REPO_ROOT, "configs", "digits_resnet.py") + ":smoke"
 
 
 def test_set_overrides_nested_and_typed_values():
-    config = apply_overrides(load_config(SMOKE), ["optimizer.learning_rate=0.05", "num_steps=7", "mesh_shape=(2, 4)"])
+    config = apply_overrides(
+        load_config(SMOKE), ["optimizer.learning_rate=0.05", "num_steps=7", "mesh_shape=(2, 4)"]
+    )
     assert config.optimizer.learning_rate == 0.05 and config.num_steps == 7
     assert tuple(config.mesh_shape) == (2, 4)
 
 
 def test_set_int_into_float_field_is_accepted():
     config = apply_overrides(load_config(SMOKE), ["optimizer.learning_rate=1"])
-    assert config.optimizer.learning_rate == 1.0 and isinstance(config.optimizer.learning_rate, float)
+    assert config.optimizer.learning_rate == 1.0 and isinstance(
+        config.optimizer.learning_rate, float
+    )
 
 
 def test_unknown_key_lists_the_valid_keys():
@@ -42,7 +46,23 @@ def test_bad_config_arg_and_path():
 
 def test_train_command_end_to_end(tmp_path, capsys):
     workdir = str(tmp_path / "run")
-    assert main(["train", "--config", SMOKE, "--set", "num_steps=4", "--set", "log_every=2", "--workdir", workdir, "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                SMOKE,
+                "--set",
+                "num_steps=4",
+                "--set",
+                "log_every=2",
+                "--workdir",
+                workdir,
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "test accuracy" in out
     summary = json.load(open(os.path.join(workdir, "summary.json")))

@@ -16,7 +16,10 @@ def test_make_mesh_infers_one_axis():
     assert mesh.shape == {"data": 2, "model": 4}
 
 
-@pytest.mark.parametrize("shape, message", [((3, 4), "needs 12 devices"), ((-1, -1), "at most one"), ((3, -1), "does not divide")])
+@pytest.mark.parametrize(
+    "shape, message",
+    [((3, 4), "needs 12 devices"), ((-1, -1), "at most one"), ((3, -1), "does not divide")],
+)
 def test_make_mesh_rejects_bad_shapes(shape, message):
     with pytest.raises(ValueError, match=message):
         parallel.make_mesh(shape)
@@ -40,7 +43,12 @@ def test_shard_batch_rejects_indivisible_batch():
 
 def test_unsharded_inputs_enter_shard_map():
     mesh = parallel.make_mesh((2, 4))
-    f = jax.shard_map(lambda x: x * 2, mesh=mesh, in_specs=jax.sharding.PartitionSpec(), out_specs=jax.sharding.PartitionSpec())
+    f = jax.shard_map(
+        lambda x: x * 2,
+        mesh=mesh,
+        in_specs=jax.sharding.PartitionSpec(),
+        out_specs=jax.sharding.PartitionSpec(),
+    )
     np.testing.assert_array_equal(np.asarray(jax.jit(f)(np.ones(4))), 2 * np.ones(4))
 
 

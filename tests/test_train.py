@@ -14,7 +14,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def smoke_config(**overrides):
-    spec = importlib.util.spec_from_file_location("digits_resnet", os.path.join(REPO, "configs", "digits_resnet.py"))
+    spec = importlib.util.spec_from_file_location(
+        "digits_resnet", os.path.join(REPO, "configs", "digits_resnet.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config("smoke")
@@ -24,7 +26,10 @@ def smoke_config(**overrides):
 
 
 def _leaves_equal(a, b) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))))
+    return all(
+        np.array_equal(x, y)
+        for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +93,9 @@ def _crash_at(step_to_crash):
 
 def test_resume_after_crash_is_bitwise_identical(tmp_path):
     config = smoke_config(num_steps=12, checkpoint_every=5, log_every=4, eval_every=100)
-    reference_state, reference_summary = train.train(config, str(tmp_path / "straight"), progress=False)
+    reference_state, reference_summary = train.train(
+        config, str(tmp_path / "straight"), progress=False
+    )
 
     crashed = str(tmp_path / "crashed")
     with pytest.raises(_SimulatedCrash):
@@ -103,7 +110,9 @@ def test_resume_after_crash_is_bitwise_identical(tmp_path):
     assert _leaves_equal(resumed_state.opt_state, reference_state.opt_state)
     assert resumed_summary["test_accuracy"] == reference_summary["test_accuracy"]
     # The metrics log reads as one run: the records the crashed run wrote after step 5 are gone.
-    steps = [r["step"] for r in train.read_metrics(os.path.join(crashed, "metrics.jsonl")) if "loss" in r]
+    steps = [
+        r["step"] for r in train.read_metrics(os.path.join(crashed, "metrics.jsonl")) if "loss" in r
+    ]
     assert steps == [4, 8, 12]
 
 

@@ -9,6 +9,7 @@ On a GPU ``hamming_topk`` runs the fused Pallas kernel (the Q x N distance matri
 written); elsewhere a chunked jnp path keeps a running top-k over chunks of N, so peak memory is
 O(Q * chunk + Q * k) beyond the inputs for any N.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,97 +26,97 @@ _TILE_ELEMENTS = 1 << 20
 
 
 def pack_bits(bits):
-  """bool/int {0,1} [..., n_bits] -> uint32 [..., n_bits // 32]; bit i -> word i // 32, bit i % 32.
+    """bool/int {0,1} [..., n_bits] -> uint32 [..., n_bits // 32]; bit i -> word i // 32, bit i % 32.
 
-  n_bits must be a multiple of 32."""
-  bits = jnp.asarray(bits)
-  n_bits = bits.shape[-1]
-  if n_bits % 32 != 0 or n_bits == 0:
-    raise ValueError(f"bits.shape[-1]={n_bits} must be a positive multiple of 32")
-  b = (bits != 0).astype(jnp.uint32).reshape(*bits.shape[:-1], n_bits // 32, 32)
-  shifts = jnp.arange(32, dtype=jnp.uint32)
-  # Distinct powers of two: the sum is the bitwise or.
-  return jnp.sum(b << shifts, axis=-1, dtype=jnp.uint32)
+    n_bits must be a multiple of 32."""
+    bits = jnp.asarray(bits)
+    n_bits = bits.shape[-1]
+    if n_bits % 32 != 0 or n_bits == 0:
+        raise ValueError(f"bits.shape[-1]={n_bits} must be a positive multiple of 32")
+    b = (bits != 0).astype(jnp.uint32).reshape(*bits.shape[:-1], n_bits // 32, 32)
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    # Distinct powers of two: the sum is the bitwise or.
+    return jnp.sum(b << shifts, axis=-1, dtype=jnp.uint32)
 
 
 def unpack_bits(words, n_bits=None):
-  """uint32 [..., W] -> bool [..., n_bits] (default W * 32); the inverse of pack_bits."""
-  words = jnp.asarray(words)
-  if words.dtype != jnp.uint32:
-    raise ValueError(f"words.dtype={words.dtype} must be uint32")
-  total = words.shape[-1] * 32
-  n_bits = total if n_bits is None else n_bits
-  if not 0 < n_bits <= total:
-    raise ValueError(f"n_bits={n_bits} must be in 1..{total} (32 * words.shape[-1])")
-  shifts = jnp.arange(32, dtype=jnp.uint32)
-  bits = ((words[..., None] >> shifts) & 1).astype(bool)
-  return bits.reshape(*words.shape[:-1], total)[..., :n_bits]
+    """uint32 [..., W] -> bool [..., n_bits] (default W * 32); the inverse of pack_bits."""
+    words = jnp.asarray(words)
+    if words.dtype != jnp.uint32:
+        raise ValueError(f"words.dtype={words.dtype} must be uint32")
+    total = words.shape[-1] * 32
+    n_bits = total if n_bits is None else n_bits
+    if not 0 < n_bits <= total:
+        raise ValueError(f"n_bits={n_bits} must be in 1..{total} (32 * words.shape[-1])")
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    bits = ((words[..., None] >> shifts) & 1).astype(bool)
+    return bits.reshape(*words.shape[:-1], total)[..., :n_bits]
 
 
 def default_chunk_size(q: int, n: int) -> int:
-  """Codes per chunk so the Q x chunk distance tile stays ~4 MB: a power of two in [256, 2**18]."""
-  chunk = max(256, min(1 << 18, _TILE_ELEMENTS // max(q, 1)))
-  chunk = 1 << (chunk.bit_length() - 1)
-  return min(chunk, n)
+    """Codes per chunk so the Q x chunk distance tile stays ~4 MB: a power of two in [256, 2**18]."""
+    chunk = max(256, min(1 << 18, _TILE_ELEMENTS // max(q, 1)))
+    chunk = 1 << (chunk.bit_length() - 1)
+    return min(chunk, n)
 
 
 def _distances(queries, codes):
-  """uint32 [Q, W], [C, W] -> int32 [Q, C]."""
-  x = lax.bitwise_xor(queries[:, None, :], codes[None, :, :])
-  return lax.population_count(x).astype(jnp.int32).sum(axis=-1, dtype=jnp.int32)
+    """uint32 [Q, W], [C, W] -> int32 [Q, C]."""
+    x = lax.bitwise_xor(queries[:, None, :], codes[None, :, :])
+    return lax.population_count(x).astype(jnp.int32).sum(axis=-1, dtype=jnp.int32)
 
 
 def _merge(best, chunk_dist, chunk_start, k):
-  """Running (dist, idx) [Q, k] + a chunk's distances [Q, C] starting at index chunk_start.
+    """Running (dist, idx) [Q, k] + a chunk's distances [Q, C] starting at index chunk_start.
 
-  Entries are concatenated in increasing index order (the running list holds only earlier,
-  lower indices and is itself ordered by (dist, index)), and lax.top_k puts the lower position
-  first among equal values, so ties go to the lower index. top_k runs on float32 (exact for
-  distances < 2**24), which XLA:CPU serves with a fast partial sort."""
-  best_d, best_i = best
-  c = chunk_dist.shape[1]
-  idx = chunk_start + jnp.arange(c, dtype=jnp.int32)
-  cat_d = jnp.concatenate([best_d, chunk_dist], axis=1)
-  cat_i = jnp.concatenate([best_i, jnp.broadcast_to(idx, chunk_dist.shape)], axis=1)
-  neg, pos = lax.top_k(-cat_d.astype(jnp.float32), k)
-  return (-neg).astype(jnp.int32), jnp.take_along_axis(cat_i, pos, axis=1)
+    Entries are concatenated in increasing index order (the running list holds only earlier,
+    lower indices and is itself ordered by (dist, index)), and lax.top_k puts the lower position
+    first among equal values, so ties go to the lower index. top_k runs on float32 (exact for
+    distances < 2**24), which XLA:CPU serves with a fast partial sort."""
+    best_d, best_i = best
+    c = chunk_dist.shape[1]
+    idx = chunk_start + jnp.arange(c, dtype=jnp.int32)
+    cat_d = jnp.concatenate([best_d, chunk_dist], axis=1)
+    cat_i = jnp.concatenate([best_i, jnp.broadcast_to(idx, chunk_dist.shape)], axis=1)
+    neg, pos = lax.top_k(-cat_d.astype(jnp.float32), k)
+    return (-neg).astype(jnp.int32), jnp.take_along_axis(cat_i, pos, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "chunk_size"))
 def hamming_topk_chunked(queries, codes, k, *, chunk_size):
-  """The jnp path: chunks of N with a running top-k. Same contract as hamming_topk."""
-  q, n = queries.shape[0], codes.shape[0]
-  n_full = n // chunk_size
-  init_d = jnp.full((q, k), _INT32_MAX, jnp.int32)
-  best = (init_d, jnp.full((q, k), _INT32_MAX, jnp.int32))
+    """The jnp path: chunks of N with a running top-k. Same contract as hamming_topk."""
+    q, n = queries.shape[0], codes.shape[0]
+    n_full = n // chunk_size
+    init_d = jnp.full((q, k), _INT32_MAX, jnp.int32)
+    best = (init_d, jnp.full((q, k), _INT32_MAX, jnp.int32))
 
-  def body(i, best):
-    start = i * chunk_size
-    chunk = lax.dynamic_slice_in_dim(codes, start, chunk_size, axis=0)
-    return _merge(best, _distances(queries, chunk), start, k)
+    def body(i, best):
+        start = i * chunk_size
+        chunk = lax.dynamic_slice_in_dim(codes, start, chunk_size, axis=0)
+        return _merge(best, _distances(queries, chunk), start, k)
 
-  best = lax.fori_loop(0, n_full, body, best)
-  if n_full * chunk_size < n:  # static-size remainder, so codes are never padded or copied
-    start = n_full * chunk_size
-    best = _merge(best, _distances(queries, codes[start:]), start, k)
-  return best
+    best = lax.fori_loop(0, n_full, body, best)
+    if n_full * chunk_size < n:  # static-size remainder, so codes are never padded or copied
+        start = n_full * chunk_size
+        best = _merge(best, _distances(queries, codes[start:]), start, k)
+    return best
 
 
 def hamming_topk(queries, codes, k, *, chunk_size=None):
-  """k nearest codes per query by Hamming distance.
+    """k nearest codes per query by Hamming distance.
 
-  Args:
-    queries: uint32 [Q, W]; codes: uint32 [N, W] (pack_bits layout); 1 <= k <= N.
-    chunk_size: codes per chunk on the jnp path (default: default_chunk_size(Q, N)).
-  Returns:
-    (distances int32 [Q, k], indices int32 [Q, k]), ascending by distance, ties to the
-    lower index; identical on every backend.
-  """
-  q, n, _ = _kernel._check(queries, codes, "nw")
-  _kernel._check_k(k, n)
-  if jax.default_backend() == "gpu":
-    return _kernel.hamming_topk(queries, codes, k)
-  chunk = default_chunk_size(q, n) if chunk_size is None else chunk_size
-  if not isinstance(chunk, int) or chunk < 1:
-    raise ValueError(f"chunk_size={chunk_size} must be a positive int")
-  return hamming_topk_chunked(queries, codes, k, chunk_size=min(chunk, n))
+    Args:
+      queries: uint32 [Q, W]; codes: uint32 [N, W] (pack_bits layout); 1 <= k <= N.
+      chunk_size: codes per chunk on the jnp path (default: default_chunk_size(Q, N)).
+    Returns:
+      (distances int32 [Q, k], indices int32 [Q, k]), ascending by distance, ties to the
+      lower index; identical on every backend.
+    """
+    q, n, _ = _kernel._check(queries, codes, "nw")
+    _kernel._check_k(k, n)
+    if jax.default_backend() == "gpu":
+        return _kernel.hamming_topk(queries, codes, k)
+    chunk = default_chunk_size(q, n) if chunk_size is None else chunk_size
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be a positive int")
+    return hamming_topk_chunked(queries, codes, k, chunk_size=min(chunk, n))

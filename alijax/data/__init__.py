@@ -3,6 +3,7 @@
 `load_dataset(cfg, seed)` gives {"train": {"image", "label"}, "test": {...}} with float32 NHWC
 images, for the image-classification configs.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping

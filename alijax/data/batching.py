@@ -4,6 +4,7 @@ The order of examples is decided by `epoch_permutation(seed, epoch)` alone, so a
 step s sees exactly the batches an uninterrupted run sees from step s on: no iterator state needs
 to be checkpointed.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
@@ -75,9 +76,7 @@ def train_batches(
         step += 1
 
 
-def eval_batches(
-    arrays: Mapping[str, np.ndarray], batch_size: int, mesh=None
-) -> Iterator[dict]:
+def eval_batches(arrays: Mapping[str, np.ndarray], batch_size: int, mesh=None) -> Iterator[dict]:
     """Yields every example once, in order, in batches padded to `batch_size`.
 
     Each batch carries "mask" float32 [batch_size]: 1 for real examples, 0 for padding, so that
@@ -91,7 +90,9 @@ def eval_batches(
             name: np.concatenate([a[start:stop], np.zeros((pad,) + a.shape[1:], a.dtype)])
             for name, a in arrays.items()
         }
-        batch["mask"] = np.concatenate([np.ones(stop - start, np.float32), np.zeros(pad, np.float32)])
+        batch["mask"] = np.concatenate(
+            [np.ones(stop - start, np.float32), np.zeros(pad, np.float32)]
+        )
         if jax.process_count() > 1:
             local = _process_slice(np.arange(batch_size))
             batch = {name: a[local] for name, a in batch.items()}

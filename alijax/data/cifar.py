@@ -5,6 +5,7 @@ as three 32x32 planes (R, then G, then B), each row-major. CIFAR-10 has one labe
 (data_batch_1.bin ... data_batch_5.bin, test_batch.bin in `cifar-10-batches-bin`); CIFAR-100 has
 two, coarse then fine (train.bin, test.bin in `cifar-100-binary`).
 """
+
 from __future__ import annotations
 
 import os
@@ -137,7 +138,9 @@ def _write(path, images, labels: dict[str, np.ndarray], spec: dict) -> None:
         if values.shape != (n,):
             raise ValueError(f"{name}.shape={values.shape} must be ({n},), one label per image")
         if n and (values.min() < 0 or values.max() >= num_classes):
-            raise ValueError(f"{name} must lie in [0, {num_classes}), found [{values.min()}, {values.max()}]")
+            raise ValueError(
+                f"{name} must lie in [0, {num_classes}), found [{values.min()}, {values.max()}]"
+            )
         columns.append(values.astype(np.uint8))
     planes = images.transpose(0, 3, 1, 2).reshape(n, _PIXEL_BYTES)
     records = np.concatenate([np.stack(columns, axis=1), planes], axis=1)

@@ -1,4 +1,5 @@
 """scikit-learn's 8x8 handwritten digits: real data that ships in a package (1797 images, 10 classes)."""
+
 from __future__ import annotations
 
 import numpy as np

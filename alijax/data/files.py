@@ -1,5 +1,6 @@
 """Files: the error the format readers raise, and the atomic write that every writer shares
 (vector files, indexes, metrics and summaries)."""
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ are the files below its folder, at any depth, whose extension matches (case-inse
 relative path. Hidden files and folders (names starting with ".", such as macOS "._x.png") are
 skipped.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,9 @@ def list_image_folder(
     root = os.fspath(root)
     extensions = _check_extensions(extensions)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"{root=} is not a folder; expected one sub-folder of images per class")
+        raise FileNotFoundError(
+            f"{root=} is not a folder; expected one sub-folder of images per class"
+        )
     class_names = sorted(
         e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
     )
@@ -52,9 +55,8 @@ def load_image_folder(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images uint8 [N, H, W, 3] (RGB, resized bilinearly to image_size=(H, W)), labels int32 [N],
     class names [num_classes]."""
-    if (
-        len(image_size) != 2
-        or not all(isinstance(s, (int, np.integer)) and s > 0 for s in image_size)
+    if len(image_size) != 2 or not all(
+        isinstance(s, (int, np.integer)) and s > 0 for s in image_size
     ):
         raise ValueError(f"{image_size=} must be (height, width), two positive ints")
     paths, labels, class_names = list_image_folder(root, extensions)

@@ -11,6 +11,7 @@ With mmap=True a *vecs read is a zero-copy strided view of the file (the dimensi
 skipped by the stride) and a *bin read is the memmap itself, so a billion-row file costs no memory
 until rows are touched. `offset` / `count` read a slice of rows without reading the rest.
 """
+
 from __future__ import annotations
 
 import os
@@ -117,7 +118,11 @@ def _read_vecs(path, dtype: np.dtype, mmap: bool, count, offset, check_all: bool
         words = np.fromfile(path, dtype=word, count=shape[0] * shape[1], offset=start * row)
         words = words.reshape(shape)
     if check_all:
-        dims = words[:, 0] if word.itemsize == 4 else np.ascontiguousarray(words[:, :4]).view("<i4")[:, 0]
+        dims = (
+            words[:, 0]
+            if word.itemsize == 4
+            else np.ascontiguousarray(words[:, :4]).view("<i4")[:, 0]
+        )
         if (bad := np.flatnonzero(dims != d)).size:
             raise _dim_error(path, start + bad[0], dims[bad[0]], d)
     values = words[:, 4 // word.itemsize :].view(dtype)
@@ -156,7 +161,9 @@ def _row_slice(n: int, count: int | None, offset: int) -> tuple[int, int]:
     if count is None:
         count = n - offset
     if count < 0 or offset + count > n:
-        raise ValueError(f"{count=} must lie in [0, {n - offset}]: the file has {n} rows and {offset=}")
+        raise ValueError(
+            f"{count=} must lie in [0, {n - offset}]: the file has {n} rows and {offset=}"
+        )
     return offset, count
 
 
@@ -225,7 +232,9 @@ def write_u8bin(path: str | os.PathLike, x: np.ndarray) -> None:
 
 def _check_matrix(x, dtype: np.dtype, path) -> np.ndarray:
     if not isinstance(x, np.ndarray):
-        raise ValueError(f"x must be a numpy array of {dtype.name} for {path}, got {type(x).__name__}")
+        raise ValueError(
+            f"x must be a numpy array of {dtype.name} for {path}, got {type(x).__name__}"
+        )
     # Any byte order is accepted (it is fixed on write); the kind and width must match exactly.
     if x.dtype.kind != dtype.kind or x.dtype.itemsize != dtype.itemsize:
         raise ValueError(f"{x.dtype=} must be {dtype.name} for {os.fspath(path)}; cast x first")

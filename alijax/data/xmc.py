@@ -8,6 +8,7 @@ the line starts with a space or directly with a feature; an empty line is a poin
 Blank lines after the last point are ignored. Lines are parsed in chunks and the numbers converted
 by numpy in bulk, so that a file of millions of points loads in seconds, not minutes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -109,7 +110,13 @@ class _Chunk:
     """The raw text of up to _CHUNK_LINES points, validated per line, converted to numbers at once."""
 
     def __init__(self):
-        self.linenos, self.features, self.num_features, self.labels, self.num_labels = [], [], [], [], []
+        self.linenos, self.features, self.num_features, self.labels, self.num_labels = (
+            [],
+            [],
+            [],
+            [],
+            [],
+        )
 
     def add(self, path: str, lineno: int, line: str) -> None:
         label_part, feature_part = "", line
@@ -124,7 +131,9 @@ class _Chunk:
             )
         feature_part = feature_part.strip()
         if not _FEATURES.fullmatch(feature_part):
-            bad = next((t for t in feature_part.split() if not _FEATURES.fullmatch(t)), feature_part)
+            bad = next(
+                (t for t in feature_part.split() if not _FEATURES.fullmatch(t)), feature_part
+            )
             raise FormatError(
                 f"{path}, line {lineno}: malformed feature {bad!r}; expected index:value like 12:0.5"
             )

@@ -1,4 +1,5 @@
 """Flax linen models. `get_model(name, **kwargs)` builds one by its config name."""
+
 from alijax.models.resnet import (
     LayerOps,
     ResNet,

@@ -7,6 +7,7 @@ in fp32, bf16 or any INT8 recipe without a fork (the AQT pattern `nn.Dense(dot_g
 Two layouts: CIFAR (3x3 stem, three stages of 16/32/64 channels, depth 6n+2: ResNet-20/56) and
 ImageNet (7x7 stride-2 stem with max-pool, four stages: ResNet-18/34/50).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -106,7 +107,11 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
         )
         conv = functools.partial(
             nn.Conv, use_bias=False, dtype=self.dtype, padding="SAME", **self.ops.conv_kwargs()

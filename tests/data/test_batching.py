@@ -15,8 +15,12 @@ def test_each_epoch_visits_every_full_batch_once():
 
 
 def test_epochs_are_shuffled_differently_and_reproducibly():
-    assert not np.array_equal(batching.epoch_permutation(50, 0, 0), batching.epoch_permutation(50, 0, 1))
-    np.testing.assert_array_equal(batching.epoch_permutation(50, 7, 2), batching.epoch_permutation(50, 7, 2))
+    assert not np.array_equal(
+        batching.epoch_permutation(50, 0, 0), batching.epoch_permutation(50, 0, 1)
+    )
+    np.testing.assert_array_equal(
+        batching.epoch_permutation(50, 7, 2), batching.epoch_permutation(50, 7, 2)
+    )
 
 
 def test_resumed_iterator_matches_uninterrupted_one():

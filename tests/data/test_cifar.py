@@ -1,4 +1,5 @@
 """CIFAR binary files: bytes laid out by hand, round trips through the writers, and the errors."""
+
 import numpy as np
 import pytest
 
@@ -33,7 +34,7 @@ def _write_cifar10_by_hand(folder, per_file=2):
         split = "test" if name == "test_batch.bin" else "train"
         expected[split][0].append(planes)
         expected[split][1].append(labels)
-    return {s: (np.concatenate(p), np.concatenate(l)) for s, (p, l) in expected.items()}
+    return {s: (np.concatenate(p), np.concatenate(lab)) for s, (p, lab) in expected.items()}
 
 
 def test_cifar10_hand_written_bytes(tmp_path):
@@ -136,7 +137,9 @@ def test_truncated_file(tmp_path):
 def test_label_out_of_range(tmp_path):
     # A label byte of 15 in a CIFAR-10 file: a CIFAR-100 coarse label, or a corrupt file.
     (tmp_path / "test_batch.bin").write_bytes(_records([np.array([3, 15])], _planes(2, seed=0)))
-    with pytest.raises(FormatError, match=r"test_batch\.bin: record 1 has label 15 .* expected < 10"):
+    with pytest.raises(
+        FormatError, match=r"test_batch\.bin: record 1 has label 15 .* expected < 10"
+    ):
         load_cifar10(tmp_path, "test")
 
 
@@ -156,7 +159,11 @@ def test_bad_arguments(tmp_path):
 @pytest.mark.parametrize(
     "images, labels, match",
     [
-        (np.zeros((2, 32, 32, 3), np.float32), np.zeros(2, int), r"images\.dtype=dtype\('float32'\)"),
+        (
+            np.zeros((2, 32, 32, 3), np.float32),
+            np.zeros(2, int),
+            r"images\.dtype=dtype\('float32'\)",
+        ),
         (np.zeros((2, 3, 32, 32), np.uint8), np.zeros(2, int), r"images\.shape=\(2, 3, 32, 32\)"),
         (np.zeros((2, 32, 32, 3), np.uint8), np.zeros(3, int), r"labels\.shape=\(3,\)"),
         (np.zeros((2, 32, 32, 3), np.uint8), np.array([0, 10]), r"labels must lie in \[0, 10\)"),

@@ -1,4 +1,5 @@
 """Image folders: class order, labels, RGB conversion, bilinear resizing and the errors."""
+
 import numpy as np
 import pytest
 from PIL import Image

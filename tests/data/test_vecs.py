@@ -1,4 +1,5 @@
 """Vector files: hand-written bytes, round trips, memory-mapped slices and the format errors."""
+
 import os
 import struct
 
@@ -47,7 +48,9 @@ def _matrix(dtype, n=7, d=5, seed=0):
 
 def test_fvecs_hand_written(tmp_path):
     path = tmp_path / "x.fvecs"
-    path.write_bytes(struct.pack("<i3f", 3, 1.0, 2.5, -3.0) + struct.pack("<i3f", 3, 4.0, 0.0, 1e-3))
+    path.write_bytes(
+        struct.pack("<i3f", 3, 1.0, 2.5, -3.0) + struct.pack("<i3f", 3, 4.0, 0.0, 1e-3)
+    )
     for mmap in (True, False):
         x = read_fvecs(path, mmap=mmap)
         assert x.dtype == np.float32 and x.shape == (2, 3)
@@ -208,7 +211,11 @@ def test_wrong_bin_header(tmp_path):
     with pytest.raises(FormatError) as e:
         read_ibin(path)
     assert str(path) in str(e.value)
-    assert "n=5, d=2" in str(e.value) and "48 bytes" in str(e.value) and "found 32 bytes" in str(e.value)
+    assert (
+        "n=5, d=2" in str(e.value)
+        and "48 bytes" in str(e.value)
+        and "found 32 bytes" in str(e.value)
+    )
 
 
 def test_bin_shorter_than_header(tmp_path):

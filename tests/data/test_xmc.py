@@ -1,4 +1,5 @@
 """The XMC repository text format: hand-written files, round trips and line-numbered errors."""
+
 import dataclasses
 import os
 
@@ -59,7 +60,9 @@ def test_repeated_indices(tmp_path):
 def test_round_trip(tmp_path, seed):
     rng = np.random.default_rng(seed)
     scale = 10.0 ** rng.integers(-6, 6, size=(40, 30))
-    features = (rng.standard_normal((40, 30)) * scale * (rng.random((40, 30)) < 0.15)).astype(np.float32)
+    features = (rng.standard_normal((40, 30)) * scale * (rng.random((40, 30)) < 0.15)).astype(
+        np.float32
+    )
     labels = rng.random((40, 9)) < 0.2
     features[3] = 0  # a point with labels only, and ...
     labels[5] = False  # ... one with features only
@@ -101,10 +104,19 @@ NAME_RE = r"eurlex_train\.txt"
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("3 4 2\n0 1:1\n1 2:1\n", NAME_RE + r": the header \(line 1\) says num_points=3, found 2 data lines"),
-        ("1 4 2\n0 1:1\n1 2:1\n", NAME_RE + r", line 3: more data lines than the header's num_points=1"),
+        (
+            "3 4 2\n0 1:1\n1 2:1\n",
+            NAME_RE + r": the header \(line 1\) says num_points=3, found 2 data lines",
+        ),
+        (
+            "1 4 2\n0 1:1\n1 2:1\n",
+            NAME_RE + r", line 3: more data lines than the header's num_points=1",
+        ),
         ("2 4 2\n0 1:1\n1 4:1\n", NAME_RE + r", line 3: feature index 4 is out of range.* < 4"),
-        ("2 4 2\n0 1:1\n1,2 3:1\n", NAME_RE + r", line 3: label index 2 is out of range.*num_labels=2"),
+        (
+            "2 4 2\n0 1:1\n1,2 3:1\n",
+            NAME_RE + r", line 3: label index 2 is out of range.*num_labels=2",
+        ),
         ("2 4 2\n0 1:1\n1 3:abc\n", NAME_RE + r", line 3: malformed feature value 'abc'"),
         ("2 4 2\n0 1:1\n1 3\n", NAME_RE + r", line 3: malformed feature '3'"),
         ("2 4 2\n0 1:1 2\n1 3:1\n", NAME_RE + r", line 2: malformed feature '2'"),

@@ -1,6 +1,4 @@
-import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,7 +72,10 @@ def test_injected_op_changes_the_output():
     halved = get_model("resnet_tiny", ops=LayerOps(dot_general=halve))
     variables = plain.init(jax.random.key(0), x)
     np.testing.assert_allclose(
-        halved.apply(variables, x), 0.5 * plain.apply(variables, x) + 0.5 * variables["params"]["head"]["bias"], rtol=1e-5, atol=1e-6
+        halved.apply(variables, x),
+        0.5 * plain.apply(variables, x) + 0.5 * variables["params"]["head"]["bias"],
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 

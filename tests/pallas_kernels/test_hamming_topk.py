@@ -2,147 +2,168 @@
 
 Each test class runs twice: interpret=True on CPU, and compiled (interpret=False) on a GPU.
 """
+
 import numpy as np
 import pytest
 
-from pallas_kernels.hamming_topk import (HammingTopkConfig, default_config, hamming_distance,
-                                         hamming_distance_reference, hamming_topk,
-                                         hamming_topk_reference)
+from pallas_kernels.hamming_topk import (
+    HammingTopkConfig,
+    default_config,
+    hamming_distance,
+    hamming_distance_reference,
+    hamming_topk,
+    hamming_topk_reference,
+)
 
 
 def np_distances(queries, codes):
-  """int64 [Q, N] by counting set bits of the xor, byte by byte."""
-  x = queries[:, None, :] ^ codes[None, :, :]
-  return np.unpackbits(x.view(np.uint8), axis=-1).reshape(*x.shape[:2], -1).sum(-1)
+    """int64 [Q, N] by counting set bits of the xor, byte by byte."""
+    x = queries[:, None, :] ^ codes[None, :, :]
+    return np.unpackbits(x.view(np.uint8), axis=-1).reshape(*x.shape[:2], -1).sum(-1)
 
 
 def np_topk(queries, codes, k):
-  """Ascending (distance, index): lexsort's last key is the primary one."""
-  d = np_distances(queries, codes)
-  idx = np.stack([np.lexsort((np.arange(len(codes)), row))[:k] for row in d])
-  return np.take_along_axis(d, idx, axis=1), idx
+    """Ascending (distance, index): lexsort's last key is the primary one."""
+    d = np_distances(queries, codes)
+    idx = np.stack([np.lexsort((np.arange(len(codes)), row))[:k] for row in d])
+    return np.take_along_axis(d, idx, axis=1), idx
 
 
 def random_codes(rng, n, w, distinct=None):
-  """uint32 [n, w]; with ``distinct``, only that many different codes (many exact ties)."""
-  pool = rng.integers(0, 2**32, (distinct or n, w), dtype=np.uint32)
-  return pool if distinct is None else pool[rng.integers(0, distinct, n)]
+    """uint32 [n, w]; with ``distinct``, only that many different codes (many exact ties)."""
+    pool = rng.integers(0, 2**32, (distinct or n, w), dtype=np.uint32)
+    return pool if distinct is None else pool[rng.integers(0, distinct, n)]
 
 
 def as_layout(codes, layout):
-  return codes if layout == "nw" else np.ascontiguousarray(codes.T)
+    return codes if layout == "nw" else np.ascontiguousarray(codes.T)
 
 
 SMALL = HammingTopkConfig(block_q=16, block_n=32, num_splits=3, num_warps=4, num_stages=1)
 # (Q, N, W, k, distinct codes or None)
 TOPK_CASES = [
-    (5, 300, 8, 10, 7),      # many ties, N not a multiple of block_n, Q ragged
-    (17, 70, 1, 70, None),   # k = N, W = 1
-    (33, 257, 2, 16, 3),     # k a power of two, three distinct codes
-    (1, 100, 3, 1, None),    # Q = 1, k = 1
-    (20, 150, 4, 37, 150),   # k > block_n (the running list is wider than a tile)
+    (5, 300, 8, 10, 7),  # many ties, N not a multiple of block_n, Q ragged
+    (17, 70, 1, 70, None),  # k = N, W = 1
+    (33, 257, 2, 16, 3),  # k a power of two, three distinct codes
+    (1, 100, 3, 1, None),  # Q = 1, k = 1
+    (20, 150, 4, 37, 150),  # k > block_n (the running list is wider than a tile)
 ]
 
 
 class HammingTests:
-  interpret: bool
-  configs = (SMALL, HammingTopkConfig(block_q=16, block_n=64, num_splits=1), None)
+    interpret: bool
+    configs = (SMALL, HammingTopkConfig(block_q=16, block_n=64, num_splits=1), None)
 
-  @pytest.mark.parametrize("layout", ["nw", "wn"])
-  @pytest.mark.parametrize("q,n,w", [(5, 300, 8), (33, 70, 1), (16, 64, 3)])
-  def test_distance(self, q, n, w, layout):
-    rng = np.random.default_rng([q, n, w])
-    queries, codes = random_codes(rng, q, w), random_codes(rng, n, w)
-    want = np_distances(queries, codes)
-    got = hamming_distance(queries, as_layout(codes, layout), codes_layout=layout,
-                           config=SMALL, interpret=self.interpret)
-    assert got.shape == (q, n)
-    np.testing.assert_array_equal(np.asarray(got), want)
+    @pytest.mark.parametrize("layout", ["nw", "wn"])
+    @pytest.mark.parametrize("q,n,w", [(5, 300, 8), (33, 70, 1), (16, 64, 3)])
+    def test_distance(self, q, n, w, layout):
+        rng = np.random.default_rng([q, n, w])
+        queries, codes = random_codes(rng, q, w), random_codes(rng, n, w)
+        want = np_distances(queries, codes)
+        got = hamming_distance(
+            queries,
+            as_layout(codes, layout),
+            codes_layout=layout,
+            config=SMALL,
+            interpret=self.interpret,
+        )
+        assert got.shape == (q, n)
+        np.testing.assert_array_equal(np.asarray(got), want)
 
-  @pytest.mark.parametrize("layout", ["nw", "wn"])
-  @pytest.mark.parametrize("q,n,w,k,distinct", TOPK_CASES)
-  def test_topk_exact_with_ties(self, q, n, w, k, distinct, layout):
-    rng = np.random.default_rng([q, n, w, k])
-    queries, codes = random_codes(rng, q, w), random_codes(rng, n, w, distinct)
-    want_d, want_i = np_topk(queries, codes, k)
-    for cfg in self.configs:
-      d, i = hamming_topk(queries, as_layout(codes, layout), k, codes_layout=layout,
-                          config=cfg, interpret=self.interpret)
-      assert d.shape == i.shape == (q, k)
-      # No padding sentinel or filler may leak out: every index is a real code.
-      assert (np.asarray(i) >= 0).all() and (np.asarray(i) < n).all(), cfg
-      np.testing.assert_array_equal(np.asarray(d), want_d, err_msg=f"{cfg=}")
-      np.testing.assert_array_equal(np.asarray(i), want_i, err_msg=f"{cfg=}")
+    @pytest.mark.parametrize("layout", ["nw", "wn"])
+    @pytest.mark.parametrize("q,n,w,k,distinct", TOPK_CASES)
+    def test_topk_exact_with_ties(self, q, n, w, k, distinct, layout):
+        rng = np.random.default_rng([q, n, w, k])
+        queries, codes = random_codes(rng, q, w), random_codes(rng, n, w, distinct)
+        want_d, want_i = np_topk(queries, codes, k)
+        for cfg in self.configs:
+            d, i = hamming_topk(
+                queries,
+                as_layout(codes, layout),
+                k,
+                codes_layout=layout,
+                config=cfg,
+                interpret=self.interpret,
+            )
+            assert d.shape == i.shape == (q, k)
+            # No padding sentinel or filler may leak out: every index is a real code.
+            assert (np.asarray(i) >= 0).all() and (np.asarray(i) < n).all(), cfg
+            np.testing.assert_array_equal(np.asarray(d), want_d, err_msg=f"{cfg=}")
+            np.testing.assert_array_equal(np.asarray(i), want_i, err_msg=f"{cfg=}")
 
-  def test_identical_codes_pick_lowest_indices(self):
-    rng = np.random.default_rng(5)
-    queries = random_codes(rng, 3, 2)
-    codes = np.repeat(random_codes(rng, 1, 2), 200, axis=0)
-    d, i = hamming_topk(queries, codes, 12, config=SMALL, interpret=self.interpret)
-    np.testing.assert_array_equal(np.asarray(i), np.tile(np.arange(12), (3, 1)))
-    np.testing.assert_array_equal(np.asarray(d), np_distances(queries, codes)[:, :12])
+    def test_identical_codes_pick_lowest_indices(self):
+        rng = np.random.default_rng(5)
+        queries = random_codes(rng, 3, 2)
+        codes = np.repeat(random_codes(rng, 1, 2), 200, axis=0)
+        d, i = hamming_topk(queries, codes, 12, config=SMALL, interpret=self.interpret)
+        np.testing.assert_array_equal(np.asarray(i), np.tile(np.arange(12), (3, 1)))
+        np.testing.assert_array_equal(np.asarray(d), np_distances(queries, codes)[:, :12])
 
-  def test_exact_match_found_first(self):
-    rng = np.random.default_rng(9)
-    codes = random_codes(rng, 500, 8)
-    queries = codes[[417, 3, 250]]
-    d, i = hamming_topk(queries, codes, 4, config=SMALL, interpret=self.interpret)
-    np.testing.assert_array_equal(np.asarray(i)[:, 0], [417, 3, 250])
-    np.testing.assert_array_equal(np.asarray(d)[:, 0], 0)
+    def test_exact_match_found_first(self):
+        rng = np.random.default_rng(9)
+        codes = random_codes(rng, 500, 8)
+        queries = codes[[417, 3, 250]]
+        d, i = hamming_topk(queries, codes, 4, config=SMALL, interpret=self.interpret)
+        np.testing.assert_array_equal(np.asarray(i)[:, 0], [417, 3, 250])
+        np.testing.assert_array_equal(np.asarray(d)[:, 0], 0)
 
 
 class TestHammingInterpret(HammingTests):
-  interpret = True
+    interpret = True
 
 
 @pytest.mark.gpu
 class TestHammingGpu(HammingTests):
-  interpret = False
-  configs = HammingTests.configs + (
-      HammingTopkConfig(block_q=32, block_n=256, num_splits=7, num_warps=8, num_stages=1),
-  )
+    interpret = False
+    configs = HammingTests.configs + (
+        HammingTopkConfig(block_q=32, block_n=256, num_splits=7, num_warps=8, num_stages=1),
+    )
 
-  def test_large_against_reference(self):
-    rng = np.random.default_rng(1)
-    queries, codes = random_codes(rng, 100, 8), random_codes(rng, 200_003, 8, 5000)
-    for layout in ("nw", "wn"):
-      want = hamming_topk_reference(queries, codes, 10)
-      got = hamming_topk(queries, as_layout(codes, layout), 10, codes_layout=layout)
-      for g, w in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-      np.testing.assert_array_equal(
-          np.asarray(hamming_distance(queries, as_layout(codes, layout), codes_layout=layout)),
-          np.asarray(hamming_distance_reference(queries, codes)))
+    def test_large_against_reference(self):
+        rng = np.random.default_rng(1)
+        queries, codes = random_codes(rng, 100, 8), random_codes(rng, 200_003, 8, 5000)
+        for layout in ("nw", "wn"):
+            want = hamming_topk_reference(queries, codes, 10)
+            got = hamming_topk(queries, as_layout(codes, layout), 10, codes_layout=layout)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+            np.testing.assert_array_equal(
+                np.asarray(
+                    hamming_distance(queries, as_layout(codes, layout), codes_layout=layout)
+                ),
+                np.asarray(hamming_distance_reference(queries, codes)),
+            )
 
 
 class TestReferenceAndValidation:
-  def test_references_match_numpy(self):
-    rng = np.random.default_rng(2)
-    queries, codes = random_codes(rng, 7, 3), random_codes(rng, 90, 3, 4)
-    np.testing.assert_array_equal(np.asarray(hamming_distance_reference(queries, codes)),
-                                  np_distances(queries, codes))
-    d, i = hamming_topk_reference(queries, codes, 20)
-    want_d, want_i = np_topk(queries, codes, 20)
-    np.testing.assert_array_equal(np.asarray(d), want_d)
-    np.testing.assert_array_equal(np.asarray(i), want_i)
+    def test_references_match_numpy(self):
+        rng = np.random.default_rng(2)
+        queries, codes = random_codes(rng, 7, 3), random_codes(rng, 90, 3, 4)
+        np.testing.assert_array_equal(
+            np.asarray(hamming_distance_reference(queries, codes)), np_distances(queries, codes)
+        )
+        d, i = hamming_topk_reference(queries, codes, 20)
+        want_d, want_i = np_topk(queries, codes, 20)
+        np.testing.assert_array_equal(np.asarray(d), want_d)
+        np.testing.assert_array_equal(np.asarray(i), want_i)
 
-  def test_errors_name_the_argument(self):
-    q, c = np.ones((2, 4), np.uint32), np.ones((10, 4), np.uint32)
-    with pytest.raises(ValueError, match="queries.dtype"):
-      hamming_topk(q.astype(np.int32), c, 3, interpret=True)
-    with pytest.raises(ValueError, match="codes.dtype"):
-      hamming_distance(q, c.astype(np.uint8), interpret=True)
-    with pytest.raises(ValueError, match="words"):
-      hamming_topk(q, np.ones((10, 3), np.uint32), 3, interpret=True)
-    with pytest.raises(ValueError, match="k=11"):
-      hamming_topk(q, c, 11, interpret=True)
-    with pytest.raises(ValueError, match="k=0"):
-      hamming_topk(q, c, 0, interpret=True)
-    with pytest.raises(ValueError, match="codes_layout"):
-      hamming_topk(q, c, 3, codes_layout="nk", interpret=True)
-    with pytest.raises(ValueError, match="block_n"):
-      hamming_topk(q, c, 3, config=HammingTopkConfig(block_n=48), interpret=True)
+    def test_errors_name_the_argument(self):
+        q, c = np.ones((2, 4), np.uint32), np.ones((10, 4), np.uint32)
+        with pytest.raises(ValueError, match="queries.dtype"):
+            hamming_topk(q.astype(np.int32), c, 3, interpret=True)
+        with pytest.raises(ValueError, match="codes.dtype"):
+            hamming_distance(q, c.astype(np.uint8), interpret=True)
+        with pytest.raises(ValueError, match="words"):
+            hamming_topk(q, np.ones((10, 3), np.uint32), 3, interpret=True)
+        with pytest.raises(ValueError, match="k=11"):
+            hamming_topk(q, c, 11, interpret=True)
+        with pytest.raises(ValueError, match="k=0"):
+            hamming_topk(q, c, 0, interpret=True)
+        with pytest.raises(ValueError, match="codes_layout"):
+            hamming_topk(q, c, 3, codes_layout="nk", interpret=True)
+        with pytest.raises(ValueError, match="block_n"):
+            hamming_topk(q, c, 3, config=HammingTopkConfig(block_n=48), interpret=True)
 
-  @pytest.mark.parametrize("q,n", [(1, 1 << 20), (64, 1 << 20), (512, 10_000_000), (3, 5)])
-  def test_default_config_is_valid(self, q, n):
-    default_config(q, n, 8).validate()
+    @pytest.mark.parametrize("q,n", [(1, 1 << 20), (64, 1 << 20), (512, 10_000_000), (3, 5)])
+    def test_default_config_is_valid(self, q, n):
+        default_config(q, n, 8).validate()

@@ -2,13 +2,18 @@
 
 Each test class runs twice: interpret=True on CPU, and compiled (interpret=False) on a GPU.
 """
+
 import numpy as np
 import pytest
 
 import jax.numpy as jnp
 
-from pallas_kernels.int8_matmul import (Int8MatmulConfig, default_config, int8_matmul,
-                                        int8_matmul_reference)
+from pallas_kernels.int8_matmul import (
+    Int8MatmulConfig,
+    default_config,
+    int8_matmul,
+    int8_matmul_reference,
+)
 
 # Small tiles in interpret mode: more blocks (ragged edges, the grouped launch order) per shape.
 SMALL = Int8MatmulConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2, group_m=3)
@@ -17,135 +22,174 @@ LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]
 
 
 def _operands(rng, m, n, k, transpose_a, transpose_b):
-  a = rng.integers(-128, 128, (k, m) if transpose_a else (m, k), dtype=np.int8)
-  b = rng.integers(-128, 128, (n, k) if transpose_b else (k, n), dtype=np.int8)
-  return a, b
+    a = rng.integers(-128, 128, (k, m) if transpose_a else (m, k), dtype=np.int8)
+    b = rng.integers(-128, 128, (n, k) if transpose_b else (k, n), dtype=np.int8)
+    return a, b
 
 
 def _exact(a, b, transpose_a, transpose_b):
-  a64 = (a.T if transpose_a else a).astype(np.int64)
-  b64 = (b.T if transpose_b else b).astype(np.int64)
-  return a64 @ b64
+    a64 = (a.T if transpose_a else a).astype(np.int64)
+    b64 = (b.T if transpose_b else b).astype(np.int64)
+    return a64 @ b64
 
 
 class Int8MatmulTests:
-  interpret: bool
-  configs = (SMALL, None)
-  extra_shapes: tuple = ()
+    interpret: bool
+    configs = (SMALL, None)
+    extra_shapes: tuple = ()
 
-  @pytest.mark.parametrize("transpose_a,transpose_b", LAYOUTS)
-  @pytest.mark.parametrize("m,n,k", SHAPES)
-  def test_int32_exact(self, m, n, k, transpose_a, transpose_b):
-    rng = np.random.default_rng([m, n, k, transpose_a, transpose_b])
-    a, b = _operands(rng, m, n, k, transpose_a, transpose_b)
-    want = _exact(a, b, transpose_a, transpose_b)
-    for cfg in self.configs:
-      got = int8_matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b,
-                        out_dtype=jnp.int32, config=cfg, interpret=self.interpret)
-      assert got.shape == (m, n) and got.dtype == jnp.int32
-      np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{cfg=}")
+    @pytest.mark.parametrize("transpose_a,transpose_b", LAYOUTS)
+    @pytest.mark.parametrize("m,n,k", SHAPES)
+    def test_int32_exact(self, m, n, k, transpose_a, transpose_b):
+        rng = np.random.default_rng([m, n, k, transpose_a, transpose_b])
+        a, b = _operands(rng, m, n, k, transpose_a, transpose_b)
+        want = _exact(a, b, transpose_a, transpose_b)
+        for cfg in self.configs:
+            got = int8_matmul(
+                a,
+                b,
+                transpose_a=transpose_a,
+                transpose_b=transpose_b,
+                out_dtype=jnp.int32,
+                config=cfg,
+                interpret=self.interpret,
+            )
+            assert got.shape == (m, n) and got.dtype == jnp.int32
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{cfg=}")
 
-  @pytest.mark.parametrize("transpose_a,transpose_b", LAYOUTS)
-  def test_scaled_float32(self, transpose_a, transpose_b):
-    m, n, k = 37, 70, 45
-    rng = np.random.default_rng(7)
-    a, b = _operands(rng, m, n, k, transpose_a, transpose_b)
-    sa = rng.uniform(0.01, 2.0, m).astype(np.float32)
-    sb = rng.uniform(0.01, 2.0, n).astype(np.float32)
-    want = _exact(a, b, transpose_a, transpose_b) * sa[:, None].astype(np.float64) * sb[None, :]
-    got = np.asarray(int8_matmul(a, b, sa, sb, transpose_a=transpose_a, transpose_b=transpose_b,
-                                 config=SMALL, interpret=self.interpret))
-    assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
-    ref = int8_matmul_reference(a, b, sa, sb, transpose_a=transpose_a, transpose_b=transpose_b)
-    np.testing.assert_allclose(got, np.asarray(ref), rtol=1e-6)
+    @pytest.mark.parametrize("transpose_a,transpose_b", LAYOUTS)
+    def test_scaled_float32(self, transpose_a, transpose_b):
+        m, n, k = 37, 70, 45
+        rng = np.random.default_rng(7)
+        a, b = _operands(rng, m, n, k, transpose_a, transpose_b)
+        sa = rng.uniform(0.01, 2.0, m).astype(np.float32)
+        sb = rng.uniform(0.01, 2.0, n).astype(np.float32)
+        want = _exact(a, b, transpose_a, transpose_b) * sa[:, None].astype(np.float64) * sb[None, :]
+        got = np.asarray(
+            int8_matmul(
+                a,
+                b,
+                sa,
+                sb,
+                transpose_a=transpose_a,
+                transpose_b=transpose_b,
+                config=SMALL,
+                interpret=self.interpret,
+            )
+        )
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+        ref = int8_matmul_reference(a, b, sa, sb, transpose_a=transpose_a, transpose_b=transpose_b)
+        np.testing.assert_allclose(got, np.asarray(ref), rtol=1e-6)
 
-  @pytest.mark.parametrize("which", ["a", "b"])
-  def test_one_scale(self, which):
-    m, n, k = 50, 33, 64
-    rng = np.random.default_rng(3)
-    a, b = _operands(rng, m, n, k, False, False)
-    sa = rng.uniform(0.5, 1.5, m).astype(np.float32) if which == "a" else None
-    sb = rng.uniform(0.5, 1.5, n).astype(np.float32) if which == "b" else None
-    want = _exact(a, b, False, False).astype(np.float64)
-    want = want * (sa[:, None] if sa is not None else 1.0) * (sb[None, :] if sb is not None else 1.0)
-    got = np.asarray(int8_matmul(a, b, sa, sb, config=SMALL, interpret=self.interpret))
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    @pytest.mark.parametrize("which", ["a", "b"])
+    def test_one_scale(self, which):
+        m, n, k = 50, 33, 64
+        rng = np.random.default_rng(3)
+        a, b = _operands(rng, m, n, k, False, False)
+        sa = rng.uniform(0.5, 1.5, m).astype(np.float32) if which == "a" else None
+        sb = rng.uniform(0.5, 1.5, n).astype(np.float32) if which == "b" else None
+        want = _exact(a, b, False, False).astype(np.float64)
+        want = (
+            want
+            * (sa[:, None] if sa is not None else 1.0)
+            * (sb[None, :] if sb is not None else 1.0)
+        )
+        got = np.asarray(int8_matmul(a, b, sa, sb, config=SMALL, interpret=self.interpret))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
 
-  def test_bfloat16_out_without_scales(self):
-    rng = np.random.default_rng(11)
-    a, b = _operands(rng, 40, 24, 20, False, True)
-    got = int8_matmul(a, b, transpose_b=True, out_dtype=jnp.bfloat16, config=SMALL,
-                      interpret=self.interpret)
-    assert got.dtype == jnp.bfloat16
-    want = _exact(a, b, False, True).astype(jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
-                                  np.asarray(want.astype(np.float32)))
+    def test_bfloat16_out_without_scales(self):
+        rng = np.random.default_rng(11)
+        a, b = _operands(rng, 40, 24, 20, False, True)
+        got = int8_matmul(
+            a, b, transpose_b=True, out_dtype=jnp.bfloat16, config=SMALL, interpret=self.interpret
+        )
+        assert got.dtype == jnp.bfloat16
+        want = _exact(a, b, False, True).astype(jnp.bfloat16)
+        np.testing.assert_array_equal(
+            np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(np.float32))
+        )
 
-  def test_extra_shapes_default_config(self):
-    for m, n, k in self.extra_shapes:
-      rng = np.random.default_rng([m, n, k])
-      for ta, tb in LAYOUTS:
-        a, b = _operands(rng, m, n, k, ta, tb)
-        got = int8_matmul(a, b, transpose_a=ta, transpose_b=tb, out_dtype=jnp.int32,
-                          interpret=self.interpret)
-        np.testing.assert_array_equal(np.asarray(got), _exact(a, b, ta, tb),
-                                      err_msg=f"{(m, n, k, ta, tb)=}")
+    def test_extra_shapes_default_config(self):
+        for m, n, k in self.extra_shapes:
+            rng = np.random.default_rng([m, n, k])
+            for ta, tb in LAYOUTS:
+                a, b = _operands(rng, m, n, k, ta, tb)
+                got = int8_matmul(
+                    a,
+                    b,
+                    transpose_a=ta,
+                    transpose_b=tb,
+                    out_dtype=jnp.int32,
+                    interpret=self.interpret,
+                )
+                np.testing.assert_array_equal(
+                    np.asarray(got), _exact(a, b, ta, tb), err_msg=f"{(m, n, k, ta, tb)=}"
+                )
 
 
 class TestInt8MatmulInterpret(Int8MatmulTests):
-  interpret = True
+    interpret = True
 
 
 @pytest.mark.gpu
 class TestInt8MatmulGpu(Int8MatmulTests):
-  interpret = False
-  configs = (SMALL, None,
-             Int8MatmulConfig(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3))
-  extra_shapes = ((1000, 1500, 700), (2048, 512, 576), (777, 64, 147))
+    interpret = False
+    configs = (
+        SMALL,
+        None,
+        Int8MatmulConfig(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3),
+    )
+    extra_shapes = ((1000, 1500, 700), (2048, 512, 576), (777, 64, 147))
 
 
 class TestValidation:
-  def test_dtype(self):
-    a = np.zeros((4, 4), np.int16)
-    with pytest.raises(ValueError, match="a.dtype"):
-      int8_matmul(a, np.ones((4, 4), np.int8), interpret=True)
-    with pytest.raises(ValueError, match="b.dtype"):
-      int8_matmul(np.ones((4, 4), np.int8), np.ones((4, 4), np.float32), interpret=True)
+    def test_dtype(self):
+        a = np.zeros((4, 4), np.int16)
+        with pytest.raises(ValueError, match="a.dtype"):
+            int8_matmul(a, np.ones((4, 4), np.int8), interpret=True)
+        with pytest.raises(ValueError, match="b.dtype"):
+            int8_matmul(np.ones((4, 4), np.int8), np.ones((4, 4), np.float32), interpret=True)
 
-  def test_mismatched_k(self):
-    with pytest.raises(ValueError, match="contraction"):
-      int8_matmul(np.ones((4, 5), np.int8), np.ones((6, 4), np.int8), interpret=True)
-    with pytest.raises(ValueError, match="transpose_b=True"):
-      int8_matmul(np.ones((4, 5), np.int8), np.ones((6, 4), np.int8), transpose_b=True,
-                  interpret=True)
+    def test_mismatched_k(self):
+        with pytest.raises(ValueError, match="contraction"):
+            int8_matmul(np.ones((4, 5), np.int8), np.ones((6, 4), np.int8), interpret=True)
+        with pytest.raises(ValueError, match="transpose_b=True"):
+            int8_matmul(
+                np.ones((4, 5), np.int8), np.ones((6, 4), np.int8), transpose_b=True, interpret=True
+            )
 
-  def test_scale_shapes(self):
-    a, b = np.ones((4, 5), np.int8), np.ones((5, 6), np.int8)
-    with pytest.raises(ValueError, match="a_scale"):
-      int8_matmul(a, b, np.ones(5, np.float32), interpret=True)
-    with pytest.raises(ValueError, match="b_scale"):
-      int8_matmul(a, b, None, np.ones((1, 6), np.float32), interpret=True)
+    def test_scale_shapes(self):
+        a, b = np.ones((4, 5), np.int8), np.ones((5, 6), np.int8)
+        with pytest.raises(ValueError, match="a_scale"):
+            int8_matmul(a, b, np.ones(5, np.float32), interpret=True)
+        with pytest.raises(ValueError, match="b_scale"):
+            int8_matmul(a, b, None, np.ones((1, 6), np.float32), interpret=True)
 
-  def test_int32_out_with_scales(self):
-    a, b = np.ones((4, 5), np.int8), np.ones((5, 6), np.int8)
-    with pytest.raises(ValueError, match="out_dtype"):
-      int8_matmul(a, b, np.ones(4, np.float32), out_dtype=jnp.int32, interpret=True)
+    def test_int32_out_with_scales(self):
+        a, b = np.ones((4, 5), np.int8), np.ones((5, 6), np.int8)
+        with pytest.raises(ValueError, match="out_dtype"):
+            int8_matmul(a, b, np.ones(4, np.float32), out_dtype=jnp.int32, interpret=True)
 
-  @pytest.mark.parametrize("field,value", [("block_m", 24), ("block_n", 8), ("block_k", 0),
-                                           ("num_warps", 3), ("group_m", 0)])
-  def test_bad_config(self, field, value):
-    cfg = Int8MatmulConfig(**{field: value})
-    with pytest.raises(ValueError, match=field):
-      int8_matmul(np.ones((4, 5), np.int8), np.ones((5, 6), np.int8), config=cfg,
-                  interpret=True)
+    @pytest.mark.parametrize(
+        "field,value",
+        [("block_m", 24), ("block_n", 8), ("block_k", 0), ("num_warps", 3), ("group_m", 0)],
+    )
+    def test_bad_config(self, field, value):
+        cfg = Int8MatmulConfig(**{field: value})
+        with pytest.raises(ValueError, match=field):
+            int8_matmul(
+                np.ones((4, 5), np.int8), np.ones((5, 6), np.int8), config=cfg, interpret=True
+            )
 
-  @pytest.mark.parametrize("m,n,k", [(4096, 4096, 4096), (802816, 64, 576), (12544, 2048, 512),
-                                     (147, 64, 3211264), (5, 7, 3)])
-  def test_default_config_is_valid(self, m, n, k):
-    cfg = default_config(m, n, k)
-    cfg.validate()
-    if m % 128 == 0:
-      assert m % cfg.block_m == 0  # no padding of a large aligned dim
-    if k % 64 == 0:
-      assert k % cfg.block_k == 0
+    @pytest.mark.parametrize(
+        "m,n,k",
+        [(4096, 4096, 4096), (802816, 64, 576), (12544, 2048, 512), (147, 64, 3211264), (5, 7, 3)],
+    )
+    def test_default_config_is_valid(self, m, n, k):
+        cfg = default_config(m, n, k)
+        cfg.validate()
+        if m % 128 == 0:
+            assert m % cfg.block_m == 0  # no padding of a large aligned dim
+        if k % 64 == 0:
+            assert k % cfg.block_k == 0
