@@ -18,6 +18,9 @@ timeout 120 "$PY" -m pytest -m gpu tests/pallas_kernels tests/ann -q -p no:cache
 test_rc=${PIPESTATUS[0]}
 echo "tests rc=$test_rc in $(( $(date +%s) - start ))s"
 
+echo "=== XLA int8 reference probe ==="
+timeout 60 "$PY" benchmarks/probe_int8_reference.py 2>&1 | tee "$OUT_DIR/probe-int8-reference.log"
+
 echo "=== benchmarks ==="
 timeout 250 "$PY" benchmarks/kernels.py --budget-s 110 --out "$OUT_DIR/kernels-gpu.json" "$@" \
   2>&1 | tee "$OUT_DIR/kernels-gpu.log"

@@ -144,13 +144,15 @@ def xla_bf16(a, b, *, ta, tb):
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+# Ordered by the 2026-11-26 H200 sweep: 256x128x128 (8 warps, 3 stages) led at 4096^3 and 8192^3.
 MATMUL_CANDIDATES = [
-    im.Int8MatmulConfig(128, 128, 64, num_warps=4, num_stages=4),
-    im.Int8MatmulConfig(128, 256, 64, num_warps=8, num_stages=3),
-    im.Int8MatmulConfig(128, 256, 128, num_warps=8, num_stages=3),
     im.Int8MatmulConfig(256, 128, 128, num_warps=8, num_stages=3),
+    im.Int8MatmulConfig(128, 128, 64, num_warps=4, num_stages=4),
+    im.Int8MatmulConfig(256, 128, 64, num_warps=8, num_stages=4),
     im.Int8MatmulConfig(128, 128, 128, num_warps=8, num_stages=4),
-    im.Int8MatmulConfig(64, 128, 128, num_warps=4, num_stages=4),
+    im.Int8MatmulConfig(256, 128, 128, num_warps=8, num_stages=4),
+    im.Int8MatmulConfig(256, 64, 128, num_warps=4, num_stages=3),
+    im.Int8MatmulConfig(128, 64, 128, num_warps=4, num_stages=4),
 ]
 
 
@@ -176,6 +178,9 @@ def run_matmul(name, m, n, k, ta, tb, *, interpret, candidates, deadline):
         if time.perf_counter() > deadline and best is not None:
             errors.append("sweep cut by --budget-s")
             break
+        if cfg is not None:  # the candidate's tiles, with the split of K that suits them
+            split = im.default_split_k(m, n, k, cfg.block_m, cfg.block_n, cfg.block_k)
+            cfg = dataclasses.replace(cfg, split_k=split)
         fn = functools.partial(
             im.int8_matmul, transpose_a=ta, transpose_b=tb, config=cfg, interpret=interpret
         )
@@ -315,18 +320,21 @@ def same(a, b):
 
 
 def hamming_candidates(q):
+    """The default plus neighbours of the best configs of the 2026-11-26 H200 sweep."""
     if q <= 16:
         return [
             None,
-            hk.HammingTopkConfig(block_q=16, block_n=512, num_warps=4),
-            hk.HammingTopkConfig(block_q=16, block_n=256, num_warps=4, num_stages=2),
+            hk.HammingTopkConfig(block_q=16, block_n=1024, num_warps=4),
+            hk.HammingTopkConfig(block_q=16, block_n=512, num_splits=132, num_warps=4),
+            hk.HammingTopkConfig(block_q=16, block_n=256, num_splits=1056, num_warps=2),
         ]
     return [
         None,
-        hk.HammingTopkConfig(block_q=64, block_n=256, num_warps=8),
-        hk.HammingTopkConfig(block_q=32, block_n=256, num_warps=4),
-        hk.HammingTopkConfig(block_q=128, block_n=128, num_warps=8),
-        hk.HammingTopkConfig(block_q=64, block_n=128, num_warps=4, num_stages=2),
+        hk.HammingTopkConfig(block_q=32, block_n=128, num_warps=4),
+        hk.HammingTopkConfig(block_q=32, block_n=512, num_warps=4),
+        hk.HammingTopkConfig(block_q=16, block_n=256, num_warps=4),
+        hk.HammingTopkConfig(block_q=32, block_n=256, num_warps=8),
+        hk.HammingTopkConfig(block_q=32, block_n=256, num_splits=264, num_warps=4),
     ]
 
 

@@ -76,14 +76,13 @@ class HammingTopkConfig:
 
 
 def default_config(q: int, n: int, n_words: int, k: int = 10) -> HammingTopkConfig:
-    """Per-shape default: a query block as large as Q allows (up to 64) so each code load serves
-    many queries; small Q (memory bound) gets wider code tiles and more splits."""
-    del n_words, k
-    block_q = min(64, max(16, _next_pow2(q)))
-    block_n = 128 if block_q >= 64 else 256
-    return HammingTopkConfig(
-        block_q=block_q, block_n=block_n, num_splits=None, num_warps=4, num_stages=1
-    )
+    """Per-shape default, from the sweep on an H200 (benchmarks/RESULTS.md, 2026-11-26): 32
+    queries a block beat 64 and 128 by 3x at Q = 64 and 512 (the [block_q, block_n] int32 tile and
+    the running top-k stay in registers), and one query needs a wider code tile."""
+    del n, n_words, k
+    if q <= 16:
+        return HammingTopkConfig(block_q=16, block_n=512, num_splits=None, num_warps=4)
+    return HammingTopkConfig(block_q=32, block_n=256, num_splits=None, num_warps=4)
 
 
 def _check(queries, codes, codes_layout):

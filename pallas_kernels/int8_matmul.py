@@ -50,6 +50,7 @@ class Int8MatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    split_k: int = 1  # programs that share one output tile, each summing a slice of K
 
     def validate(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -62,6 +63,8 @@ class Int8MatmulConfig:
             raise ValueError(f"config.num_stages={self.num_stages} must be >= 1")
         if self.group_m < 1:
             raise ValueError(f"config.group_m={self.group_m} must be >= 1")
+        if self.split_k < 1:
+            raise ValueError(f"config.split_k={self.split_k} must be >= 1")
 
 
 def _pick_block(dim: int, choices: tuple[int, ...]) -> int:
@@ -88,7 +91,23 @@ def default_config(m: int, n: int, k: int) -> Int8MatmulConfig:
         num_warps=num_warps,
         num_stages=3 if block_k >= 128 else 4,
         group_m=8,
+        split_k=default_split_k(m, n, k, block_m, block_n, block_k),
     )
+
+
+# Programs to aim for: two waves of an H100/H200's 132 multiprocessors.
+_TARGET_PROGRAMS = 2 * 132
+
+
+def default_split_k(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int) -> int:
+    """Splits K when the output has too few tiles to fill the GPU, choosing a divisor of the
+    number of K blocks (so no operand is padded) and keeping >= 4 K blocks per split."""
+    tiles = pl.cdiv(m, block_m) * pl.cdiv(n, block_n)
+    k_blocks = pl.cdiv(k, block_k)
+    if tiles >= _TARGET_PROGRAMS // 2 or k_blocks < 8:
+        return 1
+    want = min(pl.cdiv(_TARGET_PROGRAMS, tiles), k_blocks // 4)
+    return max(d for d in range(1, want + 1) if k_blocks % d == 0)
 
 
 def _check_inputs(a, b, a_scale, b_scale, transpose_a, transpose_b, out_dtype):
@@ -198,6 +217,14 @@ def _pad_to(x, multiples):
     return jnp.pad(x, pads)
 
 
+def _split_operands(a, b, transpose_a, transpose_b, bm, bn, bk, split_k):
+    """Zero-pads a and b so M, N divide their blocks and K divides block_k * split_k."""
+    kmul = bk * split_k
+    a = _pad_to(a, (kmul, bm) if transpose_a else (bm, kmul))
+    b = _pad_to(b, (bn, kmul) if transpose_b else (kmul, bn))
+    return a, b
+
+
 @functools.partial(
     jax.jit, static_argnames=("transpose_a", "transpose_b", "out_dtype", "config", "interpret")
 )
@@ -224,59 +251,70 @@ def int8_matmul(
       interpret: run the kernel in the Pallas interpreter (CPU tests).
     Returns:
       [M, N] out_dtype: (a @ b as int32) * a_scale[:, None] * b_scale[None, :].
+
+    With config.split_k > 1 each output tile is summed over split_k slices of K by separate
+    programs into int32 partials [split_k, M, N], which XLA adds and rescales in one fused pass:
+    the weight-gradient GEMMs of a CNN (small M x N, K = batch * H * W) otherwise give a grid of a
+    few programs for 132 multiprocessors. Integer partial sums make the split exact.
     """
     m, n, k = _check_inputs(a, b, a_scale, b_scale, transpose_a, transpose_b, out_dtype)
     cfg = default_config(m, n, k) if config is None else config
     cfg.validate()
-    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-    a = _pad_to(a, (bk, bm) if transpose_a else (bm, bk))
-    b = _pad_to(b, (bn, bk) if transpose_b else (bk, bn))
+    bm, bn, bk, split_k = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
+    a, b = _split_operands(a, b, transpose_a, transpose_b, bm, bn, bk, split_k)
     mp, np_ = pl.cdiv(m, bm) * bm, pl.cdiv(n, bn) * bn
-    kp = pl.cdiv(k, bk) * bk
+    k_split = (a.shape[0] if transpose_a else a.shape[1]) // split_k
     num_m, num_n = mp // bm, np_ // bn
+    fused_epilogue = split_k == 1
 
     ids = functools.partial(_block_ids, num_m=num_m, num_n=num_n, group_m=cfg.group_m)
 
-    def a_map(pid):
+    def a_map(pid, s):
         i, _ = ids(pid)
-        return (0, i) if transpose_a else (i, 0)
+        return (s, i) if transpose_a else (i, s)
 
-    def b_map(pid):
+    def b_map(pid, s):
         _, j = ids(pid)
-        return (j, 0) if transpose_b else (0, j)
+        return (j, s) if transpose_b else (s, j)
 
     in_specs = [
-        pl.BlockSpec((kp, bm) if transpose_a else (bm, kp), a_map),
-        pl.BlockSpec((bn, kp) if transpose_b else (kp, bn), b_map),
+        pl.BlockSpec((k_split, bm) if transpose_a else (bm, k_split), a_map),
+        pl.BlockSpec((bn, k_split) if transpose_b else (k_split, bn), b_map),
     ]
     operands = [a, b]
-    if a_scale is not None:
+    if fused_epilogue and a_scale is not None:
         operands.append(_pad_to(a_scale.astype(jnp.float32), (bm,)))
-        in_specs.append(pl.BlockSpec((bm,), lambda pid: (ids(pid)[0],)))
-    if b_scale is not None:
+        in_specs.append(pl.BlockSpec((bm,), lambda pid, s: (ids(pid)[0],)))
+    if fused_epilogue and b_scale is not None:
         operands.append(_pad_to(b_scale.astype(jnp.float32), (bn,)))
-        in_specs.append(pl.BlockSpec((bn,), lambda pid: (ids(pid)[1],)))
+        in_specs.append(pl.BlockSpec((bn,), lambda pid, s: (ids(pid)[1],)))
 
+    if fused_epilogue:
+        out_spec = pl.BlockSpec((bm, bn), lambda pid, s: ids(pid))
+        out_shape = jax.ShapeDtypeStruct((mp, np_), out_dtype)
+    else:
+        out_spec = pl.BlockSpec((None, bm, bn), lambda pid, s: (s, *ids(pid)))
+        out_shape = jax.ShapeDtypeStruct((split_k, mp, np_), jnp.int32)
     kernel = functools.partial(
         int8_matmul_kernel,
         block_k=bk,
-        num_k=kp // bk,
+        num_k=k_split // bk,
         transpose_a=transpose_a,
         transpose_b=transpose_b,
-        has_a_scale=a_scale is not None,
-        has_b_scale=b_scale is not None,
-        out_dtype=jnp.dtype(out_dtype),
+        has_a_scale=fused_epilogue and a_scale is not None,
+        has_b_scale=fused_epilogue and b_scale is not None,
+        out_dtype=jnp.dtype(out_dtype) if fused_epilogue else jnp.dtype(jnp.int32),
     )
     out = pl.pallas_call(
         kernel,
-        grid=(num_m * num_n,),
+        grid=(num_m * num_n, split_k),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((bm, bn), ids),
-        out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+        out_specs=out_spec,
+        out_shape=out_shape,
         compiler_params=_CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="int8_matmul",
     )(*operands)
-    if (mp, np_) != (m, n):
-        out = out[:m, :n]
-    return out
+    if fused_epilogue:
+        return out[:m, :n] if (mp, np_) != (m, n) else out
+    return _epilogue(out.sum(axis=0)[:m, :n], a_scale, b_scale, out_dtype)

@@ -3,10 +3,9 @@
 Each test class runs twice: interpret=True on CPU, and compiled (interpret=False) on a GPU.
 """
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
 
 from pallas_kernels.int8_matmul import (
     Int8MatmulConfig,
@@ -17,6 +16,7 @@ from pallas_kernels.int8_matmul import (
 
 # Small tiles in interpret mode: more blocks (ragged edges, the grouped launch order) per shape.
 SMALL = Int8MatmulConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2, group_m=3)
+SPLIT = Int8MatmulConfig(block_m=16, block_n=32, block_k=32, num_stages=2, group_m=2, split_k=3)
 SHAPES = [(37, 70, 45), (16, 16, 16), (100, 48, 130), (64, 96, 32)]
 LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]
 
@@ -79,8 +79,19 @@ class Int8MatmulTests:
         )
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+    @pytest.mark.parametrize("transpose_a,transpose_b", LAYOUTS)
+    def test_reference_matches_float64(self, transpose_a, transpose_b):
+        # The jnp reference runs through XLA on the test's device; on an H200 (jax 0.11.2) it
+        # once returned exactly 2x this answer (benchmarks/probe_int8_reference.py tells when).
+        m, n, k = 37, 70, 45
+        rng = np.random.default_rng(7)
+        a, b = _operands(rng, m, n, k, transpose_a, transpose_b)
+        sa = rng.uniform(0.01, 2.0, m).astype(np.float32)
+        sb = rng.uniform(0.01, 2.0, n).astype(np.float32)
+        want = _exact(a, b, transpose_a, transpose_b) * sa[:, None].astype(np.float64) * sb[None, :]
         ref = int8_matmul_reference(a, b, sa, sb, transpose_a=transpose_a, transpose_b=transpose_b)
-        np.testing.assert_allclose(got, np.asarray(ref), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(ref), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
 
     @pytest.mark.parametrize("which", ["a", "b"])
     def test_one_scale(self, which):
@@ -97,6 +108,32 @@ class Int8MatmulTests:
         )
         got = np.asarray(int8_matmul(a, b, sa, sb, config=SMALL, interpret=self.interpret))
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+    @pytest.mark.parametrize("transpose_a,transpose_b", LAYOUTS)
+    @pytest.mark.parametrize("with_scales", [False, True])
+    def test_split_k(self, transpose_a, transpose_b, with_scales):
+        # K = 200 is ragged for block_k * split_k = 96: the padded tail must add nothing.
+        m, n, k = 40, 50, 200
+        rng = np.random.default_rng([m, n, k, transpose_a, transpose_b, with_scales])
+        a, b = _operands(rng, m, n, k, transpose_a, transpose_b)
+        sa = rng.uniform(0.5, 1.5, m).astype(np.float32) if with_scales else None
+        sb = rng.uniform(0.5, 1.5, n).astype(np.float32) if with_scales else None
+        want = _exact(a, b, transpose_a, transpose_b).astype(np.float64)
+        if with_scales:
+            want = want * sa[:, None] * sb[None, :]
+        got = int8_matmul(
+            a,
+            b,
+            sa,
+            sb,
+            transpose_a=transpose_a,
+            transpose_b=transpose_b,
+            out_dtype=jnp.float32 if with_scales else jnp.int32,
+            config=SPLIT,
+            interpret=self.interpret,
+        )
+        assert got.shape == (m, n)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=0)
 
     def test_bfloat16_out_without_scales(self):
         rng = np.random.default_rng(11)
@@ -173,7 +210,14 @@ class TestValidation:
 
     @pytest.mark.parametrize(
         "field,value",
-        [("block_m", 24), ("block_n", 8), ("block_k", 0), ("num_warps", 3), ("group_m", 0)],
+        [
+            ("block_m", 24),
+            ("block_n", 8),
+            ("block_k", 0),
+            ("num_warps", 3),
+            ("group_m", 0),
+            ("split_k", 0),
+        ],
     )
     def test_bad_config(self, field, value):
         cfg = Int8MatmulConfig(**{field: value})
@@ -193,3 +237,9 @@ class TestValidation:
             assert m % cfg.block_m == 0  # no padding of a large aligned dim
         if k % 64 == 0:
             assert k % cfg.block_k == 0
+            assert (k // cfg.block_k) % cfg.split_k == 0  # split-K never pads K either
+
+    def test_default_splits_k_only_for_few_output_tiles(self):
+        assert default_config(8192, 8192, 8192).split_k == 1
+        assert default_config(802816, 64, 576).split_k == 1
+        assert default_config(576, 64, 802816).split_k > 8  # ResNet-50 conv1-stage G_W
