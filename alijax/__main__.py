@@ -1,4 +1,4 @@
-"""Command line: python -m alijax {train,demo} ...
+"""Command line: python -m alijax {train,demo,index} ...
 
 python -m alijax train --config configs/digits_resnet.py[:smoke] [--set key=value ...] --workdir DIR
 python -m alijax demo [--workdir DIR]
@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo_parser.add_argument("--no-progress", action="store_true")
     demo_parser.set_defaults(run=_train, config=DEMO_CONFIG)
+
+    from alijax.ann.cli import add_index_commands
+
+    add_index_commands(commands)
     return parser
 
 

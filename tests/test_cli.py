@@ -68,3 +68,10 @@ def test_train_command_end_to_end(tmp_path, capsys):
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     assert summary["step"] == 4 and 0.0 <= summary["test_accuracy"] <= 1.0
     assert json.load(open(os.path.join(workdir, "config.json")))["num_steps"] == 4
+
+
+def test_index_commands_are_hooked_in():
+    from alijax.__main__ import build_parser
+
+    args = build_parser().parse_args(["index", "build", "--input", "x.fvecs", "--out", "idx"])
+    assert args.command == "index" and args.index_command == "build" and callable(args.run)

@@ -1,12 +1,11 @@
 """alijax.ann.hamming: bit packing order, and hamming_topk (chunked jnp path on CPU, the Pallas
 kernel on a GPU) against an exact numpy reference and faiss IndexBinaryFlat."""
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import jax
 
 from alijax.ann.hamming import (
     default_chunk_size,

@@ -1,0 +1,103 @@
+"""`python -m alijax index build|search`: the index on .fvecs / .bvecs / .fbin files.
+
+  index build  --input X.fvecs --out DIR [--bits 256] [--degree 32] [--metric l2] [--binarizer itq]
+  index search --index DIR --queries Q.fvecs --k 10 [--candidates L] [--groundtruth GT.ivecs]
+               --out results.ivecs
+
+Hook: `add_index_commands(subparsers)` adds the `index` command; each sub-command sets
+`args.run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from alijax.data.files import FormatError
+
+
+def add_index_commands(subparsers) -> argparse.ArgumentParser:
+    """Adds `index build` and `index search` to an argparse subparsers object."""
+    index = subparsers.add_parser("index", help="build or search a Binary Distributed Graph index")
+    sub = index.add_subparsers(dest="index_command", required=True)
+
+    build = sub.add_parser("build", help="build an index from a vector file")
+    build.add_argument("--input", required=True, help=".fvecs, .bvecs or .fbin (and other *bin)")
+    build.add_argument("--out", required=True, help="index folder to write")
+    build.add_argument("--bits", type=int, default=256)
+    build.add_argument("--degree", type=int, default=32)
+    build.add_argument("--metric", choices=("l2", "ip", "cosine"), default="l2")
+    build.add_argument("--binarizer", choices=("itq", "lsh"), default="itq")
+    build.add_argument(
+        "--sharded",
+        action="store_true",
+        help="shard the graph build over all devices (a data mesh)",
+    )
+    build.set_defaults(run=_build)
+
+    search = sub.add_parser("search", help="search an index with a query file")
+    search.add_argument("--index", required=True)
+    search.add_argument("--queries", required=True)
+    search.add_argument("--k", type=int, default=10)
+    search.add_argument("--candidates", type=int, default=None, help="L binary candidates")
+    search.add_argument("--groundtruth", default=None, help=".ivecs of true neighbour ids")
+    search.add_argument("--out", required=True, help="result ids as .ivecs")
+    search.set_defaults(run=_search)
+    return index
+
+
+def _read(path: str) -> np.ndarray:
+    from alijax.data.vecs import read_vecs
+
+    try:
+        return np.asarray(read_vecs(path), dtype=np.float32)
+    except (FileNotFoundError, ValueError) as err:  # FormatError is a ValueError
+        raise SystemExit(str(err)) from None
+
+
+def _build(args) -> int:
+    from alijax import parallel
+    from alijax.ann.index import BinaryGraphIndex
+
+    x = _read(args.input)
+    mesh = parallel.make_mesh() if args.sharded else None
+    t0 = time.perf_counter()
+    index = BinaryGraphIndex(
+        bits=args.bits, degree=args.degree, metric=args.metric, binarizer=args.binarizer
+    ).build(x, mesh=mesh)
+    seconds = time.perf_counter() - t0
+    index.save(args.out)
+    print(f"built {len(index)} x {x.shape[1]} in {seconds:.1f} s -> {args.out}")
+    return 0
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean |found[:, :k] & truth[:, :k]| / k."""
+    found, truth = found[:, :k], truth[:, :k]
+    return float((found[:, :, None] == truth[:, None, :]).any(axis=2).mean())
+
+
+def _search(args) -> int:
+    from alijax.ann.index import BinaryGraphIndex
+    from alijax.data.vecs import read_ivecs, write_ivecs
+
+    try:
+        index = BinaryGraphIndex.load(args.index)
+    except FormatError as err:
+        raise SystemExit(f"--index: {err}") from None
+    q = _read(args.queries)
+    index.search(q[: min(len(q), 8)], args.k, candidates=args.candidates)  # compile
+    t0 = time.perf_counter()
+    _, ids = index.search(q, args.k, candidates=args.candidates)
+    seconds = time.perf_counter() - t0
+    write_ivecs(args.out, ids.astype(np.int32))
+    line = f"{len(q)} queries, k={args.k}: {len(q) / seconds:.0f} QPS"
+    if args.groundtruth:
+        truth = np.asarray(read_ivecs(args.groundtruth))
+        if truth.shape[0] != len(q) or truth.shape[1] < args.k:
+            raise SystemExit(f"--groundtruth shape {truth.shape} must be [{len(q)}, >= {args.k}]")
+        line += f", recall@{args.k} {recall_at_k(ids, truth, args.k):.4f}"
+    print(line)
+    return 0

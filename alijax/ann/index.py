@@ -1,0 +1,460 @@
+"""BinaryGraphIndex: binary codes + a Hamming kNN search graph + float rerank, with live updates
+and checksummed persistence.
+
+Scores returned by `search` are squared L2 distances (ascending) for metric "l2" and similarities
+(descending) for "ip" and "cosine"; "cosine" normalises vectors and queries to unit length (a
+zero vector stays zero). Missing results (fewer than k live nodes reached) have id -1 and score
++inf ("l2") or -inf.
+
+Updates:
+- `add(vectors, ids)`: the new points' neighbours are found by a beam search over the current
+  graph plus an exact Hamming kNN among the new batch (so points added together find each
+  other); the best 2 * degree are RNG-pruned into the new rows, and each new point proposes itself
+  to its kept neighbours, whose rows keep the `degree` closest of old edges and proposals (the
+  farthest edges are the ones replaced).
+- `delete(ids)`: tombstones. Deleted nodes still route the search (removing them at once would
+  cut paths) but are never returned. `compact()` relinks each row around its deleted neighbours
+  (their live neighbours become candidates, the `degree` closest are kept) and then removes the
+  deleted rows, renumbering the graph.
+
+Files (`save(dir)`): manifest.json (format version, parameters, and for every array its file,
+shape, dtype, byte size and sha256) and one .npy per array. Everything is written into a fresh
+temporary folder beside `dir` that is renamed into place, so a crash never leaves a half-written
+index; `load` refuses a missing, truncated or corrupted file with a FormatError naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alijax.ann import codes as codes_lib
+from alijax.ann import graph as graph_lib
+from alijax.ann import search as search_lib
+from alijax.ann.hamming import hamming_topk
+from alijax.data.files import FormatError, atomic_write
+
+FORMAT_VERSION = 1
+_ARRAYS = ("vectors", "codes", "graph", "ids", "deleted", "entries", "mean", "projection")
+
+
+def _check_vectors(x, name: str, dim: int | None = None) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name}.shape={x.shape} must be [N > 0, D]")
+    if not np.issubdtype(x.dtype, np.number):
+        raise ValueError(f"{name}.dtype={x.dtype} must be numeric")
+    x = x.astype(np.float32)
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name}.shape[1]={x.shape[1]} must equal the index dimension {dim}")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{name} holds NaN or Inf (first bad row {int(np.argmax(bad))})")
+    return x
+
+
+def _check_ids(ids, n: int, name: str = "ids") -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.shape[0] != n:
+        raise ValueError(f"{name}.shape={ids.shape} must be [{n}] (one id per vector)")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name}.dtype={ids.dtype} must be integer")
+    ids = ids.astype(np.int64)
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{name} holds duplicates, e.g. {int(uniq[counts > 1][0])}")
+    return ids
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+class BinaryGraphIndex:
+    """Binary Distributed Graph index (arXiv 2102.04656): build / add / delete / search / save."""
+
+    def __init__(
+        self,
+        bits: int = 256,
+        degree: int = 32,
+        metric: str = "l2",
+        binarizer: str = "itq",
+        *,
+        graph_config: graph_lib.GraphConfig | None = None,
+        search_config: search_lib.SearchConfig | None = None,
+        num_entries: int = 256,
+        itq_iterations: int = 50,
+        seed: int = 0,
+    ):
+        codes_lib.check_bits(bits)
+        search_lib.check_metric(metric)
+        if binarizer not in ("itq", "lsh"):
+            raise ValueError(f"binarizer={binarizer!r} must be 'itq' or 'lsh'")
+        if not isinstance(degree, int) or degree < 2:
+            raise ValueError(f"degree={degree!r} must be an int >= 2")
+        if not isinstance(num_entries, int) or num_entries < 1:
+            raise ValueError(f"num_entries={num_entries!r} must be a positive int")
+        self.bits, self.degree, self.metric, self.binarizer_kind = bits, degree, metric, binarizer
+        self.graph_config = graph_config or graph_lib.GraphConfig()
+        self.search_config = search_config or search_lib.SearchConfig()
+        self.num_entries, self.itq_iterations, self.seed = num_entries, itq_iterations, seed
+        self.binarizer: codes_lib.Binarizer | None = None
+        self.vectors = self.codes = self.graph = self.ids = self.deleted = self.entries = None
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def dim(self) -> int | None:
+        return None if self.binarizer is None else self.binarizer.dim
+
+    def __len__(self) -> int:
+        return 0 if self.ids is None else int((~self.deleted).sum())
+
+    def _require_built(self):
+        if self.graph is None:
+            raise ValueError("the index is empty: call build() (or load()) first")
+
+    def _prepare(self, x, name: str) -> np.ndarray:
+        x = _check_vectors(x, name, self.dim)
+        return _normalize(x) if self.metric == "cosine" else x
+
+    def _entries(self, n: int) -> np.ndarray:
+        return np.linspace(0, n - 1, min(n, self.num_entries)).astype(np.int32)
+
+    # ------------------------------------------------------------------ build
+
+    def build(self, vectors, ids=None, mesh=None) -> "BinaryGraphIndex":
+        """Fits the binarizer and builds the graph over vectors float [N, D] (N >= 2); ids int
+        [N] (default 0..N-1) are what search returns. mesh shards the graph build."""
+        x = self._prepare(vectors, "vectors")
+        if x.shape[0] < 2:
+            raise ValueError(f"vectors.shape[0]={x.shape[0]} must be >= 2")
+        ids = np.arange(x.shape[0], dtype=np.int64) if ids is None else _check_ids(ids, len(x))
+        rng = jax.random.key(self.seed)
+        if self.binarizer_kind == "itq":
+            self.binarizer = codes_lib.fit_itq(x, self.bits, self.itq_iterations, rng)
+        else:
+            self.binarizer = codes_lib.fit_lsh(x.shape[1], self.bits, rng, vectors=x)
+        self.vectors, self.ids = x, ids
+        self.codes = codes_lib.encode(self.binarizer, x)
+        self.graph = graph_lib.build_graph(
+            self.codes, self.degree, mesh=mesh, config=self.graph_config
+        )
+        self.deleted = np.zeros(len(x), bool)
+        self.entries = self._entries(len(x))
+        return self
+
+    # ------------------------------------------------------------------ search
+
+    def search(self, queries, k: int, candidates: int | None = None, width: int | None = None):
+        """queries float [Q, D] -> (scores float32 [Q, k], ids int64 [Q, k]); candidates is L,
+        the number of binary candidates reranked in float (default max(k, config))."""
+        self._require_built()
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k={k!r} must be a positive int")
+        q = self._prepare(queries, "queries")
+        cfg = self.search_config
+        cfg = dataclasses.replace(
+            cfg, candidates=int(candidates or max(k, cfg.candidates)), width=int(width or cfg.width)
+        )
+        qc = codes_lib.encode(self.binarizer, q)
+        scores, idx = search_lib.search(
+            q,
+            qc,
+            self.codes,
+            self.graph,
+            self.vectors,
+            self.entries,
+            int(k),
+            metric=self.metric,
+            config=cfg,
+            deleted=self.deleted,
+        )
+        return scores, np.where(idx >= 0, self.ids[np.maximum(idx, 0)], -1)
+
+    # ------------------------------------------------------------------ updates
+
+    def add(self, vectors, ids) -> "BinaryGraphIndex":
+        """Inserts vectors float [M, D] with new unique ids int [M], linked both ways."""
+        self._require_built()
+        x = self._prepare(vectors, "vectors")
+        ids = _check_ids(ids, len(x))
+        clash = np.intersect1d(ids, self.ids)
+        if clash.size:
+            raise ValueError(f"ids already in the index, e.g. {int(clash[0])}")
+        n, m, deg = len(self.ids), len(x), self.degree
+        new_codes = codes_lib.encode(self.binarizer, x)
+        cand_i, cand_d = self._add_candidates(new_codes, n)
+        codes = np.concatenate([self.codes, new_codes])
+        rows = _prune_rows(codes, cand_i, cand_d, deg)
+        graph = np.concatenate([self.graph, rows])
+        self.graph = _link_back(codes, graph, np.arange(n, n + m, dtype=np.int32), rows, deg)
+        self.codes = codes
+        self.vectors = np.concatenate([self.vectors, x])
+        self.ids = np.concatenate([self.ids, ids])
+        self.deleted = np.concatenate([self.deleted, np.zeros(m, bool)])
+        return self
+
+    def _add_candidates(self, new_codes: np.ndarray, n: int):
+        m, deg = len(new_codes), self.degree
+        big_l = max(2 * deg, self.search_config.candidates)
+        g_i, g_d = search_lib.beam_search_jit(
+            jnp.asarray(new_codes),
+            jnp.asarray(self.codes),
+            jnp.asarray(self.graph),
+            jnp.asarray(self.entries),
+            candidates=big_l,
+            width=1,
+            iterations=big_l + 16,
+        )
+        kk = min(m, deg + 1)
+        b_d, b_i = hamming_topk(jnp.asarray(new_codes), jnp.asarray(new_codes), kk)
+        b_i = np.asarray(b_i) + n
+        b_i = np.where(b_i == np.arange(n, n + m)[:, None], -1, b_i)  # no self loops
+        cat_i = jnp.concatenate([g_i, jnp.asarray(b_i, jnp.int32)], axis=1)
+        cat_d = jnp.concatenate([g_d, b_d], axis=1)
+        return graph_lib.topk_unique(cat_i, cat_d, 2 * deg)
+
+    def delete(self, ids) -> int:
+        """Tombstones the given user ids (unknown ids are a ValueError); returns how many."""
+        self._require_built()
+        ids = np.atleast_1d(np.asarray(ids, np.int64))
+        order = np.argsort(self.ids)
+        pos = np.searchsorted(self.ids, ids, sorter=order)
+        pos = np.minimum(pos, len(order) - 1)
+        found = self.ids[order[pos]] == ids
+        if not found.all():
+            raise ValueError(f"ids not in the index, e.g. {int(ids[~found][0])}")
+        internal = order[pos]
+        newly = int((~self.deleted[internal]).sum())
+        self.deleted[internal] = True
+        return newly
+
+    def compact(self) -> "BinaryGraphIndex":
+        """Relinks rows around deleted nodes and drops them (internal indices change)."""
+        self._require_built()
+        if not self.deleted.any():
+            return self
+        live = ~self.deleted
+        if live.sum() < 2:
+            raise ValueError("compact() needs at least 2 live points")
+        graph = _relink(self.codes, self.graph, self.deleted, self.degree)
+        new_index = np.cumsum(live) - 1
+        graph = graph[live]
+        graph = np.where(graph >= 0, new_index[np.maximum(graph, 0)], -1).astype(np.int32)
+        self.graph = graph
+        self.codes, self.vectors, self.ids = self.codes[live], self.vectors[live], self.ids[live]
+        self.deleted = np.zeros(len(self.ids), bool)
+        self.entries = self._entries(len(self.ids))
+        return self
+
+    # ------------------------------------------------------------------ persistence
+
+    def _params(self) -> dict:
+        return {
+            "bits": self.bits,
+            "degree": self.degree,
+            "metric": self.metric,
+            "binarizer": self.binarizer_kind,
+            "num_entries": self.num_entries,
+            "itq_iterations": self.itq_iterations,
+            "seed": self.seed,
+            "graph_config": dataclasses.asdict(self.graph_config),
+            "search_config": dataclasses.asdict(self.search_config),
+        }
+
+    def save(self, directory) -> None:
+        """Writes the index to `directory` (replaced atomically if it exists)."""
+        self._require_built()
+        directory = os.path.abspath(os.fspath(directory))
+        parent = os.path.dirname(directory)
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
+        os.makedirs(tmp)
+        try:
+            arrays = {
+                "vectors": self.vectors,
+                "codes": self.codes,
+                "graph": self.graph,
+                "ids": self.ids,
+                "deleted": self.deleted,
+                "entries": self.entries,
+                "mean": np.asarray(self.binarizer.mean),
+                "projection": np.asarray(self.binarizer.projection),
+            }
+            entries = {}
+            for name, arr in arrays.items():
+                buf = io.BytesIO()
+                np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+                data = buf.getvalue()
+                with atomic_write(os.path.join(tmp, f"{name}.npy")) as f:
+                    f.write(data)
+                entries[name] = {
+                    "file": f"{name}.npy",
+                    "shape": list(arr.shape),
+                    "dtype": str(arr.dtype),
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            manifest = {
+                "format": "alijax.BinaryGraphIndex",
+                "format_version": FORMAT_VERSION,
+                "params": self._params(),
+                "arrays": entries,
+            }
+            with atomic_write(os.path.join(tmp, "manifest.json"), text=True) as f:
+                json.dump(manifest, f, indent=1, sort_keys=True)
+            old = None
+            if os.path.exists(directory):
+                old = f"{directory}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(directory, old)
+            os.replace(tmp, directory)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, directory) -> "BinaryGraphIndex":
+        """Reads an index written by save(); FormatError names any bad file."""
+        directory = os.fspath(directory)
+        manifest_path = os.path.join(directory, "manifest.json")
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                manifest = json.load(f)
+            version = manifest["format_version"]
+            params, entries = manifest["params"], manifest["arrays"]
+        except FileNotFoundError:
+            raise FormatError(f"{manifest_path}: missing (not a saved index)") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise FormatError(f"{manifest_path}: unreadable manifest ({err})") from None
+        if version != FORMAT_VERSION:
+            raise FormatError(
+                f"{manifest_path}: format_version={version!r}, this code reads {FORMAT_VERSION}"
+            )
+        arrays = {name: _read_array(directory, name, entries) for name in _ARRAYS}
+        graph_cfg = graph_lib.GraphConfig(**params["graph_config"])
+        search_cfg = search_lib.SearchConfig(**params["search_config"])
+        index = cls(
+            params["bits"],
+            params["degree"],
+            params["metric"],
+            params["binarizer"],
+            graph_config=graph_cfg,
+            search_config=search_cfg,
+            num_entries=params["num_entries"],
+            itq_iterations=params["itq_iterations"],
+            seed=params["seed"],
+        )
+        index.binarizer = codes_lib.Binarizer(
+            jnp.asarray(arrays["mean"]), jnp.asarray(arrays["projection"])
+        )
+        for name in ("vectors", "codes", "graph", "ids", "deleted", "entries"):
+            setattr(index, name, arrays[name])
+        return index
+
+
+def _read_array(directory: str, name: str, entries: dict) -> np.ndarray:
+    meta = entries.get(name)
+    path = os.path.join(directory, f"{name}.npy")
+    if meta is None:
+        raise FormatError(f"{path}: not listed in manifest.json")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise FormatError(f"{path}: missing") from None
+    if len(data) != meta["bytes"]:
+        raise FormatError(
+            f"{path}: truncated or padded: {len(data)} bytes, manifest says {meta['bytes']}"
+        )
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise FormatError(f"{path}: sha256 checksum mismatch (corrupted file)")
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as err:
+        raise FormatError(f"{path}: not a valid .npy file ({err})") from None
+    if list(arr.shape) != meta["shape"] or str(arr.dtype) != meta["dtype"]:
+        raise FormatError(f"{path}: shape/dtype {arr.shape}/{arr.dtype} differ from the manifest")
+    return arr
+
+
+# ---------------------------------------------------------------------- graph edits (host side)
+
+
+def _distances(codes: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Hamming distances between codes[rows[i]] and codes[cols[i, j]] -> int32 [R, C] (BIG for
+    cols < 0)."""
+    c = codes[np.maximum(cols, 0)]
+    d = np.asarray(graph_lib.hamming_pairs(jnp.asarray(codes[rows])[:, None, :], jnp.asarray(c)))
+    return np.where(cols < 0, graph_lib.BIG, d).astype(np.int32)
+
+
+def _prune_rows(codes, cand_i, cand_d, degree: int) -> np.ndarray:
+    """RNG-prune candidate lists (sorted, [M, K]) into rows int32 [M, degree], kept edges first."""
+    cand_i, cand_d = np.asarray(cand_i), np.asarray(cand_d)
+    nb = jnp.asarray(codes[np.maximum(cand_i, 0)])
+    d_nn = graph_lib.hamming_pairs(nb[:, :, None, :], nb[:, None, :, :])
+    kept = np.asarray(graph_lib.rng_prune(jnp.asarray(cand_d), d_nn, jnp.asarray(cand_i >= 0)))
+    k = cand_i.shape[1]
+    rank = np.arange(k)
+    prio = np.where(kept, rank, np.where(cand_i >= 0, k + rank, 3 * k))
+    order = np.argsort(prio, axis=1, kind="stable")[:, :degree]
+    rows = np.take_along_axis(cand_i, order, axis=1)
+    if rows.shape[1] < degree:
+        rows = np.pad(rows, ((0, 0), (0, degree - rows.shape[1])), constant_values=-1)
+    return rows.astype(np.int32)
+
+
+def _link_back(codes, graph, new_nodes, new_rows, degree: int) -> np.ndarray:
+    """Each new node p proposes itself to the nodes of its row; a target keeps the `degree`
+    closest of its edges and proposals (ties to the lower index)."""
+    src = np.repeat(new_nodes, new_rows.shape[1])
+    tgt = new_rows.reshape(-1)
+    ok = tgt >= 0
+    src, tgt = src[ok], tgt[ok]
+    if not len(tgt):
+        return graph
+    targets, inverse = np.unique(tgt, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    sorted_t = inverse[order]
+    slot = np.arange(len(order)) - np.searchsorted(sorted_t, sorted_t)
+    width = int(slot.max()) + 1
+    props = np.full((len(targets), width), -1, np.int64)
+    props[sorted_t, slot] = src[order]
+    cand = np.concatenate([graph[targets], props], axis=1).astype(np.int32)
+    d = _distances(codes, targets, cand)
+    ids, _ = graph_lib.topk_unique(jnp.asarray(cand), jnp.asarray(d), degree)
+    graph = graph.copy()
+    graph[targets] = np.asarray(ids)
+    return graph
+
+
+def _relink(codes, graph, deleted, degree: int, chunk: int = 8192) -> np.ndarray:
+    """Rows with deleted neighbours get the `degree` closest live nodes among their live
+    neighbours and their deleted neighbours' live neighbours."""
+    graph = graph.copy()
+    is_del = lambda g: np.where(g >= 0, deleted[np.maximum(g, 0)], False)  # noqa: E731
+    rows = np.nonzero(is_del(graph).any(axis=1) & ~deleted)[0]
+    for s in range(0, len(rows), chunk):
+        r = rows[s : s + chunk]
+        g = graph[r]
+        two_hop = graph[np.maximum(g, 0)]  # [R, deg, deg]
+        two_hop = np.where(is_del(g)[:, :, None], two_hop, -1).reshape(len(r), -1)
+        cand = np.concatenate([g, two_hop], axis=1)
+        cand = np.where(is_del(cand) | (cand == r[:, None]), -1, cand).astype(np.int32)
+        d = _distances(codes, r, cand)
+        ids, _ = graph_lib.topk_unique(jnp.asarray(cand), jnp.asarray(d), degree)
+        graph[r] = np.asarray(ids)
+    return graph

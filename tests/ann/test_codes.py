@@ -1,0 +1,91 @@
+"""alijax.ann.codes: bit order against numpy, ITQ against PCA-sign, argument checks."""
+
+import jax
+import numpy as np
+import pytest
+
+from alijax.ann import codes
+
+
+def clustered(seed=0, n=2000, dim=64, clusters=20, latent=8):
+    """Gaussian clusters, each spread over its own random latent-dimensional subspace plus a
+    little isotropic noise: low intrinsic dimension, as in real descriptors (SIFT, CNN)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)) * 3
+    basis = rng.normal(size=(clusters, latent, dim)) * (2 / np.sqrt(latent))
+    label = rng.integers(0, clusters, n)
+    z = rng.normal(size=(n, latent))
+    x = centres[label] + np.einsum("nl,nld->nd", z, basis[label])
+    return (x + 0.1 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def numpy_codes(binarizer, x):
+    v = (x.astype(np.float64) - np.asarray(binarizer.mean)) @ np.asarray(binarizer.projection)
+    bits = v > 0
+    return np.packbits(bits, axis=1, bitorder="little").view("<u4")
+
+
+@pytest.mark.parametrize("fit", ["lsh", "itq"])
+def test_encode_matches_numpy_bit_order(fit):
+    x = clustered(n=500)
+    key = jax.random.key(1)
+    b = (
+        codes.fit_lsh(64, 96, key, vectors=x)
+        if fit == "lsh"
+        else codes.fit_itq(x, 96, iterations=5, rng=key)
+    )
+    got = codes.encode(b, x, batch_size=128)
+    want = numpy_codes(b, x)
+    assert got.dtype == np.uint32 and got.shape == (500, 3)
+    # float32 vs float64 projections may disagree on values within rounding of 0.
+    v = (x - np.asarray(b.mean)) @ np.asarray(b.projection)
+    near_zero = np.abs(v) < 1e-4
+    diff = np.unpackbits(got.view(np.uint8), axis=1, bitorder="little") != np.unpackbits(
+        want.view(np.uint8), axis=1, bitorder="little"
+    )
+    assert not (diff & ~near_zero).any()
+
+
+def test_encode_batches_agree():
+    x = clustered(n=300)
+    b = codes.fit_lsh(64, 64, jax.random.key(0), vectors=x)
+    np.testing.assert_array_equal(codes.encode(b, x, batch_size=7), codes.encode(b, x))
+
+
+def test_itq_lowers_quantization_loss_vs_pca_sign():
+    x = clustered(n=2000)
+    pca = codes.fit_pca(x, 32, jax.random.key(0))
+    itq = codes.fit_itq(x, 32, iterations=50, rng=jax.random.key(0))
+    loss_pca, loss_itq = codes.quantization_loss(pca, x), codes.quantization_loss(itq, x)
+    assert loss_itq < 0.95 * loss_pca, (loss_itq, loss_pca)
+    # The projection spans the same PCA subspace: orthonormal columns.
+    p = np.asarray(itq.projection)
+    np.testing.assert_allclose(p.T @ p, np.eye(32), atol=1e-4)
+
+
+def test_more_bits_than_dimensions_is_a_tight_frame():
+    x = clustered(n=500, dim=16)
+    b = codes.fit_itq(x, 64, iterations=10, rng=jax.random.key(0))
+    p = np.asarray(b.projection)
+    assert p.shape == (16, 64)
+    np.testing.assert_allclose(p @ p.T, np.eye(16), atol=1e-4)
+    assert codes.encode(b, x).shape == (500, 2)
+
+
+@pytest.mark.parametrize("bits", [0, 33, 100, -32])
+def test_bits_must_be_a_multiple_of_32(bits):
+    x = clustered(n=100)
+    with pytest.raises(ValueError, match="bits"):
+        codes.fit_lsh(64, bits, jax.random.key(0))
+    with pytest.raises(ValueError, match="bits"):
+        codes.fit_itq(x, bits)
+
+
+def test_nan_and_wrong_dimension_refused():
+    x = clustered(n=100)
+    x[3, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        codes.fit_itq(x, 32)
+    b = codes.fit_lsh(64, 32, jax.random.key(0))
+    with pytest.raises(ValueError, match="vectors.shape"):
+        codes.encode(b, np.zeros((4, 63), np.float32))

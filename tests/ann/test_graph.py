@@ -1,0 +1,99 @@
+"""alijax.ann.graph: merge and pruning by hand, kNN-graph recall against brute force, and the
+8-device build against the single-device build."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alijax.ann import codes, graph
+from alijax.parallel import make_mesh
+from tests.ann.test_codes import clustered
+
+
+@pytest.fixture(scope="module")
+def data_codes():
+    x = clustered(seed=3, n=2000, dim=64, clusters=20)
+    b = codes.fit_lsh(64, 256, jax.random.key(0), vectors=x)
+    return codes.encode(b, x)
+
+
+def test_topk_unique_by_hand():
+    ids = jnp.array([[5, 3, 5, -1, 2, 7]], jnp.int32)
+    dist = jnp.array([[4, 2, 4, 0, 2, 9]], jnp.int32)
+    got_i, got_d = graph.topk_unique(ids, dist, 4)
+    np.testing.assert_array_equal(got_i, [[2, 3, 5, 7]])  # tie at 2: lower id first
+    np.testing.assert_array_equal(got_d, [[2, 2, 4, 9]])
+    got_i, got_d = graph.topk_unique(ids, dist, 5)
+    assert got_i[0, 4] == -1 and got_d[0, 4] == graph.BIG
+
+
+def test_rng_prune_by_hand():
+    # p's neighbours a, b, c at 1, 2, 3. a-b = 1 < d(p,b) = 2: b is occluded by a.
+    # a-c = 5 and b-c = 1, but b was pruned, so c stays.
+    d_pn = jnp.array([[1, 2, 3]], jnp.int32)
+    d_nn = jnp.array([[[0, 1, 5], [1, 0, 1], [5, 1, 0]]], jnp.int32)
+    kept = graph.rng_prune(d_pn, d_nn, jnp.ones((1, 3), bool))
+    np.testing.assert_array_equal(kept, [[True, False, True]])
+
+
+def test_majority_centroids_by_hand():
+    c = jnp.array([[0b1011], [0b0011], [0b0001], [0b1111]], jnp.uint32)
+    assign = jnp.array([0, 0, 0, 1], jnp.int32)
+    old = jnp.array([[0], [0], [0b10101]], jnp.uint32)
+    got = graph.majority_centroids(c, assign, 3, old)
+    np.testing.assert_array_equal(got[:, 0], [0b0011, 0b1111, 0b10101])
+
+
+def test_merge_forward_reverse_by_hand():
+    fwd = jnp.array([[4, 5, 6, 7]], jnp.int32)
+    rev = jnp.array([[5, 9, -1]], jnp.int32)
+    got = graph.merge_forward_reverse(fwd, rev, 4)
+    np.testing.assert_array_equal(got, [[4, 5, 9, 6]])
+
+
+def test_knn_graph_recall_against_brute_force(data_codes):
+    true_i, _ = graph.exact_knn(data_codes, 10)
+    init_i, _ = graph.knn_graph(data_codes, 32, rounds=0)
+    ids, dist = graph.knn_graph(data_codes, 32)
+    r0, r = graph.graph_recall(init_i[:, :10], true_i), graph.graph_recall(ids[:, :10], true_i)
+    # Measured: 0.95 after clustering alone, 0.99 after 3 propagation rounds (see report).
+    assert r >= 0.97, r
+    assert r > r0
+    # Rows sorted by (distance, id), distances exact, no self loops, no duplicates.
+    x = np.unpackbits(data_codes.view(np.uint8), axis=1)
+    true_d = (x[:, None, :] != x[ids]).sum(-1)
+    np.testing.assert_array_equal(dist, true_d)
+    assert (np.diff(dist, axis=1) >= 0).all()
+    assert not (ids == np.arange(len(ids))[:, None]).any()
+    assert all(len(set(row)) == len(row) for row in ids)
+
+
+def test_build_graph_is_a_valid_fixed_degree_graph(data_codes):
+    g = graph.build_graph(data_codes, 16)
+    assert g.shape == (2000, 16) and g.dtype == np.int32
+    assert ((g >= 0) & (g < 2000)).all()
+    assert not (g == np.arange(2000)[:, None]).any()
+    assert all(len(set(row)) == 16 for row in g)
+    # Reverse edges: most edges are reciprocated, unlike a plain kNN graph.
+    edges = set(zip(np.repeat(np.arange(2000), 16), g.ravel()))
+    back = np.mean([(b, a) in edges for a, b in edges])
+    assert back > 0.5, back
+
+
+def test_eight_device_build_equals_single_device(data_codes):
+    mesh = make_mesh()
+    assert mesh.shape["data"] == 8
+    cfg = graph.GraphConfig(row_chunk=200)  # two chunks: ring inside each chunk
+    single = graph.build_graph(data_codes[:1999], 16, config=cfg)  # 1999: padded shards
+    sharded = graph.build_graph(data_codes[:1999], 16, mesh=mesh, config=cfg)
+    np.testing.assert_array_equal(single, sharded)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="codes"):
+        graph.build_graph(np.zeros((10, 2), np.int32), 4)
+    with pytest.raises(ValueError, match="degree"):
+        graph.build_graph(np.zeros((10, 2), np.uint32), 0)
+    with pytest.raises(ValueError, match="config.axis"):
+        graph.build_graph(np.zeros((10, 2), np.uint32), 4, config=graph.GraphConfig(axis="x"))

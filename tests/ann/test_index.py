@@ -1,0 +1,179 @@
+"""alijax.ann.index: build / search / add / delete / compact / save / load, input checks, and
+the command line."""
+
+import argparse
+import os
+
+import numpy as np
+import pytest
+
+from alijax.ann import cli
+from alijax.ann.index import BinaryGraphIndex
+from alijax.data.files import FormatError
+from alijax.data.vecs import read_ivecs, write_fvecs, write_ivecs
+from tests.ann.test_codes import clustered
+from tests.ann.test_search import exact_topk, recall
+
+N = 2000
+
+
+@pytest.fixture(scope="module")
+def data():
+    allx = clustered(seed=7, n=N + 400, dim=64, clusters=20)
+    return allx[:N], allx[N : N + 200], allx[N + 200 :]  # base, queries, to add
+
+
+@pytest.fixture(scope="module")
+def built(data):
+    x, _, _ = data
+    return BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x, ids=np.arange(N) * 3)
+
+
+def test_search_returns_user_ids_and_l2_scores(data, built):
+    x, q, _ = data
+    scores, ids = built.search(q, 10)
+    truth = exact_topk(x, q, 10) * 3
+    assert recall(ids, truth) >= 0.95  # measured 0.99+
+    want = ((x[ids // 3] - q[:, None, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(scores, want, rtol=1e-4)
+    assert (np.diff(scores, axis=1) >= 0).all()
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_similarity_metrics(data, metric):
+    x, q, _ = data
+    index = BinaryGraphIndex(bits=128, degree=16, metric=metric, binarizer="lsh").build(x)
+    scores, ids = index.search(q, 10, candidates=128)
+    xx, qq = (
+        (x, q)
+        if metric == "ip"
+        else (
+            x / np.linalg.norm(x, axis=1, keepdims=True),
+            q / np.linalg.norm(q, axis=1, keepdims=True),
+        )
+    )
+    assert recall(ids, exact_topk(xx, qq, 10, "ip")) >= 0.8  # ip is not what codes preserve
+    assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_add_delete_compact_and_save_load(data, tmp_path):
+    x, q, xa = data
+    index = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x)
+    new_ids = np.arange(len(xa)) + 10_000
+    index.add(xa, new_ids)
+    _, found = index.search(xa, 1)
+    assert (found[:, 0] == new_ids).mean() >= 0.95  # measured 1.0
+    all_x = np.concatenate([x, xa])
+    all_ids = np.concatenate([np.arange(N), new_ids])
+    assert recall(index.search(q, 10)[1], all_ids[exact_topk(all_x, q, 10)]) >= 0.95
+
+    gone = all_ids[exact_topk(all_x, q, 3).ravel()]  # the 3 best of every query
+    index.delete(gone)
+    _, ids = index.search(q, 10)
+    assert not np.isin(ids, gone).any()
+    assert len(index) == len(all_ids) - len(np.unique(gone))
+
+    index.save(tmp_path / "ix")
+    loaded = BinaryGraphIndex.load(tmp_path / "ix")
+    s1, i1 = index.search(q, 10)
+    s2, i2 = loaded.search(q, 10)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(s1, s2)
+
+    index.compact()
+    live = ~np.isin(all_ids, gone)
+    _, ids = index.search(q, 10)
+    assert not np.isin(ids, gone).any()
+    assert recall(ids, all_ids[live][exact_topk(all_x[live], q, 10)]) >= 0.95
+    assert len(index.graph) == live.sum() and (index.graph < live.sum()).all()
+
+
+def test_corrupt_truncated_and_missing_files_refused(built, tmp_path):
+    built.save(tmp_path / "ix")
+    graph_path = tmp_path / "ix" / "graph.npy"
+    data = bytearray(graph_path.read_bytes())
+    data[-5] ^= 0xFF
+    graph_path.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="graph.npy.*checksum"):
+        BinaryGraphIndex.load(tmp_path / "ix")
+
+    built.save(tmp_path / "ix")  # replaces the folder
+    BinaryGraphIndex.load(tmp_path / "ix")
+    codes_path = tmp_path / "ix" / "codes.npy"
+    codes_path.write_bytes(codes_path.read_bytes()[:-10])
+    with pytest.raises(FormatError, match="codes.npy.*truncated"):
+        BinaryGraphIndex.load(tmp_path / "ix")
+
+    os.remove(tmp_path / "ix" / "manifest.json")
+    with pytest.raises(FormatError, match="manifest.json"):
+        BinaryGraphIndex.load(tmp_path / "ix")
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
+
+
+def test_bad_input_refused(data, built):
+    x, q, _ = data
+    bad = x[:50].copy()
+    bad[7, 3] = np.nan
+    with pytest.raises(ValueError, match="vectors holds NaN"):
+        BinaryGraphIndex(bits=64).build(bad)
+    with pytest.raises(ValueError, match="vectors holds NaN"):
+        built.add(bad, np.arange(50) + 10**6)
+    with pytest.raises(ValueError, match=r"vectors.shape\[1\]=63"):
+        built.add(x[:5, :63], np.arange(5) + 10**6)
+    with pytest.raises(ValueError, match=r"queries.shape\[1\]"):
+        built.search(q[:, :10], 5)
+    with pytest.raises(ValueError, match="ids holds duplicates"):
+        BinaryGraphIndex(bits=64).build(x[:10], ids=[1] * 10)
+    with pytest.raises(ValueError, match="already in the index"):
+        built.add(x[:2], [0, 3])
+    with pytest.raises(ValueError, match="not in the index"):
+        built.delete([1])  # ids are multiples of 3
+    with pytest.raises(ValueError, match="bits"):
+        BinaryGraphIndex(bits=48)
+    with pytest.raises(ValueError, match="metric"):
+        BinaryGraphIndex(metric="hamming")
+
+
+def test_command_line_build_and_search(data, tmp_path, capsys):
+    x, q, _ = data
+    write_fvecs(tmp_path / "base.fvecs", x)
+    write_fvecs(tmp_path / "q.fvecs", q)
+    write_ivecs(tmp_path / "gt.ivecs", exact_topk(x, q, 10).astype(np.int32))
+    parser = argparse.ArgumentParser()
+    cli.add_index_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        [
+            "index",
+            "build",
+            "--input",
+            str(tmp_path / "base.fvecs"),
+            "--out",
+            str(tmp_path / "ix"),
+            "--bits",
+            "128",
+            "--degree",
+            "16",
+        ]
+    )
+    assert args.run(args) == 0
+    args = parser.parse_args(
+        [
+            "index",
+            "search",
+            "--index",
+            str(tmp_path / "ix"),
+            "--queries",
+            str(tmp_path / "q.fvecs"),
+            "--k",
+            "10",
+            "--groundtruth",
+            str(tmp_path / "gt.ivecs"),
+            "--out",
+            str(tmp_path / "r.ivecs"),
+        ]
+    )
+    assert args.run(args) == 0
+    out = capsys.readouterr().out
+    assert "QPS" in out and "recall@10" in out
+    assert float(out.split("recall@10 ")[1].split()[0]) >= 0.9
+    assert read_ivecs(tmp_path / "r.ivecs").shape == (200, 10)
