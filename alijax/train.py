@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from alijax import parallel
 from alijax.data import batching
 from alijax.data.files import atomic_write
+from alijax.quant.overwrite import merge_overwrite, scale_updates, split_overwrite, telemetry
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -139,31 +140,36 @@ def make_train_step(
         step_rng = jax.random.fold_in(rng, state.step)
         augment_rng, dropout_rng = jax.random.split(step_rng)
         images = augment(batch["image"], augment_rng, augment_kind)
+        # INT8 layers keep clip state and telemetry in an "overwrite" collection: it is
+        # differentiated, and its "gradient" is its new value (alijax/quant/overwrite.py).
+        rest, quant_state = split_overwrite(state.model_state)
 
-        def loss_of(params):
-            logits, new_model_state = model.apply(
-                {"params": params, **state.model_state},
+        def loss_of(params, quant_state):
+            logits, new_rest = model.apply(
+                merge_overwrite({"params": params, **rest}, quant_state),
                 images,
                 train=True,
-                mutable=list(state.model_state),
+                mutable=list(rest),
                 rngs={"dropout": dropout_rng},
             )
-            return loss_fn(logits, batch["label"]), (logits, new_model_state)
+            return loss_fn(logits, batch["label"]), (logits, new_rest)
 
-        (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            state.params
-        )
+        (loss, (logits, new_rest)), (grads, new_quant_state) = jax.value_and_grad(
+            loss_of, argnums=(0, 1), has_aux=True
+        )(state.params, quant_state)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updates = scale_updates(updates, new_quant_state)
         new_state = state.replace(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
-            model_state=new_model_state,
+            model_state=merge_overwrite(dict(new_rest), new_quant_state),
             opt_state=opt_state,
         )
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
             "grad_norm": optax.tree.norm(grads),
+            **{f"quant/{k}": v for k, v in telemetry(new_quant_state).items()},
         }
         return new_state, metrics
 
@@ -263,6 +269,21 @@ def _to_python(tree) -> dict:
 # ----------------------------------------------------------------------------- loop
 
 
+def build_model(model_cfg: Mapping):
+    """The model named by model_cfg, its products injected from model_cfg["recipe"] (default
+    "fp32"; any name in alijax.quant.RECIPES)."""
+    from alijax.models import get_model
+    from alijax.quant import get_recipe, layer_ops
+
+    recipe = get_recipe(model_cfg.get("recipe", "fp32"))
+    return get_model(
+        model_cfg["name"],
+        num_classes=model_cfg["num_classes"],
+        dtype=jnp.dtype(model_cfg.get("dtype", "float32")),
+        ops=layer_ops(recipe),
+    )
+
+
 def train(
     config,
     workdir: str,
@@ -277,15 +298,12 @@ def train(
     final state and a summary {"step", "test_accuracy", "test_loss", "train_time_s"}.
     """
     from alijax.data import load_dataset
-    from alijax.models import get_model
 
     os.makedirs(workdir, exist_ok=True)
     _atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     mesh = mesh if mesh is not None else parallel.make_mesh(tuple(config.mesh_shape))
     data = load_dataset(config.dataset, seed=config.seed)
-    model = get_model(
-        config.model.name, num_classes=config.model.num_classes, dtype=jnp.dtype(config.model.dtype)
-    )
+    model = build_model(config.model)
     optimizer = make_optimizer(config.optimizer, config.num_steps)
     schedule = make_schedule(config.optimizer, config.num_steps)
 
@@ -377,8 +395,9 @@ def train(
 
 
 def _format_record(record: Mapping) -> str:
+    """One console line; per-layer quantization telemetry goes to metrics.jsonl only."""
     parts = [f"step {record['step']:>6d}"]
     for key, value in record.items():
-        if key != "step":
+        if key != "step" and not key.startswith("quant/"):
             parts.append(f"{key} {value:.4g}")
     return "  ".join(parts)

@@ -3,6 +3,7 @@
 # Run from the repo root with the machine's python3 (jax with CUDA installed; alijax need not
 # be installed). Results: ${OUT:-benchmarks/results}/kernels-gpu.json and a table printed last.
 # Aimed at ~5 minutes on one H100/H200: config sweeps stop early after --budget-s.
+# Shorter: TEST_PATHS=tests/pallas_kernels TEST_TIMEOUT=70 BENCH_BUDGET=55 BENCH_TIMEOUT=150.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -13,16 +14,16 @@ PY="${PYTHON:-python3}"
 "$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())'
 echo "=== gpu-marked tests ==="
 start=$(date +%s)
-timeout 120 "$PY" -m pytest -m gpu tests/pallas_kernels tests/ann -q -p no:cacheprovider \
+timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest -m gpu ${TEST_PATHS:-tests/pallas_kernels tests/ann} -q -p no:cacheprovider \
   -o addopts="" --durations=8 2>&1 | tee "$OUT_DIR/gpu-tests.log"
 test_rc=${PIPESTATUS[0]}
 echo "tests rc=$test_rc in $(( $(date +%s) - start ))s"
 
 echo "=== XLA int8 reference probe ==="
-timeout 60 "$PY" benchmarks/probe_int8_reference.py 2>&1 | tee "$OUT_DIR/probe-int8-reference.log"
+timeout 40 "$PY" benchmarks/probe_int8_reference.py 2>&1 | tee "$OUT_DIR/probe-int8-reference.log"
 
 echo "=== benchmarks ==="
-timeout 250 "$PY" benchmarks/kernels.py --budget-s 110 --out "$OUT_DIR/kernels-gpu.json" "$@" \
+timeout "${BENCH_TIMEOUT:-250}" "$PY" benchmarks/kernels.py --budget-s "${BENCH_BUDGET:-110}" --out "$OUT_DIR/kernels-gpu.json" "$@" \
   2>&1 | tee "$OUT_DIR/kernels-gpu.log"
 bench_rc=${PIPESTATUS[0]}
 echo "tests rc=$test_rc, bench rc=$bench_rc, total $(( $(date +%s) - start ))s"

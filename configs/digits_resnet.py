@@ -12,7 +12,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
     config.dataset = ml_collections.ConfigDict({"name": "digits", "root": "", "test_fraction": 0.2})
     config.model = ml_collections.ConfigDict(
-        {"name": "resnet20", "num_classes": 10, "dtype": "float32"}
+        {"name": "resnet20", "num_classes": 10, "dtype": "float32", "recipe": "fp32"}
     )
     config.augment = "shift"
     config.batch_size = 128

@@ -77,19 +77,20 @@ def _pick_block(dim: int, choices: tuple[int, ...]) -> int:
 
 
 def default_config(m: int, n: int, k: int) -> Int8MatmulConfig:
-    """A per-shape default. Large tiles for large GEMMs (tensor-core bound), smaller tiles when
-    a dim is small so little work is padding; block_k chosen to divide K when possible."""
-    big = m >= 2048 and n >= 2048
-    block_m = _pick_block(m, (128, 64, 32, 16))
-    block_n = _pick_block(n, (256, 128, 64, 32, 16) if big else (128, 64, 32, 16))
+    """A per-shape default from the H200 sweep of 2026-11-26 (benchmarks/RESULTS.md): tall,
+    narrow tiles won clearly at 4096^3 and 8192^3 (256x64x128 with 4 warps: 421 and 458 TOPS;
+    128x128: ~180; 128x256 with 8 warps: ~100), so block_m is taken as large and block_n as
+    narrow as the shape allows; block_k divides K when it can, and K is split when the output
+    has too few tiles to fill the GPU."""
+    block_m = _pick_block(m, (256, 128, 64, 32, 16))
+    block_n = _pick_block(n, (64, 128, 32, 16))
     block_k = _pick_block(k, (128, 64, 32))
-    num_warps = 8 if block_m * block_n >= 128 * 256 else 4
     return Int8MatmulConfig(
         block_m=block_m,
         block_n=block_n,
         block_k=block_k,
-        num_warps=num_warps,
-        num_stages=3 if block_k >= 128 else 4,
+        num_warps=4,
+        num_stages=3,
         group_m=8,
         split_k=default_split_k(m, n, k, block_m, block_n, block_k),
     )
@@ -154,8 +155,15 @@ def int8_matmul_reference(
     """Plain-jnp reference. a: [M, K] (or [K, M] if transpose_a), b: [K, N] (or [N, K] if
     transpose_b), a_scale: [M], b_scale: [N] -> [M, N] out_dtype."""
     _check_inputs(a, b, a_scale, b_scale, transpose_a, transpose_b, out_dtype)
-    dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
-    acc = lax.dot_general(a, b, dims, preferred_element_type=jnp.int32)
+    a_k, b_k = (0 if transpose_a else 1), (1 if transpose_b else 0)
+    # XLA:GPU returned exactly 2x the int8 x int8 -> int32 product when K % 4 != 0 (H200, jax
+    # 0.11.2, 2026-11-26; K = 48 was right: benchmarks/probe_int8_reference.py). Zero-padding K
+    # to a multiple of 4 leaves the product unchanged and keeps the reference off that path.
+    pad_k = (-a.shape[a_k]) % 4
+    if pad_k:
+        a = jnp.pad(a, [(0, pad_k) if axis == a_k else (0, 0) for axis in range(2)])
+        b = jnp.pad(b, [(0, pad_k) if axis == b_k else (0, 0) for axis in range(2)])
+    acc = lax.dot_general(a, b, (((a_k,), (b_k,)), ((), ())), preferred_element_type=jnp.int32)
     return _epilogue(acc, a_scale, b_scale, out_dtype)
 
 

@@ -136,3 +136,20 @@ def test_augment_shift_keeps_shape_and_moves_pixels():
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match="optimizer name='lion'"):
         train.make_optimizer({"name": "lion", "learning_rate": 0.1}, 10)
+
+
+def test_int8_recipe_trains_and_logs_gradient_telemetry(tmp_path):
+    config = smoke_config(num_steps=4, checkpoint_every=2, log_every=2, eval_every=100)
+    config.model.recipe = "da_int8"
+    state, summary = train.train(config, str(tmp_path), progress=False)
+    assert np.isfinite(summary["test_loss"])
+    records = [
+        r for r in train.read_metrics(os.path.join(tmp_path, "metrics.jsonl")) if "loss" in r
+    ]
+    telemetry = [k for k in records[-1] if k.startswith("quant/")]
+    assert any(k.endswith("/grad_rel_l2") for k in telemetry), telemetry
+    assert any(k.endswith("/grad_cos") for k in telemetry), telemetry
+    # The clip state is threaded through the step and checkpointed with the rest of the state.
+    assert "quant_state" in state.model_state
+    resumed, _ = train.train(config, str(tmp_path), progress=False)
+    assert _leaves_equal(resumed.model_state, state.model_state)

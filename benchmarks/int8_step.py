@@ -1,0 +1,136 @@
+"""Training-step time of INT8 recipes vs bf16, side by side in one run.
+
+  python benchmarks/int8_step.py                       # ResNet-50, batch 256, 224x224 (GPU)
+  python benchmarks/int8_step.py --quick               # resnet_tiny, batch 32, 32x32 (CPU smoke)
+  python benchmarks/int8_step.py --recipes bf16,da_int8,per_tensor_int8 --steps 20
+
+Each recipe's full train step (forward, backward with quantized gradients, SGD update, the
+quant_state threading) is jitted with the state donated, compiled and warmed up, then timed step
+by step with block_until_ready; the table gives the median step time and its ratio to the first
+recipe (bf16 by default). Writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alijax import train
+
+
+def model_config(name: str, recipe: str, num_classes: int, dtype: str) -> dict:
+    return {"name": name, "num_classes": num_classes, "dtype": dtype, "recipe": recipe}
+
+
+def time_recipe(recipe: str, args) -> dict:
+    """Median seconds per train step of `recipe`, after compile and warm-up."""
+    # bf16 compute is the baseline; INT8 recipes keep float32 outside their integer products.
+    dtype = "bfloat16" if recipe == "bf16" else "float32"
+    model = train.build_model(model_config(args.model, recipe, args.classes, dtype))
+    optimizer = train.make_optimizer({"name": "sgd", "learning_rate": 0.1}, 1000)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(args.batch, args.image, args.image, 3)).astype(np.float32)
+    batch = {
+        "image": jnp.asarray(images),
+        "label": jnp.asarray(rng.integers(0, args.classes, args.batch).astype(np.int32)),
+    }
+    state = train.create_train_state(model, optimizer, images[0], jax.random.key(0))
+    step = jax.jit(train.make_train_step(model, optimizer), donate_argnums=0)
+    start = time.perf_counter()
+    state, metrics = step(state, batch, jax.random.key(1))
+    jax.block_until_ready(metrics["loss"])
+    compile_s = time.perf_counter() - start
+    for _ in range(2):
+        state, metrics = step(state, batch, jax.random.key(1))
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch, jax.random.key(1))
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - start)
+    loss = float(metrics["loss"])
+    return {
+        "recipe": recipe,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "compile_s": compile_s,
+        "loss": loss,
+        "finite": bool(np.isfinite(loss)),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--image", type=int, default=224)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--recipes", default="bf16,da_int8")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.batch, args.image, args.classes, args.steps = "resnet_tiny", 32, 32, 10, 5
+    device = jax.devices()[0]
+    print(
+        f"jax {jax.__version__}, {device.device_kind}; {args.model} batch {args.batch} "
+        f"{args.image}x{args.image}",
+        flush=True,
+    )
+    rows = []
+    for recipe in args.recipes.split(","):
+        try:
+            row = time_recipe(recipe, args)
+        except Exception as err:  # one failing recipe must not hide the others' numbers
+            row = {
+                "recipe": recipe,
+                "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}",
+            }
+        print(row, flush=True)
+        rows.append(row)
+    base = rows[0].get("median_s")
+    print(
+        f"\n{'recipe':18s} {'step ms':>9s} {'compile s':>10s} {'vs ' + rows[0]['recipe']:>10s}  loss"
+    )
+    for row in rows:
+        if "error" in row:
+            print(f"{row['recipe']:18s} {'-':>9s} {'-':>10s} {'-':>10s}  {row['error']}")
+            continue
+        ratio = row["median_s"] / base if base else float("nan")
+        print(
+            f"{row['recipe']:18s} {1e3 * row['median_s']:9.2f} {row['compile_s']:10.1f} "
+            f"{ratio:10.3f}  {row['loss']:.4f}"
+        )
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"int8_step-{device.platform}.json"
+    )
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(
+            {
+                "device": device.device_kind,
+                "jax": jax.__version__,
+                "args": vars(args),
+                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "rows": rows,
+            },
+            f,
+            indent=1,
+        )
+
+
+if __name__ == "__main__":
+    main()
