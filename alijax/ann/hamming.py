@@ -82,9 +82,47 @@ def _merge(best, chunk_dist, chunk_start, k):
     return (-neg).astype(jnp.int32), jnp.take_along_axis(cat_i, pos, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "chunk_size"))
-def hamming_topk_chunked(queries, codes, k, *, chunk_size):
-    """The jnp path: chunks of N with a running top-k. Same contract as hamming_topk."""
+def _group_candidates(chunk_dist, chunk_start, k, group):
+    """The k*group entries of a chunk [Q, C] that hold its top k, in increasing index order.
+
+    Exact: every element of the k best (by distance, then index) lies in one of the k groups of
+    `group` consecutive codes with the smallest (group minimum, group index) -- a group ranked
+    before it would hold an element that precedes it. Selecting groups costs a min over [Q, C]
+    and a top_k over [Q, C / group], instead of a top_k over [Q, C], which dominates on CPU.
+    Returns (dist int32 [Q, k*group], idx int32 [Q, k*group]).
+    """
+    q, c = chunk_dist.shape
+    grouped = chunk_dist.reshape(q, c // group, group)
+    _, chosen = lax.top_k(-jnp.min(grouped, axis=2).astype(jnp.float32), k)
+    chosen = jnp.sort(chosen, axis=1)  # index order, so the later top_k breaks ties by index
+    dist = jnp.take_along_axis(grouped, chosen[:, :, None], axis=1).reshape(q, k * group)
+    first = chunk_start + chosen * group
+    idx = (first[:, :, None] + jnp.arange(group, dtype=jnp.int32)).reshape(q, k * group)
+    return dist, idx
+
+
+def _merge_grouped(best, chunk_dist, chunk_start, k, group):
+    """`_merge` through `_group_candidates` when the chunk splits into >= k whole groups."""
+    c = chunk_dist.shape[1]
+    if c % group or c // group <= k:
+        return _merge(best, chunk_dist, chunk_start, k)
+    cand_d, cand_i = _group_candidates(chunk_dist, chunk_start, k, group)
+    best_d, best_i = best
+    cat_d = jnp.concatenate([best_d, cand_d], axis=1)
+    cat_i = jnp.concatenate([best_i, cand_i], axis=1)
+    neg, pos = lax.top_k(-cat_d.astype(jnp.float32), k)
+    return (-neg).astype(jnp.int32), jnp.take_along_axis(cat_i, pos, axis=1)
+
+
+# Codes per group in the candidate pre-selection of `_group_candidates` (measured on 2 cores).
+_GROUP = 32
+
+
+@functools.partial(jax.jit, static_argnames=("k", "chunk_size", "group"))
+def hamming_topk_chunked(queries, codes, k, *, chunk_size, group=_GROUP):
+    """The jnp path: chunks of N with a running top-k. Same contract as hamming_topk.
+
+    group: codes per group for the exact candidate pre-selection (0 turns it off)."""
     q, n = queries.shape[0], codes.shape[0]
     n_full = n // chunk_size
     init_d = jnp.full((q, k), _INT32_MAX, jnp.int32)
@@ -93,12 +131,17 @@ def hamming_topk_chunked(queries, codes, k, *, chunk_size):
     def body(i, best):
         start = i * chunk_size
         chunk = lax.dynamic_slice_in_dim(codes, start, chunk_size, axis=0)
-        return _merge(best, _distances(queries, chunk), start, k)
+        return merge(best, _distances(queries, chunk), start)
 
+    merge = (
+        functools.partial(_merge_grouped, k=k, group=group)
+        if group
+        else functools.partial(_merge, k=k)
+    )
     best = lax.fori_loop(0, n_full, body, best)
     if n_full * chunk_size < n:  # static-size remainder, so codes are never padded or copied
         start = n_full * chunk_size
-        best = _merge(best, _distances(queries, codes[start:]), start, k)
+        best = merge(best, _distances(queries, codes[start:]), start)
     return best
 
 

@@ -120,3 +120,16 @@ class TestHammingTopkGpu:
         want = hamming_topk_chunked(queries, codes, 10, chunk_size=8192)
         for g, w in zip(got, want):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize("group", [0, 4, 16])
+@pytest.mark.parametrize("chunk", [64, 96, 1000])
+def test_grouped_preselection_is_exact_with_ties(group, chunk):
+    # Few distinct codes: many equal distances, so the (distance, index) tie-break decides.
+    rng = np.random.default_rng([group, chunk])
+    queries = random_codes(rng, 6, 2, distinct=3)
+    codes = random_codes(rng, 1000, 2, distinct=5)
+    got = hamming_topk_chunked(queries, codes, 9, chunk_size=chunk, group=group)
+    want = np_topk(queries, codes, 9)
+    np.testing.assert_array_equal(np.asarray(got[0]), want[0])
+    np.testing.assert_array_equal(np.asarray(got[1]), want[1])
