@@ -5,7 +5,6 @@ python -m alijax study int8 --config configs/int8_digits.py --workdir runs/int8_
 """
 
 import ml_collections
-
 from digits_resnet import get_config as digits_config  # noqa: E402  (configs/ is on sys.path)
 
 
