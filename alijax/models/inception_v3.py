@@ -24,7 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alijax.models.resnet import LayerOps
+from alijax.models.resnet import LayerOps, batch_norm
 
 
 class BasicConv(nn.Module):
@@ -200,13 +200,7 @@ class InceptionV3(nn.Module):
     def __call__(self, x, train: bool = False):
         if self.stem not in ("imagenet", "small"):
             raise ValueError(f"{self.stem=} must be 'imagenet' or 'small'")
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-3,
-            dtype=self.dtype,
-        )
+        norm = batch_norm(train, self.dtype, epsilon=1e-3)
 
         def conv_with(ops):
             return functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, **ops.conv_kwargs())

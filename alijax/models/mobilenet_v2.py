@@ -20,7 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alijax.models.resnet import LayerOps
+from alijax.models.resnet import LayerOps, batch_norm
 
 # (expansion t, channels c, repeats n, stride s) of each stage: Sandler et al. 2018, Table 2.
 IMAGENET_SETTINGS = (
@@ -89,13 +89,7 @@ class MobileNetV2(nn.Module):
     def __call__(self, x, train: bool = False):
         if self.stem not in ("imagenet", "cifar"):
             raise ValueError(f"{self.stem=} must be 'cifar' or 'imagenet'")
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=self.dtype,
-        )
+        norm = batch_norm(train, self.dtype)
         conv = functools.partial(
             nn.Conv,
             use_bias=False,

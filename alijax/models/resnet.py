@@ -49,6 +49,14 @@ class LayerOps:
         return self if self.first_last is None else self.first_last
 
 
+def batch_norm(train: bool, dtype: Any, epsilon: float = 1e-5) -> Callable:
+    """The BatchNorm every model of the zoo uses: batch statistics in training, running averages
+    (momentum 0.9) in evaluation."""
+    return functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=epsilon, dtype=dtype
+    )
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with an identity (or 1x1 projection) shortcut."""
 
@@ -106,13 +114,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=self.dtype,
-        )
+        norm = batch_norm(train, self.dtype)
         conv = functools.partial(
             nn.Conv, use_bias=False, dtype=self.dtype, padding="SAME", **self.ops.conv_kwargs()
         )

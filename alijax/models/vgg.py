@@ -11,7 +11,6 @@ stride-2 max-pool. Two heads:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from alijax.models.alexnet import adaptive_avg_pool
-from alijax.models.resnet import LayerOps
+from alijax.models.resnet import LayerOps, batch_norm
 
 # Configuration "D" of Simonyan & Zisserman 2015, Table 1.
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -45,13 +44,7 @@ class VGG(nn.Module):
     def __call__(self, x, train: bool = False):
         if not self.layers or self.layers[0] == "M":
             raise ValueError(f"{self.layers=} must start with a conv width")
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=self.dtype,
-        )
+        norm = batch_norm(train, self.dtype)
         body, edge = self.ops.conv_kwargs(), self.ops.edge()
         x = x.astype(self.dtype)
         index = 0
