@@ -127,11 +127,18 @@ def mcs_check(layers: Mapping, ours: str = "da_int8", baseline: str = "per_tenso
     }
 
 
-def markdown(name: str, methods: Mapping, layers: Mapping, command: str) -> str:
+def markdown(
+    name: str, methods: Mapping, layers: Mapping, command: str, env: Mapping | None = None
+) -> str:
+    env = env or {}
     lines = [
         f"# {name}",
         "",
         f"Command: `{command}`",
+        "",
+        f"Environment: Python {env.get('python', '?')}, jax {env.get('jax', '?')} on "
+        f"{env.get('device', '?')} ({env.get('platform', '?')}), packages pinned by "
+        f"`{env.get('lock_file', 'requirements-lock.txt')}`.",
         "",
         "| method | test accuracy (mean ± std over seeds) | seeds | wall time (s) |",
         "|---|---|---|---|",
@@ -248,6 +255,6 @@ def run_study(config, workdir: str, command: str = "", progress: bool = False) -
     with atomic_write(os.path.join(study.results_dir, f"{study.name}.json"), text=True) as f:
         json.dump(result, f, indent=1)
     with atomic_write(os.path.join(study.results_dir, f"{study.name}.md"), text=True) as f:
-        f.write(markdown(study.name, methods, layers, command))
+        f.write(markdown(study.name, methods, layers, command, result["environment"]))
     plot(study.name, cells, layers, study.results_dir)
     return result
