@@ -177,3 +177,10 @@ def test_command_line_build_and_search(data, tmp_path, capsys):
     assert "QPS" in out and "recall@10" in out
     assert float(out.split("recall@10 ")[1].split()[0]) >= 0.9
     assert read_ivecs(tmp_path / "r.ivecs").shape == (200, 10)
+
+
+def test_entry_points_scale_with_the_index(built):
+    from alijax.ann.index import default_num_entries
+
+    assert [default_num_entries(n) for n in (100, 2000, 100_000, 10**7)] == [256, 256, 4096, 4096]
+    assert len(built.entries) == default_num_entries(N) and len(set(built.entries.tolist())) == 256
