@@ -57,7 +57,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from alijax.ann.hamming import hamming_topk, unpack_bits
+from alijax.ann.hamming import hamming_pairs, hamming_topk, unpack_bits
 from alijax.parallel import make_mesh
 
 BIG = 1 << 30  # distance of an empty slot; exact in float32, so top_k on float keys is exact
@@ -133,11 +133,6 @@ def _plan(n_total: int, words: int, degree: int, shards: int, cfg: GraphConfig) 
 
 
 # ------------------------------------------------------------------------------- primitives
-
-
-def hamming_pairs(a, b):
-    """uint32 [..., W] x [..., W] (broadcasting) -> int32 [...] Hamming distances."""
-    return lax.population_count(a ^ b).astype(jnp.int32).sum(-1, dtype=jnp.int32)
 
 
 def _take_along(x, idx):

@@ -66,10 +66,14 @@ def default_chunk_size(q: int, n: int) -> int:
     return min(chunk, n)
 
 
+def hamming_pairs(a, b):
+    """uint32 [..., W] x [..., W] (broadcasting) -> int32 [...] Hamming distances."""
+    return lax.population_count(a ^ b).astype(jnp.int32).sum(-1, dtype=jnp.int32)
+
+
 def _distances(queries, codes):
     """uint32 [Q, W], [C, W] -> int32 [Q, C]."""
-    x = lax.bitwise_xor(queries[:, None, :], codes[None, :, :])
-    return lax.population_count(x).astype(jnp.int32).sum(axis=-1, dtype=jnp.int32)
+    return hamming_pairs(queries[:, None, :], codes[None, :, :])
 
 
 def _merge(best, chunk_dist, chunk_start, k):

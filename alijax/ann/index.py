@@ -40,7 +40,7 @@ import numpy as np
 from alijax.ann import codes as codes_lib
 from alijax.ann import graph as graph_lib
 from alijax.ann import search as search_lib
-from alijax.ann.hamming import hamming_topk
+from alijax.ann.hamming import hamming_pairs, hamming_topk
 from alijax.data.files import FormatError, atomic_write
 
 FORMAT_VERSION = 1
@@ -408,7 +408,7 @@ def _distances(codes: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndar
     """Hamming distances between codes[rows[i]] and codes[cols[i, j]] -> int32 [R, C] (BIG for
     cols < 0)."""
     c = codes[np.maximum(cols, 0)]
-    d = np.asarray(graph_lib.hamming_pairs(jnp.asarray(codes[rows])[:, None, :], jnp.asarray(c)))
+    d = np.asarray(hamming_pairs(jnp.asarray(codes[rows])[:, None, :], jnp.asarray(c)))
     return np.where(cols < 0, graph_lib.BIG, d).astype(np.int32)
 
 
@@ -416,7 +416,7 @@ def _prune_rows(codes, cand_i, cand_d, degree: int) -> np.ndarray:
     """RNG-prune candidate lists (sorted, [M, K]) into rows int32 [M, degree], kept edges first."""
     cand_i, cand_d = np.asarray(cand_i), np.asarray(cand_d)
     nb = jnp.asarray(codes[np.maximum(cand_i, 0)])
-    d_nn = graph_lib.hamming_pairs(nb[:, :, None, :], nb[:, None, :, :])
+    d_nn = hamming_pairs(nb[:, :, None, :], nb[:, None, :, :])
     kept = np.asarray(graph_lib.rng_prune(jnp.asarray(cand_d), d_nn, jnp.asarray(cand_i >= 0)))
     k = cand_i.shape[1]
     rank = np.arange(k)

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from alijax.ann.hamming import hamming_pairs
+
 METRICS = ("l2", "ip", "cosine")
 BIG = 1 << 30
 _BITMAP_BUDGET_BYTES = 64 << 20
@@ -48,10 +50,6 @@ class SearchConfig:
 
     def iterations(self) -> int:
         return self.max_iterations or self.candidates // self.width + 16
-
-
-def _hamming(q, c):
-    return lax.population_count(q ^ c).astype(jnp.int32).sum(-1, dtype=jnp.int32)
 
 
 def _set_bits(bitmap, ids, ok):
@@ -79,7 +77,7 @@ def beam_search(
     q = query_codes.shape[0]
     n, r = graph.shape
     big_l = candidates
-    ent_d = _hamming(query_codes[:, None, :], codes[entries][None, :, :])
+    ent_d = hamming_pairs(query_codes[:, None, :], codes[entries][None, :, :])
     ent_i = jnp.broadcast_to(entries, ent_d.shape)
     e = entries.shape[0]
     if e < big_l:
@@ -114,7 +112,7 @@ def beam_search(
             same = (nb[:, :, None] == nb[:, None, :]) & jnp.tril(jnp.ones((c, c), bool), -1)
             ok = ok & ~jnp.any(same, axis=2)
         bitmap = _set_bits(bitmap, nb, ok)
-        nd = _hamming(query_codes[:, None, :], codes[jnp.maximum(nb, 0)])
+        nd = hamming_pairs(query_codes[:, None, :], codes[jnp.maximum(nb, 0)])
         nd = jnp.where(ok & (nd <= top_d[:, -1:]), nd, BIG)
         cat_d = jnp.concatenate([top_d, nd], axis=1)
         cat_i = jnp.concatenate([top_i, jnp.where(nd < BIG, nb, -1)], axis=1)
