@@ -1,6 +1,8 @@
 """alijax.ann.search: beam search on hand-made graphs, rerank against numpy, recall@10 after
 float rerank against exact float ground truth, deleted nodes never returned."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,3 +105,48 @@ def test_bad_arguments(setup):
         search.search(q, qc, c, g, x, entries, 10, metric="l1")
     with pytest.raises(ValueError, match="k=100"):
         search.search(q, qc, c, g, x, entries, 100)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 32, 128])
+def test_bitonic_sort_and_merge_match_numpy(n):
+    rng = np.random.default_rng(n)
+    x = rng.integers(0, 2**32, size=(n, 7), dtype=np.uint32)  # [n, Q] layout
+    x[: n // 2, 0] = x[0, 0]  # repeated keys
+    np.testing.assert_array_equal(search.bitonic_sort(jnp.asarray(x)), np.sort(x, axis=0))
+    a = np.sort(x, axis=0)
+    b = np.sort(rng.integers(0, 2**32, size=(n, 7), dtype=np.uint32), axis=0)
+    want = np.sort(np.concatenate([a, b]), axis=0)[:n]
+    np.testing.assert_array_equal(search.merge_smallest(jnp.asarray(a), jnp.asarray(b)), want)
+
+
+def test_key_layout_orders_by_distance_then_id():
+    layout = search._KeyLayout.for_index(1000)
+    dist = jnp.asarray([5, 3, 3, 0, 256], jnp.int32)
+    ids = jnp.asarray([1, 999, 7, 500, -1], jnp.int32)
+    keys = layout.pack(dist, ids)
+    np.testing.assert_array_equal(layout.ids(keys), [1, 999, 7, 500, -1])
+    np.testing.assert_array_equal(layout.dist(keys), [5, 3, 3, 0, search.BIG])
+    np.testing.assert_array_equal(np.argsort(np.asarray(keys)), [3, 2, 1, 0, 4])
+    np.testing.assert_array_equal(layout.ids(keys | 1), [1, 999, 7, 500, -1])  # expanded flag
+    assert search._KeyLayout.fits(1 << 22, 256) and not search._KeyLayout.fits(1 << 23, 256)
+
+
+def test_beam_search_refuses_an_index_too_large_for_its_keys():
+    with pytest.raises(ValueError, match="uint32 keys"):
+        jax.eval_shape(
+            functools.partial(search.beam_search, candidates=8),
+            jax.ShapeDtypeStruct((2, 8), jnp.uint32),
+            jax.ShapeDtypeStruct((1 << 23, 8), jnp.uint32),
+            jax.ShapeDtypeStruct((1 << 23, 4), jnp.int32),
+            jax.ShapeDtypeStruct((4,), jnp.int32),
+        )
+
+
+def test_threads_give_the_same_results(setup):
+    x, q, c, qc, g, entries = setup
+    one = search.search(q, qc, c, g, x, entries, 10, config=search.SearchConfig(32, threads=1))
+    two = search.search(
+        q, qc, c, g, x, entries, 10, config=search.SearchConfig(32, threads=2, batch_size=64)
+    )
+    np.testing.assert_array_equal(one[1], two[1])
+    np.testing.assert_array_equal(one[0], two[0])
