@@ -6,7 +6,7 @@ op, and laid out for XLA:CPU, where it runs 4-5x faster than a [Q, L] layout wit
 (measured on 2 cores, 100k codes, 1000 queries; see benchmarks/RESULTS.md):
 
 - State per query: the list of L entries as uint32 keys (distance | node id | expanded flag,
-  see _KeyLayout), sorted, stored as [L, Q] so every compare-exchange works on rows of Q
+  see bitonic.KeyLayout), sorted, stored as [L, Q] so every compare-exchange works on rows of Q
   contiguous keys. Sorting keys orders entries by (distance, id): ties go to the lower id and
   every result is deterministic.
 - Start: `entries` (a fixed sample of nodes) split into L strided groups; the nearest entry of
@@ -36,10 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from alijax.ann import bitonic
+from alijax.ann.bitonic import SENTINEL, KeyLayout
 from alijax.ann.hamming import hamming_pairs
 
 METRICS = ("l2", "ip", "cosine")
-BIG = 1 << 30
+BIG = bitonic.BIG
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,88 +59,7 @@ class SearchConfig:
         return self.max_iterations or self.candidates // self.width + 16
 
 
-_SENTINEL = np.uint32(
-    0xFFFFFFFF
-)  # an empty list slot: sorts last, decodes to "no node", counts as expanded
-
-
-@dataclasses.dataclass(frozen=True)
-class _KeyLayout:
-    """How a list entry packs into one uint32 sort key: distance | node id | expanded flag.
-
-    Sorting keys orders entries by (distance, id), so ties go to the lower id and every result
-    is deterministic; the flag is the lowest bit, so marking a node expanded never moves it."""
-
-    id_bits: int
-
-    @staticmethod
-    def fits(n: int, n_bits: int) -> bool:
-        return (n_bits + 1).bit_length() + max(1, (n - 1).bit_length()) + 1 <= 32
-
-    @staticmethod
-    def for_index(n: int) -> "_KeyLayout":
-        return _KeyLayout(max(1, (n - 1).bit_length()))
-
-    def pack(self, dist, ids):
-        key = (dist.astype(jnp.uint32) << (self.id_bits + 1)) | (ids.astype(jnp.uint32) << 1)
-        return jnp.where(ids >= 0, key, _SENTINEL)
-
-    def ids(self, key):
-        node = ((key >> 1) & ((1 << self.id_bits) - 1)).astype(jnp.int32)
-        return jnp.where(key == _SENTINEL, -1, node)
-
-    def dist(self, key):
-        return jnp.where(key == _SENTINEL, BIG, (key >> (self.id_bits + 1)).astype(jnp.int32))
-
-
-# Bitonic networks on [n, Q] arrays: every compare-exchange is an elementwise min/max of two
-# rows of Q keys, which XLA:CPU vectorises across queries (measured on 2 cores, Q = 1000, L = 32:
-# 0.08 ms per merge, against 0.44 ms for lax.top_k over the [Q, 64] rows).
-
-
-def _exchange(x, stride: int, flip: bool):
-    n, q = x.shape
-    blocks = x.reshape(n // (2 * stride), 2, stride, q)
-    lo, hi = blocks[:, 0], blocks[:, 1]
-    if flip:  # element i against 2*stride - 1 - i: two sorted halves become one bitonic clean
-        hi = hi[:, ::-1]
-        return jnp.concatenate([jnp.minimum(lo, hi), jnp.maximum(lo, hi)[:, ::-1]], axis=1).reshape(
-            n, q
-        )
-    return jnp.stack([jnp.minimum(lo, hi), jnp.maximum(lo, hi)], axis=1).reshape(n, q)
-
-
-def _half_cleaners(x, stride: int):
-    while stride >= 1:
-        x = _exchange(x, stride, flip=False)
-        stride //= 2
-    return x
-
-
-def bitonic_sort(x):
-    """Ascending sort along axis 0 of x [n, Q], n a power of two."""
-    n, size = x.shape[0], 1
-    while size < n:
-        x = _half_cleaners(_exchange(x, size, flip=True), size // 2)
-        size *= 2
-    return x
-
-
-def merge_smallest(a, b):
-    """a, b [n, Q], each sorted along axis 0 -> the n smallest of both, sorted."""
-    # min(a[i], b[n-1-i]) holds the n smallest as a bitonic sequence (Batcher's merge).
-    return _half_cleaners(jnp.minimum(a, b[::-1]), a.shape[0] // 2)
-
-
-def _pad_rows(x, rows: int):
-    return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)), constant_values=_SENTINEL)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _seed(query_codes, codes, entries, layout: _KeyLayout, size: int):
+def _seed(query_codes, codes, entries, layout: KeyLayout, size: int):
     """The start list [size, Q], sorted: entries split into `size` strided groups, the nearest
     of each group (so the nearest entry of all is always in it) -- a diverse, near start that
     costs one pass of distances and a min, not a top-k over all entries."""
@@ -146,8 +67,8 @@ def _seed(query_codes, codes, entries, layout: _KeyLayout, size: int):
     groups = -(-e // size)
     d = hamming_pairs(codes[entries][:, None, :], query_codes[None, :, :])  # [E, Q]
     keys = layout.pack(d, jnp.broadcast_to(entries[:, None], d.shape))
-    keys = _pad_rows(keys, groups * size).reshape(groups, size, -1)
-    return bitonic_sort(jnp.min(keys, axis=0))
+    keys = bitonic.pad_rows(keys, groups * size).reshape(groups, size, -1)
+    return bitonic.sort(jnp.min(keys, axis=0))
 
 
 def beam_search(
@@ -161,10 +82,10 @@ def beam_search(
     q = query_codes.shape[0]
     n, r = graph.shape
     n_bits = codes.shape[1] * 32
-    if not _KeyLayout.fits(n, n_bits):
+    if not KeyLayout.fits(n, n_bits, flag=True):
         raise ValueError(f"an index of {n} codes of {n_bits} bits does not fit the uint32 keys")
-    layout = _KeyLayout.for_index(n)
-    size = _next_pow2(candidates)  # the list, padded to a power of two for the networks
+    layout = KeyLayout.for_ids(n, flag=True)
+    size = bitonic.next_pow2(candidates)  # the list, padded to a power of two for the networks
     fresh = width * r
     top = _seed(query_codes, codes, entries, layout, size)  # [size, Q]
     triu = jnp.triu(jnp.ones((fresh, fresh), bool), 1)
@@ -176,10 +97,10 @@ def beam_search(
         """Scores the pending neighbours [width*R, Q] (-1: none) and merges those that can enter."""
         d = hamming_pairs(codes[jnp.maximum(pending, 0)], query_codes[None, :, :])
         new = layout.pack(d, pending)
-        new = jnp.where(new < top[-1:], new, _SENTINEL)  # cannot enter the list
-        new = bitonic_sort(_pad_rows(new, _next_pow2(fresh)))
-        new = _pad_rows(new, size) if new.shape[0] < size else new[:size]
-        return merge_smallest(top, new)
+        new = jnp.where(new < top[-1:], new, SENTINEL)  # cannot enter the list
+        new = bitonic.sort(bitonic.pad_rows(new, bitonic.next_pow2(fresh)))
+        new = bitonic.pad_rows(new, size) if new.shape[0] < size else new[:size]
+        return bitonic.merge_smallest(top, new)
 
     def expand(top):
         """Marks the `width` best unexpanded entries expanded; returns their neighbours that are
@@ -188,11 +109,11 @@ def beam_search(
         # min over the leading axis per parent (a cumsum to rank them ran 3x slower, measured).
         parents, remaining = [], unexpanded(top)
         for _ in range(width):
-            best = jnp.min(jnp.where(remaining, top, _SENTINEL), axis=0)
+            best = jnp.min(jnp.where(remaining, top, SENTINEL), axis=0)
             parents.append(best)
             remaining = remaining & (top != best[None, :])
         parents = jnp.stack(parents)  # [width, Q]; the sentinel where a query has none left
-        live = parents != _SENTINEL
+        live = parents != SENTINEL
         chosen = unexpanded(top) & ~remaining
         # Gathered element-wise from the flat graph straight into [width, R, Q]: gathering rows
         # and transposing let XLA fold the transpose into a column-major layout, and the

@@ -45,11 +45,12 @@ def test_majority_centroids_by_hand():
     np.testing.assert_array_equal(got[:, 0], [0b0011, 0b1111, 0b10101])
 
 
-def test_merge_forward_reverse_by_hand():
-    fwd = jnp.array([[4, 5, 6, 7]], jnp.int32)
-    rev = jnp.array([[5, 9, -1]], jnp.int32)
-    got = graph.merge_forward_reverse(fwd, rev, 4)
-    np.testing.assert_array_equal(got, [[4, 5, 9, 6]])
+@pytest.mark.parametrize("id_bits", [None, 10])
+def test_merge_forward_reverse_by_hand(id_bits):
+    fwd = jnp.array([[4, 5, 6, 7], [3, -1, -1, -1]], jnp.int32)
+    rev = jnp.array([[5, 9, -1], [8, 3, 8]], jnp.int32)
+    got = graph.merge_forward_reverse(fwd, rev, 4, id_bits)
+    np.testing.assert_array_equal(got, [[4, 5, 9, 6], [3, 8, -1, -1]])
 
 
 def test_knn_graph_recall_against_brute_force(data_codes):

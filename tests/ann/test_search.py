@@ -107,30 +107,6 @@ def test_bad_arguments(setup):
         search.search(q, qc, c, g, x, entries, 100)
 
 
-@pytest.mark.parametrize("n", [1, 2, 4, 8, 32, 128])
-def test_bitonic_sort_and_merge_match_numpy(n):
-    rng = np.random.default_rng(n)
-    x = rng.integers(0, 2**32, size=(n, 7), dtype=np.uint32)  # [n, Q] layout
-    x[: n // 2, 0] = x[0, 0]  # repeated keys
-    np.testing.assert_array_equal(search.bitonic_sort(jnp.asarray(x)), np.sort(x, axis=0))
-    a = np.sort(x, axis=0)
-    b = np.sort(rng.integers(0, 2**32, size=(n, 7), dtype=np.uint32), axis=0)
-    want = np.sort(np.concatenate([a, b]), axis=0)[:n]
-    np.testing.assert_array_equal(search.merge_smallest(jnp.asarray(a), jnp.asarray(b)), want)
-
-
-def test_key_layout_orders_by_distance_then_id():
-    layout = search._KeyLayout.for_index(1000)
-    dist = jnp.asarray([5, 3, 3, 0, 256], jnp.int32)
-    ids = jnp.asarray([1, 999, 7, 500, -1], jnp.int32)
-    keys = layout.pack(dist, ids)
-    np.testing.assert_array_equal(layout.ids(keys), [1, 999, 7, 500, -1])
-    np.testing.assert_array_equal(layout.dist(keys), [5, 3, 3, 0, search.BIG])
-    np.testing.assert_array_equal(np.argsort(np.asarray(keys)), [3, 2, 1, 0, 4])
-    np.testing.assert_array_equal(layout.ids(keys | 1), [1, 999, 7, 500, -1])  # expanded flag
-    assert search._KeyLayout.fits(1 << 22, 256) and not search._KeyLayout.fits(1 << 23, 256)
-
-
 def test_beam_search_refuses_an_index_too_large_for_its_keys():
     with pytest.raises(ValueError, match="uint32 keys"):
         jax.eval_shape(

@@ -1,0 +1,174 @@
+"""Bitonic sorting networks on packed uint32 keys, along axis 0 of [n, ...] arrays.
+
+Search and graph construction keep many short sorted lists (one per query or per point) and
+merge candidates into them. XLA:CPU's sort and TopK run one row at a time and cost 10-60 ns an
+element on short rows; a bitonic network instead is a fixed sequence of elementwise min/max
+between rows, and with the lists laid out along axis 0 every compare-exchange works on long
+contiguous rows (one element per list), which XLA vectorises. Measured on 2 cores, 1000 lists
+of 64 keys: 0.08 ms for a merge, against 0.44 ms for lax.top_k on [1000, 64] rows.
+
+Keys are uint32 with everything that orders an entry packed in (e.g. distance << b | id), so a
+network moves one array; `SENTINEL` (all ones) pads and sorts last. Lengths along axis 0 are
+powers of two where noted (pad with `pad_rows`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+SENTINEL = np.uint32(0xFFFFFFFF)
+BIG = 1 << 30  # the distance an empty or dropped entry decodes to (as in graph and search)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyLayout:
+    """A list entry packed into one uint32 key: distance | id | optional flag bit.
+
+    Sorting keys orders entries by (distance, id), so ties go to the lower id and results are
+    deterministic; a flag in the lowest bit (search's "expanded") never changes the order of
+    two different entries. The distance field is what the id and flag leave of 32 bits; a
+    distance that does not fit below its all-ones value, or an id < 0, packs to SENTINEL."""
+
+    id_bits: int
+    flag_bits: int = 0
+
+    @staticmethod
+    def for_ids(n_ids: int, flag: bool = False) -> "KeyLayout":
+        return KeyLayout(max(1, (n_ids - 1).bit_length()), int(flag))
+
+    @staticmethod
+    def fits(n_ids: int, n_bits: int, flag: bool = False) -> bool:
+        """Whether every distance 0..n_bits between n_ids ids packs (256-bit codes: up to 2**22
+        ids with a flag, 2**23 without)."""
+        layout = KeyLayout.for_ids(n_ids, flag)
+        return n_bits < layout.dist_limit
+
+    @property
+    def dist_limit(self) -> int:
+        return (1 << (32 - self.id_bits - self.flag_bits)) - 1
+
+    def pack(self, dist, ids):
+        shift = self.id_bits + self.flag_bits
+        key = (dist.astype(jnp.uint32) << shift) | (ids.astype(jnp.uint32) << self.flag_bits)
+        return jnp.where((ids >= 0) & (dist >= 0) & (dist < self.dist_limit), key, SENTINEL)
+
+    def ids(self, key):
+        node = ((key >> self.flag_bits) & ((1 << self.id_bits) - 1)).astype(jnp.int32)
+        return jnp.where(key == SENTINEL, -1, node)
+
+    def dist(self, key):
+        d = (key >> (self.id_bits + self.flag_bits)).astype(jnp.int32)
+        return jnp.where(key == SENTINEL, BIG, d)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def pad_rows(x, rows: int):
+    """x [n, ...] -> [rows, ...] padded with SENTINEL (rows >= n)."""
+    pad = [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+    return jnp.pad(x, pad, constant_values=SENTINEL)
+
+
+def _exchange(x, stride: int, flip: bool):
+    n, rest = x.shape[0], x.shape[1:]
+    blocks = x.reshape(n // (2 * stride), 2, stride, *rest)
+    lo, hi = blocks[:, 0], blocks[:, 1]
+    if flip:  # element i against 2*stride - 1 - i: two sorted halves become one bitonic clean
+        hi = hi[:, ::-1]
+        pair = [jnp.minimum(lo, hi), jnp.maximum(lo, hi)[:, ::-1]]
+        return jnp.concatenate(pair, axis=1).reshape(x.shape)
+    return jnp.stack([jnp.minimum(lo, hi), jnp.maximum(lo, hi)], axis=1).reshape(x.shape)
+
+
+def _half_cleaners(x, stride: int):
+    while stride >= 1:
+        x = _exchange(x, stride, flip=False)
+        stride //= 2
+    return x
+
+
+def sort(x):
+    """Ascending sort along axis 0 of x [n, ...], n a power of two."""
+    n, size = x.shape[0], 1
+    while size < n:
+        x = _half_cleaners(_exchange(x, size, flip=True), size // 2)
+        size *= 2
+    return x
+
+
+def merge_smallest(a, b):
+    """a, b [n, ...], each sorted along axis 0 (n a power of two) -> the n smallest, sorted."""
+    # min(a[i], b[n-1-i]) holds the n smallest as a bitonic sequence (Batcher's merge).
+    return _half_cleaners(jnp.minimum(a, b[::-1]), a.shape[0] // 2)
+
+
+# Lists per tile: each network stage is one pass over its array, so the networks run on column
+# tiles small enough to stay in cache ([512, 50000] keys in one piece made every stage a
+# 200 MB round trip to memory; tiles of 256 lists ran 3x faster, measured on 2 cores).
+TILE = 256
+
+
+def by_tiles(fn, x, tile: int = TILE):
+    """fn applied to column tiles of x [m, c] (fn: [m, tile] -> [k, tile]) -> [k, c], under
+    lax.map so the tiles run one after the other with small intermediates."""
+    m, c = x.shape
+    if c <= tile:
+        return fn(x)
+    count = -(-c // tile)
+    x = jnp.pad(x, ((0, 0), (0, count * tile - c)), constant_values=SENTINEL)
+    tiles = jnp.moveaxis(x.reshape(m, count, tile), 1, 0)  # [count, m, tile]
+    out = lax.map(fn, tiles)  # [count, k, tile]
+    return jnp.moveaxis(out, 0, 1).reshape(out.shape[1], count * tile)[:, :c]
+
+
+def _smallest(x, k: int):
+    m = x.shape[0]
+    chunks = -(-m // k)
+    x = sort(pad_rows(x, chunks * k).reshape(chunks, k, *x.shape[1:]).swapaxes(0, 1))
+    while chunks > 1:  # x [k, chunks, ...]: chunk c sorted along axis 0
+        if chunks % 2:
+            x = jnp.concatenate([x, jnp.full_like(x[:, :1], SENTINEL)], axis=1)
+            chunks += 1
+        x = merge_smallest(x[:, 0::2], x[:, 1::2])
+        chunks //= 2
+    return x[:, 0]
+
+
+def _check_pow2(name: str, value: int):
+    if value < 1 or value != next_pow2(value):
+        raise ValueError(f"{name}={value} must be a power of two")
+
+
+def smallest(x, k: int):
+    """The k smallest along axis 0 of x [m, c] (any m; SENTINEL-padded when m < k), sorted;
+    k a power of two. Chunks of k are sorted, then merged pairwise (a tournament), so the cost
+    is O(m log^2 k), not a sort of all m."""
+    _check_pow2("k", k)
+    return by_tiles(lambda t: _smallest(t, k), x)
+
+
+def _unique_smallest(x, k: int, window: int):
+    s = _smallest(x, window)
+    repeat = jnp.concatenate([jnp.zeros_like(s[:1], bool), s[1:] == s[:-1]], axis=0)
+    return sort(jnp.where(repeat, SENTINEL, s))[:k]
+
+
+def unique_smallest(x, k: int, window: int | None = None):
+    """The k smallest distinct keys along axis 0 of x [m, c], sorted, SENTINEL-padded.
+
+    Equal keys are duplicates (the same entry met twice); after a sort they are adjacent, the
+    repeats become SENTINEL and a second sort puts the holes last. Only the `window` smallest
+    keys (a power of two >= k; default all) are deduplicated, so heavy duplication beyond the
+    window can leave fewer than k distinct keys in one call."""
+    full = next_pow2(max(x.shape[0], k))
+    window = full if window is None else min(window, full)
+    _check_pow2("window", window)
+    if window < k:
+        raise ValueError(f"window={window} must be >= k={k}")
+    return by_tiles(lambda t: _unique_smallest(t, k, window), x)

@@ -1,0 +1,57 @@
+"""alijax.ann.bitonic: the sorting networks against numpy sorts, and the key packing."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alijax.ann import bitonic
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 32, 128])
+def test_sort_and_merge_match_numpy(n):
+    rng = np.random.default_rng(n)
+    x = rng.integers(0, 2**32, size=(n, 7), dtype=np.uint32)  # [n, lists] layout
+    x[: n // 2, 0] = x[0, 0]  # repeated keys
+    np.testing.assert_array_equal(bitonic.sort(jnp.asarray(x)), np.sort(x, axis=0))
+    a = np.sort(x, axis=0)
+    b = np.sort(rng.integers(0, 2**32, size=(n, 7), dtype=np.uint32), axis=0)
+    want = np.sort(np.concatenate([a, b]), axis=0)[:n]
+    np.testing.assert_array_equal(bitonic.merge_smallest(jnp.asarray(a), jnp.asarray(b)), want)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 100, 192, 320])
+@pytest.mark.parametrize("k", [1, 4, 64])
+def test_smallest_and_unique_smallest_match_numpy(m, k):
+    rng = np.random.default_rng(m * 100 + k)
+    x = rng.integers(0, 50, size=(m, 5), dtype=np.uint32)  # many repeats
+    pad = np.full((k, 5), bitonic.SENTINEL, np.uint32)
+    want = np.concatenate([np.sort(x, axis=0), pad])[:k]
+    np.testing.assert_array_equal(bitonic.smallest(jnp.asarray(x), k), want)
+    got = np.asarray(bitonic.unique_smallest(jnp.asarray(x), k))
+    for c in range(5):
+        u = np.unique(x[:, c])[:k]
+        np.testing.assert_array_equal(got[:, c], np.concatenate([u, pad[: k - len(u), c]]))
+
+
+def test_smallest_refuses_a_k_that_is_not_a_power_of_two():
+    with pytest.raises(ValueError, match="k=3"):
+        bitonic.smallest(jnp.zeros((8, 2), jnp.uint32), 3)
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_key_layout_orders_by_distance_then_id(flag):
+    layout = bitonic.KeyLayout.for_ids(1000, flag=flag)
+    dist = jnp.asarray([5, 3, 3, 0, 256, 7, 1 << 30], jnp.int32)
+    ids = jnp.asarray([1, 999, 7, 500, -1, 2, 3], jnp.int32)
+    keys = layout.pack(dist, ids)
+    np.testing.assert_array_equal(layout.ids(keys), [1, 999, 7, 500, -1, 2, -1])
+    big = bitonic.BIG
+    np.testing.assert_array_equal(layout.dist(keys), [5, 3, 3, 0, big, 7, big])
+    np.testing.assert_array_equal(
+        np.argsort(np.asarray(keys), kind="stable"), [3, 2, 1, 0, 5, 4, 6]
+    )
+    if flag:  # the flag bit never changes what a key decodes to
+        np.testing.assert_array_equal(layout.ids(keys | 1), layout.ids(keys))
+    assert bitonic.KeyLayout.fits(1 << 22, 256, flag=True)
+    assert not bitonic.KeyLayout.fits(1 << 23, 256, flag=True)
+    assert bitonic.KeyLayout.fits(1 << 23, 256) and not bitonic.KeyLayout.fits(1 << 24, 256)
