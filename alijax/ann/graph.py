@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from alijax.ann import bitonic
+from alijax.ann import search as search_lib
 from alijax.ann.bitonic import KeyLayout
 from alijax.ann.hamming import hamming_pairs, hamming_topk, unpack_bits
 from alijax.parallel import make_mesh
@@ -71,20 +73,24 @@ class GraphConfig:
     """Static build parameters (see the module docstring for each stage)."""
 
     intermediate_degree: int | None = None  # K of the kNN graph; None: 2 * degree
-    cluster_capacity: int = 256  # slots per block (exact kNN is C x C)
+    cluster_capacity: int | None = None  # slots per block (exact kNN is C x C); None: auto
     cluster_fill: float = 0.5  # mean cluster size as a fraction of capacity
     n_clusters: int | None = None  # None: from cluster_capacity and cluster_fill
-    # Defaults measured on 100k SIFT-like points (benchmarks/ann.py data, 256-bit ITQ, K=64,
-    # 2 cores, 2026-11-26), knn stage time / Hamming 10-NN recall: capacity 1024, 3 rounds of
-    # 16x16 samples 7.2 s / 0.994; capacity 512, same rounds 5.5 s / 0.998; capacity 256,
-    # 2 rounds of 8x16 3.5 s / 0.994 (smaller blocks partition finer and cost less per point).
+    # Defaults measured on SIFT-like points (benchmarks/ann.py data: 1000 natural clusters,
+    # 256-bit ITQ, K=64, 2 cores, 2026-11-26), knn-stage time / Hamming 10-NN recall:
+    # 100k: capacity 1024 with 3 rounds of 16x16 samples 7.2 s / 0.994; capacity 256 with 2
+    # rounds of 8x16 3.5 s / 0.994 (512: 3.4 s / 0.987; 1024: 5.0 s / 0.977).
+    # 1M, 2 rounds of 8x16: capacity 256 38 s / 0.88 (4 rounds: 56 s / 0.91); 512 41 s / 0.92;
+    # 1024 62 s / 0.97. The best cluster count grows like sqrt(N) (the IVF rule of thumb), so
+    # the automatic capacity is N * num_assign / (6 sqrt(N) * cluster_fill), rounded to a power
+    # of two in [256, 2048]: 256 at 100k, 1024 at 1M.
     num_assign: int = 3  # clusters per point (the paper's redundancy)
     kmeans_iterations: int = 4
     kmeans_sample_per_cluster: int = 32
     rounds: int = 2
     sample_neighbors: int = 8  # S1: neighbours whose lists are read per round
     sample_width: int = 16  # S2: entries read from each
-    row_chunk: int = 65536  # rows per propagation / pruning chunk
+    row_chunk: int = 16384  # rows per propagation / pruning chunk (bounds their memory)
     block_batch: int = 8  # blocks per step of the exact in-block kNN
     prune: bool = True
     reverse: bool = True
@@ -110,11 +116,18 @@ class _Plan:
     cfg: GraphConfig
 
 
+def auto_capacity(n: int, num_assign: int, fill: float) -> int:
+    """Block size for N points: about 6 sqrt(N) clusters (see GraphConfig)."""
+    ideal = n * num_assign / (6 * math.sqrt(n) * fill)
+    return int(min(2048, max(256, 2 ** round(math.log2(max(ideal, 1))))))
+
+
 def _plan(n_total: int, words: int, degree: int, shards: int, cfg: GraphConfig) -> _Plan:
     k = cfg.intermediate_degree or 2 * degree
     k = max(degree, min(k, n_total - 1))
     a = max(1, cfg.num_assign)
-    capacity = max(k + 1, min(cfg.cluster_capacity, n_total * a))
+    capacity = cfg.cluster_capacity or auto_capacity(n_total, a, cfg.cluster_fill)
+    capacity = max(k + 1, min(capacity, n_total * a))
     nc = cfg.n_clusters or round(n_total * a / (capacity * cfg.cluster_fill))
     nc = max(a, min(nc, n_total))
     a = min(a, nc)
@@ -299,12 +312,54 @@ def _pack(bits):
     return jnp.sum(b << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
 
 
+# Above this many centroids, points find their nearest ones by beam search over a kNN graph of
+# the centroids instead of by brute force (which grows as N^2 / capacity). Measured on 1M
+# SIFT-like codes and 23k centroids, 2 cores: brute force ~24 s; the walk with a list of 8 and
+# 16 iterations 11.5 s (+2 s for the centroid graph), nearest centroid exact for 87% of points
+# (a list of 16 and 32 iterations: 28.7 s, 89%). The propagation rounds repair the rest.
+_EXACT_ASSIGN_MAX = 4096
+_CENTROID_DEGREE = 16
+_ASSIGN_CHUNK = 16384
+
+
+def nearest_centroids(points, cent, a: int):
+    """The a nearest centroids of each point: points uint32 [P, W], cent uint32 [C, W] ->
+    int32 [P, a]. Exact for C <= 4096; above, approximate: a beam search (list of
+    max(8, 2a)) over the exact 16-NN graph of the centroids."""
+    c = cent.shape[0]
+    if c <= _EXACT_ASSIGN_MAX:
+        return hamming_topk(points, cent, a)[1]
+    _, nbrs = hamming_topk(cent, cent, _CENTROID_DEGREE + 1)
+    graph = nbrs[:, 1:]  # drop self (or a duplicate centroid: either way a valid edge)
+    entries = jnp.linspace(0, c - 1, min(c, 2048)).astype(jnp.int32)
+    size = bitonic.next_pow2(max(8, 2 * a))
+    # 2048 evenly spaced entries seed the walk: the centroid graph splits like the data's
+    # clusters, and fewer entries left points stranded (top-1 exact 0.37 with 256, 0.71 with
+    # 1024, 0.88 with 2048, measured on 1M SIFT-like codes and 23k centroids).
+    walk = functools.partial(search_lib.beam_search, candidates=size, iterations=2 * size)
+    # In chunks of points: the walk's start scores every entry against every point, [2048, P]
+    # (16 GB of a 1M build in one piece, measured).
+    chunk = _ASSIGN_CHUNK
+    count = -(-points.shape[0] // chunk)
+    if count == 1:
+        return walk(points, cent, graph, entries)[0][:, :a]
+    padded = jnp.pad(points, ((0, count * chunk - points.shape[0]), (0, 0)))
+    found = lax.map(
+        lambda p: walk(p, cent, graph, entries)[0][:, :a], padded.reshape(count, chunk, -1)
+    )
+    return found.reshape(-1, a)[: points.shape[0]]
+
+
 def hamming_kmeans(sample, n_clusters: int, iterations: int):
-    """Centroids uint32 [C, W] from sample uint32 [S, W] (initialised with evenly spaced rows)."""
+    """Centroids uint32 [C, W] from sample uint32 [S, W] (initialised with evenly spaced rows).
+    With fewer than 8 sample points a cluster no iteration runs: majority votes over 1-3
+    points would only copy them, so the centroids stay the sampled points."""
     init = jnp.linspace(0, sample.shape[0] - 1, n_clusters).astype(jnp.int32)
     cent = sample[init]
+    if sample.shape[0] < 8 * n_clusters:
+        return cent
     for _ in range(iterations):
-        _, assign = hamming_topk(sample, cent, 1)
+        assign = nearest_centroids(sample, cent, 1)
         cent = majority_centroids(sample, assign[:, 0], n_clusters, cent)
     return cent
 
@@ -319,7 +374,7 @@ def _partition(codes, plan: _Plan, axis: str):
     sample_idx = jnp.asarray(np.linspace(0, plan.n_total - 1, plan.sample_size).astype(np.int32))
     sample = _ring_take(codes, sample_idx, 0, plan, axis)
     cent = hamming_kmeans(sample, nc, plan.cfg.kmeans_iterations)
-    _, cl = hamming_topk(codes, cent, a)  # [n, a]
+    cl = nearest_centroids(codes, cent, a)  # [n, a]
     valid = (gid < plan.n_total)[:, None]
     cl = jnp.where(valid, cl, nc)  # padding goes to a dummy cluster past the end
     flat_cl = cl.reshape(-1)
@@ -423,11 +478,17 @@ def _initial_knn_keys(codes, plan: _Plan, axis: str):
     blocks = _scatter_blocks(codes, pos, plan, axis)
     knn = functools.partial(_block_knn_keys, k=plan.k, layout=plan.layout)
     keys = lax.map(lambda x: knn(*x), blocks, batch_size=plan.cfg.block_batch)  # [B, K, C]
-    # Gathered per point straight into [K, a, n] for the networks: gathering rows and then
-    # transposing fused into one scalar loop on XLA:CPU (2.4 s of a 100k build, measured).
+    # Gathered per point straight into [K, n] for the networks (gathering rows and then
+    # transposing fused into one scalar loop on XLA:CPU, 2.4 s of a 100k build, measured),
+    # one assignment at a time into a running list, so only [2K, n] keys are live at once.
     table = jnp.transpose(keys, (1, 0, 2)).reshape(plan.k, -1)
-    got = _ring_take(table, pos.T, bitonic.SENTINEL, plan, axis, table_axis=1)
-    return bitonic.unique_smallest(got.reshape(-1, plan.rows), plan.k)
+
+    def add(j, lists):
+        got = _ring_take(table, pos[:, j], bitonic.SENTINEL, plan, axis, table_axis=1)
+        return bitonic.unique_smallest(jnp.concatenate([lists, got], axis=0), plan.k)
+
+    empty = jnp.full((plan.k, plan.rows), bitonic.SENTINEL)
+    return lax.fori_loop(0, plan.num_assign, add, empty)
 
 
 # ------------------------------------------------------------------------------- 3. propagation
@@ -465,34 +526,39 @@ def _propagate(codes, ids, dist, plan: _Plan, axis: str):
     return lax.fori_loop(0, plan.cfg.rounds, one_round, (ids, dist))
 
 
-def _propagate_keys_chunk(codes_c, keys_c, gid_c, nn_c, codes, plan: _Plan, axis: str):
+def _propagate_keys_chunk(codes_c, keys_c, gid_c, codes, lists, plan: _Plan, axis: str):
     """Packed-key propagation of one chunk of columns: codes_c uint32 [W, r], keys_c [K, r],
-    gid_c [r], candidates nn_c int32 [S, r] -> merged keys [K, r]."""
+    gid_c [r]; codes [n, W] and lists int32 [S2, n] (every point's first S2 neighbours) are
+    the shard's tables -> merged keys [K, r]."""
     layout = plan.layout
+    s1 = min(plan.cfg.sample_neighbors, plan.k)
+    # The candidates: the first S2 neighbours of each of the first S1 neighbours.
+    nn = _ring_take(lists, layout.ids(keys_c[:s1]), -1, plan, axis, table_axis=1)
+    nn = nn.reshape(-1, keys_c.shape[1])  # [S2 * S1, r]
     # Candidate codes gathered as rows (one cache line each; word-major rows would cost W
     # misses per candidate), reduced over words.
-    cand = _ring_take(codes, nn_c, 0, plan, axis)  # [S, r, W]
+    cand = _ring_take(codes, nn, 0, plan, axis)  # [S, r, W]
     cd = hamming_pairs(cand, codes_c.T[None, :, :])
     kth = layout.dist(keys_c[-1:])
     # The paper's filter: only candidates that could enter the list reach the merge. A known
     # neighbour packs to the same key as its list entry, so the dedup drops it.
-    drop = (nn_c < 0) | (nn_c == gid_c[None, :]) | (cd > kth)
-    cand_keys = layout.pack(cd, jnp.where(drop, -1, nn_c))
+    drop = (nn < 0) | (nn == gid_c[None, :]) | (cd > kth)
+    cand_keys = layout.pack(cd, jnp.where(drop, -1, nn))
     return bitonic.unique_smallest(jnp.concatenate([keys_c, cand_keys], axis=0), plan.k)
 
 
 def _propagate_keys(codes, codes_t, keys, plan: _Plan, axis: str):
-    """Propagation rounds on packed lists keys uint32 [K, n] (column p: p's list, sorted)."""
-    s1 = min(plan.cfg.sample_neighbors, plan.k)
+    """Propagation rounds on packed lists keys uint32 [K, n] (column p: p's list, sorted).
+    Candidates are gathered per chunk of columns, so no [S, n] array is ever live."""
     s2 = min(plan.cfg.sample_width, plan.k)
     gid = _shard_index(plan, axis) * plan.rows + jnp.arange(plan.rows, dtype=jnp.int32)
-    step = functools.partial(_propagate_keys_chunk, codes=codes, plan=plan, axis=axis)
 
     def one_round(_, keys):  # a loop, not unrolled: the round is compiled once
-        ids = plan.layout.ids(keys)
-        nn = _ring_take(ids[:s2], ids[:s1], -1, plan, axis, table_axis=1)  # [S2, S1, n]
-        nn = nn.reshape(s1 * s2, plan.rows)
-        return _chunked_rows(step, (codes_t, keys, gid, nn), plan, axis=-1)
+        lists = plan.layout.ids(keys[:s2])
+        step = functools.partial(
+            _propagate_keys_chunk, codes=codes, lists=lists, plan=plan, axis=axis
+        )
+        return _chunked_rows(step, (codes_t, keys, gid), plan, axis=-1)
 
     return lax.fori_loop(0, plan.cfg.rounds, one_round, keys)
 
@@ -670,7 +736,7 @@ def _build_local_keys(codes, plan: _Plan, axis: str, stage: str):
     """The packed-key build: lists stay [K, n] keys from the blocks to the pruning."""
     keys = _initial_knn_keys(codes, plan, axis)
     if stage != "initial":
-        codes_t = codes.T  # word-major, for the pairwise distances of the pruning
+        codes_t = codes.T  # word-major: chunked with the lists, and the pruning's pair distances
         keys = _propagate_keys(codes, codes_t, keys, plan, axis)
     ids, dist = plan.layout.ids(keys).T, plan.layout.dist(keys).T
     if stage in ("initial", "knn"):
@@ -702,10 +768,7 @@ def _run(codes, degree: int, mesh, config: GraphConfig, stage: str):
     codes = _check_codes(codes)
     if not isinstance(degree, (int, np.integer)) or degree < 1:
         raise ValueError(f"degree={degree!r} must be a positive int")
-    if mesh is None:
-        mesh = make_mesh((1, 1), devices=jax.devices()[:1])
-    if config.axis not in mesh.shape:
-        raise ValueError(f"config.axis={config.axis!r} is not an axis of the mesh {mesh.shape}")
+    mesh = _mesh_or_default(mesh, config)
     n_total, words = codes.shape
     plan = _plan(n_total, words, int(degree), mesh.shape[config.axis], config)
     padded = np.zeros((plan.rows * plan.shards, words), np.uint32)
@@ -713,6 +776,33 @@ def _run(codes, degree: int, mesh, config: GraphConfig, stage: str):
     sharding = jax.sharding.NamedSharding(mesh, P(config.axis))
     out = _compiled(plan, mesh, config.axis, stage)(jax.device_put(padded, sharding))
     return jax.tree.map(lambda x: np.asarray(x)[:n_total], out)
+
+
+def build_memory(n: int, words: int, degree: int, *, mesh=None, config=GraphConfig()) -> dict:
+    """XLA's memory analysis of the compiled build for N codes of `words` words, per device:
+    {"argument", "output", "temp", "peak"} in bytes, where temp is the largest set of
+    intermediate buffers live at once and peak = argument + output + temp. Compiles, runs
+    nothing, so it sizes a build for any mesh before the data exist."""
+    mesh = _mesh_or_default(mesh, config)
+    plan = _plan(n, words, int(degree), mesh.shape[config.axis], config)
+    sharding = jax.sharding.NamedSharding(mesh, P(config.axis))
+    shape = jax.ShapeDtypeStruct((plan.rows * plan.shards, words), np.uint32, sharding=sharding)
+    stats = _compiled(plan, mesh, config.axis, "final").lower(shape).compile().memory_analysis()
+    out = {
+        "argument": int(stats.argument_size_in_bytes),
+        "output": int(stats.output_size_in_bytes),
+        "temp": int(stats.temp_size_in_bytes),
+    }
+    out["peak"] = sum(out.values())
+    return out
+
+
+def _mesh_or_default(mesh, config: GraphConfig):
+    if mesh is None:
+        mesh = make_mesh((1, 1), devices=jax.devices()[:1])
+    if config.axis not in mesh.shape:
+        raise ValueError(f"config.axis={config.axis!r} is not an axis of the mesh {mesh.shape}")
+    return mesh
 
 
 def build_graph(codes, degree: int, *, mesh=None, config: GraphConfig = GraphConfig()):
