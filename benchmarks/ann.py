@@ -9,7 +9,9 @@ codes + float rerank, faiss IndexBinaryFlat (exact Hamming) + float rerank, hnsw
 ef_construction=200). Every library gets the same thread count (all cores). Build time is wall
 time including our JIT compilation. Recall@1/10/100 against exact float L2 ground truth (faiss
 IndexFlatL2); QPS with all queries in one batch call, over a sweep of each method's search
-parameter. Writes <out-dir>/ann-<dataset>.json, a recall@10-vs-QPS PNG per data set, and prints a
+parameter. Every method runs in its own spawned process; peak memory is the resident memory it
+adds at its peak (build and searches) over its process with the data loaded (Linux VmHWM after a
+reset). Writes <out-dir>/ann-<dataset>.json, a recall@10-vs-QPS PNG per data set, and prints a
 markdown table.
 """
 
@@ -17,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,6 +83,54 @@ def recalls(found, truth):
             hit = (found[:, :k, None] == truth[:, None, :k]).any(axis=2)
             out[f"recall@{k}"] = float(hit.mean())
     return out
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _method(name, x, q, truth, sweep, codes=None, qcodes=None):
+    if name == "ours":
+        build, rows, index = run_ours(x, q, truth, sweep)
+        return build, rows, (index.codes, codes_lib.encode(index.binarizer, q))
+    if name == "hnswlib":
+        return (*run_hnswlib(x, q, truth, sweep), None)
+    if name == "faiss-hnsw":
+        return (*run_faiss_hnsw(x, q, truth, sweep), None)
+    kind = {"faiss-binary-hnsw": "hnsw", "faiss-binary-flat": "flat"}[name]
+    return (*run_faiss_binary(x, q, truth, sweep, codes, qcodes, kind), None)
+
+
+def _isolated(name, data_dir, sweep):
+    """Runs in a fresh process: loads the data, resets the peak-memory mark, runs one method.
+    Returns (build s, rows, extra, peak MiB added over the loaded data)."""
+    load = lambda f: (
+        np.load(os.path.join(data_dir, f)) if os.path.exists(os.path.join(data_dir, f)) else None
+    )  # noqa: E731
+    x, q, truth = load("x.npy"), load("q.npy"), load("truth.npy")
+    codes, qcodes = load("codes.npy"), load("qcodes.npy")
+    import faiss
+
+    faiss.omp_set_num_threads(THREADS)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    before = _status_mib("VmRSS")
+    build, rows, extra = _method(name, x, q, truth, sweep, codes, qcodes)
+    return build, rows, extra, _status_mib("VmHWM") - before
+
+
+def run_method(name, data_dir, sweep):
+    """One method in its own process (spawned: fresh interpreter, nothing inherited), so its
+    peak memory is its own and no allocator reuse between methods hides any."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_isolated, (name, data_dir, sweep))
 
 
 def timed(fn, *args, repeat=2):
@@ -172,6 +224,15 @@ def run_faiss_binary(x, q, truth, sweep, codes, qcodes, kind):
     return build, rows
 
 
+METHODS = [
+    ("ours", "ours (BDG, 256-bit ITQ, deg 32)"),
+    ("hnswlib", "hnswlib (M=16, efC=200)"),
+    ("faiss-hnsw", "faiss IndexHNSWFlat (M=16, efC=200)"),
+    ("faiss-binary-hnsw", "faiss IndexBinaryHNSW + rerank"),
+    ("faiss-binary-flat", "faiss IndexBinaryFlat + rerank"),
+]
+
+
 def best_at(rows, target=0.95):
     ok = [r["qps"] for r in rows if r.get("recall@10", 0) >= target]
     return max(ok) if ok else None
@@ -183,27 +244,18 @@ def bench(name, x, q, out_dir, quick):
     faiss.omp_set_num_threads(THREADS)
     log(f"{name}: {x.shape} base, {q.shape} queries")
     truth = ground_truth(x, q, min(100, len(x)))
-    sweep = [16, 32, 64, 128] if quick else [16, 32, 64, 128, 256]
+    sweep = [16, 32, 64, 128] if quick else [16, 24, 32, 48, 64, 128, 256]
     results = {}
-    build, rows, index = run_ours(x, q, truth, sweep)
-    results["ours (BDG, 256-bit ITQ, deg 32)"] = {"build_s": build, "rows": rows}
-    log(f"ours built in {build:.1f} s")
-    codes, qcodes = index.codes, codes_lib.encode(index.binarizer, q)
-    for label, fn in [
-        ("hnswlib (M=16, efC=200)", lambda: run_hnswlib(x, q, truth, sweep)),
-        ("faiss IndexHNSWFlat (M=16, efC=200)", lambda: run_faiss_hnsw(x, q, truth, sweep)),
-        (
-            "faiss IndexBinaryHNSW + rerank",
-            lambda: run_faiss_binary(x, q, truth, sweep, codes, qcodes, "hnsw"),
-        ),
-        (
-            "faiss IndexBinaryFlat + rerank",
-            lambda: run_faiss_binary(x, q, truth, sweep, codes, qcodes, "flat"),
-        ),
-    ]:
-        build, rows = fn()
-        results[label] = {"build_s": build, "rows": rows}
-        log(f"{label} built in {build:.1f} s")
+    with tempfile.TemporaryDirectory() as data_dir:
+        for part, arr in (("x", x), ("q", q), ("truth", truth)):
+            np.save(os.path.join(data_dir, f"{part}.npy"), arr)
+        for method, label in METHODS:
+            build, rows, extra, peak = run_method(method, data_dir, sweep)
+            if extra is not None:  # our codes, for the faiss binary indexes
+                np.save(os.path.join(data_dir, "codes.npy"), extra[0])
+                np.save(os.path.join(data_dir, "qcodes.npy"), np.asarray(extra[1]))
+            results[label] = {"build_s": build, "peak_mib": peak, "rows": rows}
+            log(f"{label} built in {build:.1f} s, peak +{peak:.0f} MiB")
     report = {
         "dataset": name,
         "n": len(x),
@@ -230,15 +282,16 @@ def markdown(report):
         f"### {report['dataset']}: N={report['n']}, Q={report['nq']}, d={report['dim']}, "
         f"{report['threads']} threads",
         "",
-        "| method | build s | param | recall@1 | recall@10 | recall@100 | QPS |",
-        "|---|---|---|---|---|---|---|",
+        "| method | build s | peak MiB | param | recall@1 | recall@10 | recall@100 | QPS |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for method, res in report["results"].items():
         for i, r in enumerate(res["rows"]):
             build = f"{res['build_s']:.1f}" if i == 0 else ""
+            peak = f"{res.get('peak_mib', float('nan')):.0f}" if i == 0 else ""
             lines.append(
-                f"| {method if i == 0 else ''} | {build} | {r['param']} | "
+                f"| {method if i == 0 else ''} | {build} | {peak} | {r['param']} | "
                 f"{fmt(r.get('recall@1'))} | {fmt(r.get('recall@10'))} | "
                 f"{fmt(r.get('recall@100'))} | {r['qps']:.0f} |"
             )
