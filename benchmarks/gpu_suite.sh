@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check for the Pallas kernels (issue 4): the gpu-marked tests, then the kernel benchmark.
+# GPU check for the Pallas kernels (issue 4): the gpu-marked tests, then the kernel benchmark,
+# then the binary graph index on the GPU (issue 5; ANN_N=0 skips it).
 # Run from the repo root with the machine's python3 (jax with CUDA installed; alijax need not
 # be installed). Results: ${OUT:-benchmarks/results}/kernels-gpu.json and a table printed last.
 # Aimed at ~5 minutes on one H100/H200: config sweeps stop early after --budget-s.
@@ -26,5 +27,12 @@ echo "=== benchmarks ==="
 timeout "${BENCH_TIMEOUT:-250}" "$PY" benchmarks/kernels.py --budget-s "${BENCH_BUDGET:-110}" --out "$OUT_DIR/kernels-gpu.json" "$@" \
   2>&1 | tee "$OUT_DIR/kernels-gpu.log"
 bench_rc=${PIPESTATUS[0]}
+
+# Issue 5's one-GPU targets: build 1M vectors <= 10 s; search >= 10x exact brute force.
+if [ "${ANN_N:-1000000}" != "0" ]; then
+  echo "=== binary graph index on the GPU ==="
+  timeout "${ANN_TIMEOUT:-200}" "$PY" benchmarks/ann_gpu.py --n "${ANN_N:-1000000}" \
+    --out "$OUT_DIR/ann-gpu.json" 2>&1 | tee "$OUT_DIR/ann-gpu.log"
+fi
 echo "tests rc=$test_rc, bench rc=$bench_rc, total $(( $(date +%s) - start ))s"
 exit $(( test_rc != 0 || bench_rc != 0 ))
