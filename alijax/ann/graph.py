@@ -8,9 +8,11 @@ below are ours.
 
 1. Partition. Hamming k-means on an evenly spaced sample (`kmeans_sample_per_cluster` points per
    cluster, at most 65536), centroids are the per-bit majority vote of their members (ties to 0;
-   an empty cluster keeps its centroid). One pass then assigns every point to its `num_assign`
-   nearest centroids. `n_clusters` defaults to N * num_assign / (cluster_capacity *
-   cluster_fill), so an average cluster fills half a block.
+   an empty cluster keeps its centroid; skipped below 8 sample points a cluster). One pass then
+   assigns every point to its `num_assign` nearest centroids: exactly up to 4096 centroids,
+   above that by a beam search over the centroids' 16-NN graph (approximate, O(N log C) instead
+   of O(N C)). `n_clusters` defaults to N * num_assign / (cluster_capacity * cluster_fill), so
+   an average cluster fills half a block; the capacity defaults to about 6 sqrt(N) clusters.
 2. Sub-graphs. The N * num_assign (cluster, point) assignments are laid out in (cluster, point id)
    order and cut into blocks of `cluster_capacity` consecutive slots; exact kNN runs inside each
    block. A cluster larger than a block spans several blocks, small neighbouring clusters share
@@ -21,6 +23,11 @@ below are ours.
    paper's filter: a candidate farther than p's current K-th neighbour, or already a neighbour,
    is dropped before the merge, so only possible improvements are sorted. Each list stays sorted
    by (distance, index).
+
+Lists as packed keys. Where (distance, id) fit in a uint32 (bitonic.KeyLayout: up to 2^23 ids
+at 256 bits), stages 2-4 keep every list as keys [K, n] (column p: p's list) and every sort,
+top-k and dedup is a bitonic network on column tiles (bitonic.py), which XLA:CPU vectorises
+across lists; beyond that the same stages run on [n, K] rows with lax.sort and top_k.
 4. Pruning: relative-neighbourhood (HNSW-style heuristic) on the K-list in rank order: p -> q is
    kept unless an already kept neighbour r is strictly closer to q than p is. Kept edges come
    first, then the pruned ones (rank order), so the list still fills the degree.
@@ -39,7 +46,8 @@ per destination vary with the data, and fixed-capacity all_to_all buckets would 
 requests (sharding-dependent results) or need O(N) buffers. The cost: the masked local lookups
 run once per ring step, and propagation rows are processed in chunks of `row_chunk` (each chunk
 runs its own code ring) to bound the gathered candidate codes. Cluster histograms
-([D, n_clusters]) and the k-means sample are the only replicated arrays.
+([D, n_clusters]), the centroids with their graph and the k-means sample are the only
+replicated arrays (`build_memory` gives XLA's per-device buffer sizes for any mesh).
 
 Determinism. Every result is a function of the codes only: block layout by (cluster, point id),
 kNN ties to the lower slot, merges sorted by (distance, index), reverse edges by (rank, source).
