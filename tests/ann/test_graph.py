@@ -82,10 +82,19 @@ def test_build_graph_is_a_valid_fixed_degree_graph(data_codes):
     assert back > 0.5, back
 
 
-def test_eight_device_build_equals_single_device(data_codes):
+def test_reverse_samples_keep_the_graph_exact_enough(data_codes):
+    true_i, _ = graph.exact_knn(data_codes, 10)
+    cfg = graph.GraphConfig(reverse_samples=8, rounds=1)
+    ids, _ = graph.knn_graph(data_codes, 32, config=cfg)
+    assert graph.graph_recall(ids[:, :10], true_i) >= 0.95
+
+
+@pytest.mark.parametrize("reverse_samples", [0, 4])
+def test_eight_device_build_equals_single_device(data_codes, reverse_samples):
     mesh = make_mesh()
     assert mesh.shape["data"] == 8
-    cfg = graph.GraphConfig(row_chunk=200)  # two chunks: ring inside each chunk
+    # row_chunk=200: two chunks a shard, a ring inside each chunk
+    cfg = graph.GraphConfig(row_chunk=200, reverse_samples=reverse_samples)
     single = graph.build_graph(data_codes[:1999], 16, config=cfg)  # 1999: padded shards
     sharded = graph.build_graph(data_codes[:1999], 16, mesh=mesh, config=cfg)
     np.testing.assert_array_equal(single, sharded)
