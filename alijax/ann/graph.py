@@ -69,7 +69,7 @@ from jax.sharding import PartitionSpec as P
 from alijax.ann import bitonic
 from alijax.ann import search as search_lib
 from alijax.ann.bitonic import KeyLayout
-from alijax.ann.hamming import hamming_pairs, hamming_topk, unpack_bits
+from alijax.ann.hamming import hamming_pairs, hamming_pairs_word_major, hamming_topk, unpack_bits
 from alijax.parallel import make_mesh
 
 BIG = bitonic.BIG  # distance of an empty slot; exact in float32, so top_k on float keys is exact
@@ -266,45 +266,33 @@ def _shard_index(plan: _Plan, axis: str):
     return jnp.int32(0) if plan.shards == 1 else lax.axis_index(axis)
 
 
-def _chunked_rows(fn, arrays, plan: _Plan, axis: int = 0):
+def _chunked(fn, arrays, max_size: int, axis: int = 0):
     """Applies fn to chunks of arrays along `axis` (every array has the same size n there):
-    ceil(n / row_chunk) equal chunks (the last padded with zeros, whose results are dropped)
+    ceil(n / max_size) equal chunks (the last padded with zeros, whose results are dropped)
     under lax.map, so fn is compiled once (chunks may run ring collectives: a sequential map,
     never a vmap). Outputs are chunked along the same axis."""
     n = arrays[0].shape[axis]
-    count = -(-n // plan.cfg.row_chunk)
-
-    def axis_of(a):
-        return axis % a.ndim
+    count = -(-n // max_size)
 
     if count == 1:
         return fn(*arrays)
     size = -(-n // count)
 
     def split(a):
-        axis = axis_of(a)
+        at = axis % a.ndim
         pad = [(0, 0)] * a.ndim
-        pad[axis] = (0, count * size - n)
-        a = jnp.pad(a, pad)
-        a = a.reshape(*a.shape[:axis], count, size, *a.shape[axis + 1 :])
-        return jnp.moveaxis(a, axis, 0)
+        pad[at] = (0, count * size - n)
+        a = jnp.pad(a, pad).reshape(*a.shape[:at], count, size, *a.shape[at + 1 :])
+        return jnp.moveaxis(a, at, 0)
 
     def join(y):
-        axis = axis_of(y) - 1  # y has the chunk axis in front
-        y = jnp.moveaxis(y, 0, axis)
-        y = y.reshape(*y.shape[:axis], count * size, *y.shape[axis + 2 :])
-        return lax.slice_in_dim(y, 0, n, axis=axis)
+        at = axis % (y.ndim - 1)  # within one chunk's output (the chunk axis is in front)
+        y = jnp.moveaxis(y, 0, at)
+        y = y.reshape(*y.shape[:at], count * size, *y.shape[at + 2 :])
+        return lax.slice_in_dim(y, 0, n, axis=at)
 
     out = lax.map(lambda xs: fn(*xs), tuple(split(a) for a in arrays))
     return jax.tree.map(join, out)
-
-
-def _hamming_t(a, b):
-    """Hamming distances over word-major codes: uint32 [W, ...] x [W, ...] (broadcasting) ->
-    int32 [...]. The sum over words is unrolled, so each term is an elementwise op on rows of
-    contiguous entries (a reduce over a minor axis of 8 words ran ~5x slower on XLA:CPU)."""
-    terms = [lax.population_count(a[w] ^ b[w]).astype(jnp.int32) for w in range(a.shape[0])]
-    return functools.reduce(jnp.add, terms)
 
 
 # ------------------------------------------------------------------------------- 1. partition
@@ -352,15 +340,7 @@ def nearest_centroids(points, cent, a: int):
     walk = functools.partial(search_lib.beam_search, candidates=size, iterations=2 * size)
     # In chunks of points: the walk's start scores every entry against every point, [2048, P]
     # (16 GB of a 1M build in one piece, measured).
-    chunk = _ASSIGN_CHUNK
-    count = -(-points.shape[0] // chunk)
-    if count == 1:
-        return walk(points, cent, graph, entries)[0][:, :a]
-    padded = jnp.pad(points, ((0, count * chunk - points.shape[0]), (0, 0)))
-    found = lax.map(
-        lambda p: walk(p, cent, graph, entries)[0][:, :a], padded.reshape(count, chunk, -1)
-    )
-    return found.reshape(-1, a)[: points.shape[0]]
+    return _chunked(lambda p: walk(p, cent, graph, entries)[0][:, :a], (points,), _ASSIGN_CHUNK)
 
 
 def hamming_kmeans(sample, n_clusters: int, iterations: int):
@@ -534,7 +514,7 @@ def _propagate(codes, ids, dist, plan: _Plan, axis: str):
     def one_round(_, lists):  # a loop, not unrolled: the round is compiled once
         ids, dist = lists
         nn = _ring_take(ids[:, :s2], ids[:, :s1], -1, plan, axis).reshape(plan.rows, s1 * s2)
-        return _chunked_rows(step, (codes, ids, dist, gid, nn), plan)
+        return _chunked(step, (codes, ids, dist, gid, nn), plan.cfg.row_chunk)
 
     return lax.fori_loop(0, plan.cfg.rounds, one_round, (ids, dist))
 
@@ -579,24 +559,19 @@ def _propagate_keys(codes, codes_t, keys, plan: _Plan, axis: str):
         step = functools.partial(
             _propagate_keys_chunk, codes=codes, lists=ids[:s2], plan=plan, axis=axis
         )
-        return _chunked_rows(step, (codes_t, keys, gid, rev), plan, axis=-1)
+        return _chunked(step, (codes_t, keys, gid, rev), plan.cfg.row_chunk, axis=-1)
 
     return lax.fori_loop(0, plan.cfg.rounds, one_round, keys)
 
 
 def _prune_keys_chunk(keys_c, codes_t, plan: _Plan, axis: str):
     """rng pruning of packed lists keys_c [K, r] -> (ids int32 [K, r] kept first, kept [K, r])."""
-    layout, k = plan.layout, plan.k
+    layout = plan.layout
     ids = layout.ids(keys_c)
     nb = _ring_take(codes_t, ids, 0, plan, axis, table_axis=1)  # [W, K, r]
-    d_nn = _hamming_t(nb[:, :, None], nb[:, None, :])  # [K, K, r]
+    d_nn = hamming_pairs_word_major(nb[:, :, None], nb[:, None, :])  # [K, K, r]
     valid = ids >= 0
-    kept = _rng_prune_t(layout.dist(keys_c), d_nn, valid)
-    rank = jnp.arange(k, dtype=jnp.int32)[:, None]
-    # Kept edges first, then pruned ones, each in rank order: sort the (distinct) priorities.
-    prio = jnp.where(kept, rank, jnp.where(valid, k + rank, 2 * k + rank)).astype(jnp.uint32)
-    order = bitonic.sort(bitonic.pad_rows(prio, bitonic.next_pow2(k)))[:k]
-    return jnp.take_along_axis(ids, (order % k).astype(jnp.int32), axis=0), order < k
+    return _kept_first(ids, _rng_prune_t(layout.dist(keys_c), d_nn, valid), valid)
 
 
 # ------------------------------------------------------------------------------- 4-5. pruning
@@ -624,19 +599,22 @@ def rng_prune(d_pn, d_nn, valid):
     return _rng_prune_t(d_pn.T, jnp.transpose(d_nn, (2, 1, 0)), valid.T).T
 
 
+def _kept_first(ids, kept, valid):
+    """ids int32 [K, r] in rank order -> (ids with kept edges first, then the pruned ones, each
+    in rank order; kept [K, r] reordered alike): a sort of the (distinct) priorities."""
+    k = ids.shape[0]
+    rank = jnp.arange(k, dtype=jnp.int32)[:, None]
+    prio = jnp.where(kept, rank, jnp.where(valid, k + rank, 2 * k + rank)).astype(jnp.uint32)
+    order = bitonic.sort(bitonic.pad_rows(prio, bitonic.next_pow2(k)))[:k]
+    return jnp.take_along_axis(ids, (order % k).astype(jnp.int32), axis=0), order < k
+
+
 def _prune_chunk(ids_c, d_c, codes, plan: _Plan, axis: str):
     nb = _ring_take(codes, ids_c.T, 0, plan, axis)  # [K, r, W]
     d_nn = hamming_pairs(nb[:, None], nb[None, :])  # [K, K, r]
     valid = ids_c.T >= 0
-    kept = _rng_prune_t(d_c.T, d_nn, valid)
-    k = ids_c.shape[1]
-    rank = jnp.arange(k, dtype=jnp.int32)[:, None]
-    # Kept edges first, then pruned ones, each in rank order: sort the (distinct) priorities.
-    prio = jnp.where(kept, rank, jnp.where(valid, k + rank, 2 * k + rank)).astype(jnp.uint32)
-    order = bitonic.sort(bitonic.pad_rows(prio, bitonic.next_pow2(k)))[:k]
-    pos = (order % k).astype(jnp.int32)
-    out = jnp.take_along_axis(ids_c.T, pos, axis=0)
-    return out.T, (order < k).T
+    out, kept = _kept_first(ids_c.T, _rng_prune_t(d_c.T, d_nn, valid), valid)
+    return out.T, kept.T
 
 
 def _reverse_edges(fwd, plan: _Plan, axis: str, width: int):
@@ -722,10 +700,12 @@ def merge_forward_reverse(fwd, rev, degree: int, id_bits: int | None = None):
 def _finalize(codes, ids, dist, plan: _Plan, axis: str, keys=None, codes_t=None):
     if plan.cfg.prune and keys is not None:
         step = functools.partial(_prune_keys_chunk, codes_t=codes_t, plan=plan, axis=axis)
-        fwd, kept = jax.tree.map(jnp.transpose, _chunked_rows(step, (keys,), plan, axis=-1))
+        fwd, kept = jax.tree.map(
+            jnp.transpose, _chunked(step, (keys,), plan.cfg.row_chunk, axis=-1)
+        )
     elif plan.cfg.prune:
         step = functools.partial(_prune_chunk, codes=codes, plan=plan, axis=axis)
-        fwd, kept = _chunked_rows(step, (ids, dist), plan)
+        fwd, kept = _chunked(step, (ids, dist), plan.cfg.row_chunk)
     else:
         fwd, kept = ids, ids >= 0
     if not plan.cfg.reverse:

@@ -71,6 +71,14 @@ def hamming_pairs(a, b):
     return lax.population_count(a ^ b).astype(jnp.int32).sum(-1, dtype=jnp.int32)
 
 
+def hamming_pairs_word_major(a, b):
+    """Hamming distances over word-major codes: uint32 [W, ...] x [W, ...] (broadcasting) ->
+    int32 [...]. The sum over words is unrolled, so each term is an elementwise op on rows of
+    contiguous entries (a reduce over a minor axis of 8 words ran ~5x slower on XLA:CPU)."""
+    terms = [lax.population_count(a[w] ^ b[w]).astype(jnp.int32) for w in range(a.shape[0])]
+    return functools.reduce(jnp.add, terms)
+
+
 def _distances(queries, codes):
     """uint32 [Q, W], [C, W] -> int32 [Q, C]."""
     return hamming_pairs(queries[:, None, :], codes[None, :, :])

@@ -37,6 +37,20 @@ def test_rng_prune_by_hand():
     np.testing.assert_array_equal(kept, [[True, False, True]])
 
 
+@pytest.mark.parametrize("axis", [0, -1])
+def test_chunked_map_equals_one_call(axis):
+    x = jnp.arange(2 * 37 * 3).reshape(2, 37, 3)
+    x = jnp.moveaxis(x, 1, axis)  # 37 along `axis`
+
+    def fn(a):
+        return a * 2, jnp.sum(a, axis=1 if axis == 0 else 0, keepdims=True)
+
+    got = graph._chunked(fn, (x,), 10, axis=axis)  # 4 chunks of 10, the last padded
+    want = fn(x)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_majority_centroids_by_hand():
     c = jnp.array([[0b1011], [0b0011], [0b0001], [0b1111]], jnp.uint32)
     assign = jnp.array([0, 0, 0, 1], jnp.int32)
@@ -80,6 +94,17 @@ def test_build_graph_is_a_valid_fixed_degree_graph(data_codes):
     edges = set(zip(np.repeat(np.arange(2000), 16), g.ravel()))
     back = np.mean([(b, a) in edges for a, b in edges])
     assert back > 0.5, back
+
+
+def test_sort_path_for_ids_beyond_packed_keys(data_codes, monkeypatch):
+    # Builds whose (distance, id) do not fit a uint32 key (over 2^23 codes of 256 bits) run the
+    # lax.sort path; forced here on small data, in chunks.
+    monkeypatch.setattr(graph.KeyLayout, "fits", staticmethod(lambda *a, **k: False))
+    true_i, _ = graph.exact_knn(data_codes, 10)
+    ids, _ = graph.knn_graph(data_codes, 32, config=graph.GraphConfig(row_chunk=500))
+    assert graph.graph_recall(ids[:, :10], true_i) >= 0.95
+    g = graph.build_graph(data_codes, 16, config=graph.GraphConfig(row_chunk=500))
+    assert g.shape == (2000, 16) and (g >= 0).all()
 
 
 def test_reverse_samples_keep_the_graph_exact_enough(data_codes):
