@@ -31,8 +31,9 @@ across lists; beyond that the same stages run on [n, K] rows with lax.sort and t
 4. Pruning: relative-neighbourhood (HNSW-style heuristic) on the K-list in rank order: p -> q is
    kept unless an already kept neighbour r is strictly closer to q than p is. Kept edges come
    first, then the pruned ones (rank order), so the list still fills the degree.
-5. Reverse edges: each node collects up to `degree` in-edges (sources ranked by the rank the edge
-   has in the source's list, then source id). The output row is: the first degree // 2 forward
+5. Reverse edges: each node collects up to `degree` in-edges from the first `reverse_sources`
+   kept edges of every node (sources ranked by the rank the edge has in the source's list, then
+   source id). The output row is: the first degree // 2 forward
    edges, then reverse edges, then the remaining forward edges, duplicates removed, cut to
    `degree` (-1 pads rows of tiny graphs).
 
@@ -91,11 +92,16 @@ class GraphConfig:
     # 1M, 2 rounds of 8x16: capacity 256 38 s / 0.88 (4 rounds: 56 s / 0.91); 512 41 s / 0.92;
     # 1024 62 s / 0.97. The best cluster count grows like sqrt(N) (the IVF rule of thumb), so
     # the automatic capacity is N * num_assign / (6 sqrt(N) * cluster_fill), rounded to a power
-    # of two in [256, 2048]: 256 at 100k, 1024 at 1M.
-    num_assign: int = 3  # clusters per point (the paper's redundancy)
+    # of two in [256, 2048]: 256 at 100k, 512 at 1M (num_assign 2).
+    # What the search needs is less than a near-exact kNN graph. Whole builds at 1M, then
+    # search recall@10 at L=64 (16384 entries): num_assign 3 with 2 rounds 71.9 s / 0.966;
+    # num_assign 2 with 2 rounds 51.1 s / 0.957, with 1 round 45.4 s / 0.956, and with reverse
+    # edges from the first 16 kept edges only 38.0 s / 0.956 (num_assign 1: 0.47, the clusters
+    # fall apart). At 100k: 9.2 s / 0.978 at L=32 against 7.0 s / 0.977.
+    num_assign: int = 2  # clusters per point (the paper's redundancy)
     kmeans_iterations: int = 4
     kmeans_sample_per_cluster: int = 32
-    rounds: int = 2
+    rounds: int = 1
     sample_neighbors: int = 8  # S1: neighbours whose lists are read per round
     sample_width: int = 16  # S2: entries read from each
     # R: NN-descent's reverse neighbours (of the first R edges) also sampled, and their lists.
@@ -105,6 +111,10 @@ class GraphConfig:
     reverse_samples: int = 0
     row_chunk: int = 16384  # rows per propagation / pruning chunk (bounds their memory)
     block_batch: int = 8  # blocks per step of the exact in-block kNN
+    # Each node's first kept edges that give reverse edges (None: all `degree`). The reverse
+    # pass is one 2-operand XLA sort of N * reverse_sources entries, about 0.3 us an entry on
+    # XLA:CPU; edges past the 16th kept one added no search recall at 100k or 1M (measured).
+    reverse_sources: int | None = 16
     prune: bool = True
     reverse: bool = True
     axis: str = "data"
@@ -145,6 +155,11 @@ def _plan(n_total: int, words: int, degree: int, shards: int, cfg: GraphConfig) 
     nc = max(a, min(nc, n_total))
     a = min(a, nc)
     blocks = -(-n_total * a // capacity)
+    per_shard = -(-blocks // shards)
+    # A whole number of block batches a shard (empty blocks change nothing): a ragged last
+    # batch makes lax.map concatenate, a copy of the whole block table (0.7 GB at 1M).
+    batch = max(1, min(cfg.block_batch, per_shard))
+    per_shard = -(-per_shard // batch) * batch
     sample = min(n_total, max(nc, min(_MAX_KMEANS_SAMPLE, nc * cfg.kmeans_sample_per_cluster)))
     n_ids = -(-n_total // shards) * shards
     layout = KeyLayout.for_ids(n_ids) if KeyLayout.fits(n_ids, words * 32) else None
@@ -158,7 +173,7 @@ def _plan(n_total: int, words: int, degree: int, shards: int, cfg: GraphConfig) 
         n_clusters=nc,
         num_assign=a,
         capacity=capacity,
-        blocks_per_shard=-(-blocks // shards),
+        blocks_per_shard=per_shard,
         sample_size=sample,
         layout=layout,
         cfg=cfg,
@@ -267,32 +282,11 @@ def _shard_index(plan: _Plan, axis: str):
 
 
 def _chunked(fn, arrays, max_size: int, axis: int = 0):
-    """Applies fn to chunks of arrays along `axis` (every array has the same size n there):
-    ceil(n / max_size) equal chunks (the last padded with zeros, whose results are dropped)
-    under lax.map, so fn is compiled once (chunks may run ring collectives: a sequential map,
-    never a vmap). Outputs are chunked along the same axis."""
-    n = arrays[0].shape[axis]
-    count = -(-n // max_size)
-
-    if count == 1:
-        return fn(*arrays)
-    size = -(-n // count)
-
-    def split(a):
-        at = axis % a.ndim
-        pad = [(0, 0)] * a.ndim
-        pad[at] = (0, count * size - n)
-        a = jnp.pad(a, pad).reshape(*a.shape[:at], count, size, *a.shape[at + 1 :])
-        return jnp.moveaxis(a, at, 0)
-
-    def join(y):
-        at = axis % (y.ndim - 1)  # within one chunk's output (the chunk axis is in front)
-        y = jnp.moveaxis(y, 0, at)
-        y = y.reshape(*y.shape[:at], count * size, *y.shape[at + 2 :])
-        return lax.slice_in_dim(y, 0, n, axis=at)
-
-    out = lax.map(lambda xs: fn(*xs), tuple(split(a) for a in arrays))
-    return jax.tree.map(join, out)
+    """Applies fn to chunks of at most max_size along `axis` of arrays (every array has the
+    same size n there), in sequence, so fn is compiled once (chunks may run ring collectives:
+    a loop, never a vmap); outputs are joined along the same axis. fn must be per position
+    (bitonic.slice_map: the last chunk overlaps the one before)."""
+    return bitonic.slice_map(fn, arrays, max_size, axis=axis)
 
 
 # ------------------------------------------------------------------------------- 1. partition
@@ -430,9 +424,11 @@ def _block_knn(ids, codes, k: int):
 
 
 def _block_knn_keys(ids, codes, k: int, layout: KeyLayout):
-    """_block_knn as packed keys [k, C], column i point i's list (networks along axis 0).
-    Computed per tile of bitonic.TILE columns, so the distance tile and the network stay in
-    cache (whole [C, C] blocks cost a transpose pass into tiles, 0.7 s of 100k, measured)."""
+    """_block_knn as packed keys [C, k], row i point i's sorted list. Computed per tile of
+    bitonic.TILE points with the networks along axis 0 of [C, tile] (so the distance tile and
+    the network stay in cache; whole [C, C] blocks cost a transpose pass into tiles, 0.7 s of
+    100k, measured); each tile's [k, tile] result is transposed in cache, so the block table is
+    one row per slot and the per-point gather reads whole rows."""
     c = ids.shape[0]
     tile = min(bitonic.TILE, c)
     count = -(-c // tile)
@@ -447,10 +443,10 @@ def _block_knn_keys(ids, codes, k: int, layout: KeyLayout):
         # Same point, not just the diagonal: both of a point's clusters can land in one block.
         bad = (ids[:, None] < 0) | (ids[:, None] == tile_ids[None, :])
         keys = layout.pack(jnp.where(bad, -1, d), jnp.broadcast_to(ids[:, None], d.shape))
-        return bitonic.smallest(keys, width)[:k]
+        return bitonic.smallest(keys, width)[:k].T
 
-    out = lax.map(one_tile, (col_ids, col_codes))  # [count, k, tile]
-    return jnp.moveaxis(out, 0, 1).reshape(k, count * tile)[:, :c]
+    out = lax.map(one_tile, (col_ids, col_codes))  # [count, tile, k]
+    return out.reshape(count * tile, k)[:c]
 
 
 def _initial_knn(codes, plan: _Plan, axis: str):
@@ -470,15 +466,17 @@ def _initial_knn_keys(codes, plan: _Plan, axis: str):
     pos = _partition(codes, plan, axis)
     blocks = _scatter_blocks(codes, pos, plan, axis)
     knn = functools.partial(_block_knn_keys, k=plan.k, layout=plan.layout)
-    keys = lax.map(lambda x: knn(*x), blocks, batch_size=plan.cfg.block_batch)  # [B, K, C]
-    # Gathered per point straight into [K, n] for the networks (gathering rows and then
-    # transposing fused into one scalar loop on XLA:CPU, 2.4 s of a 100k build, measured),
-    # one assignment at a time into a running list, so only [2K, n] keys are live at once.
-    table = jnp.transpose(keys, (1, 0, 2)).reshape(plan.k, -1)
+    batch = min(plan.cfg.block_batch, plan.blocks_per_shard)
+    table = lax.map(lambda x: knn(*x), blocks, batch_size=batch)  # [B, C, K]
+    table = table.reshape(-1, plan.k)  # one row per slot: no transposed copy of the table
 
+    # Each point's rows, one assignment at a time, into a running list, so only [2K, n] keys
+    # are live at once. The barrier keeps XLA:CPU from fusing the row gather into the
+    # transpose (that fusion ran as one scalar loop, 2.4 s of a 100k build, measured).
     def add(j, lists):
-        got = _ring_take(table, pos[:, j], bitonic.SENTINEL, plan, axis, table_axis=1)
-        return bitonic.unique_smallest(jnp.concatenate([lists, got], axis=0), plan.k)
+        got = _ring_take(table, pos[:, j], bitonic.SENTINEL, plan, axis)  # [n, K]
+        got = lax.optimization_barrier(got).T
+        return bitonic.unique_smallest((lists, got), plan.k)
 
     empty = jnp.full((plan.k, plan.rows), bitonic.SENTINEL)
     return lax.fori_loop(0, plan.num_assign, add, empty)
@@ -540,7 +538,7 @@ def _propagate_keys_chunk(codes_c, keys_c, gid_c, rev_c, codes, lists, plan: _Pl
     # neighbour packs to the same key as its list entry, so the dedup drops it.
     drop = (nn < 0) | (nn == gid_c[None, :]) | (cd > kth)
     cand_keys = layout.pack(cd, jnp.where(drop, -1, nn))
-    return bitonic.unique_smallest(jnp.concatenate([keys_c, cand_keys], axis=0), plan.k)
+    return bitonic.unique_smallest((keys_c, cand_keys), plan.k)
 
 
 def _propagate_keys(codes, codes_t, keys, plan: _Plan, axis: str):
@@ -697,25 +695,30 @@ def merge_forward_reverse(fwd, rev, degree: int, id_bits: int | None = None):
     return jnp.where(_take_along(prio, pos) >= BIG, -1, out)
 
 
+_PRUNE_CHUNK = 4096  # rows per pruning step: [64, 64, 4096] pair distances are 64 MB
+
+
 def _finalize(codes, ids, dist, plan: _Plan, axis: str, keys=None, codes_t=None):
     if plan.cfg.prune and keys is not None:
         step = functools.partial(_prune_keys_chunk, codes_t=codes_t, plan=plan, axis=axis)
-        fwd, kept = jax.tree.map(
-            jnp.transpose, _chunked(step, (keys,), plan.cfg.row_chunk, axis=-1)
-        )
+        # Smaller chunks than propagation's: the pair distances are [K, K, r].
+        chunk = min(plan.cfg.row_chunk, _PRUNE_CHUNK)
+        fwd, kept = jax.tree.map(jnp.transpose, _chunked(step, (keys,), chunk, axis=-1))
     elif plan.cfg.prune:
         step = functools.partial(_prune_chunk, codes=codes, plan=plan, axis=axis)
-        fwd, kept = _chunked(step, (ids, dist), plan.cfg.row_chunk)
+        fwd, kept = _chunked(step, (ids, dist), min(plan.cfg.row_chunk, _PRUNE_CHUNK))
     else:
         fwd, kept = ids, ids >= 0
     if not plan.cfg.reverse:
         return jnp.pad(fwd, ((0, 0), (0, max(0, plan.degree - fwd.shape[1]))), constant_values=-1)[
             :, : plan.degree
         ]
-    src_edges = jnp.where(kept, fwd, -1)[:, : plan.degree]
+    sources = min(plan.degree, plan.cfg.reverse_sources or plan.degree)
+    src_edges = jnp.where(kept, fwd, -1)[:, :sources]
     rev = _reverse_edges(src_edges, plan, axis, plan.degree)
     id_bits = None if plan.layout is None else plan.layout.id_bits
-    return merge_forward_reverse(fwd, rev, plan.degree, id_bits)
+    merge = functools.partial(merge_forward_reverse, degree=plan.degree, id_bits=id_bits)
+    return _chunked(merge, (fwd, rev), plan.cfg.row_chunk)  # [n, K + R] only a chunk at a time
 
 
 # ------------------------------------------------------------------------------- entry points

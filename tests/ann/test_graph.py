@@ -45,7 +45,7 @@ def test_chunked_map_equals_one_call(axis):
     def fn(a):
         return a * 2, jnp.sum(a, axis=1 if axis == 0 else 0, keepdims=True)
 
-    got = graph._chunked(fn, (x,), 10, axis=axis)  # 4 chunks of 10, the last padded
+    got = graph._chunked(fn, (x,), 10, axis=axis)  # 4 chunks of 10, the last overlapping the third
     want = fn(x)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)

@@ -53,6 +53,27 @@ def test_beam_search_walks_a_path_graph():
     np.testing.assert_array_equal(dist, [[0, 1, 1, 2]])
 
 
+@pytest.mark.parametrize("n_entries", [1, 37, 64, 200])
+def test_seed_is_the_nearest_entry_of_each_strided_group(n_entries):
+    rng = np.random.default_rng(n_entries)
+    c = rng.integers(0, 2**32, (300, 2), dtype=np.uint32)
+    c[:20] = c[0]  # ties: the lower id wins
+    qc = np.concatenate([c[:1], rng.integers(0, 2**32, (4, 2), dtype=np.uint32)])
+    entries = rng.permutation(300)[:n_entries].astype(np.int32)
+    layout = search.KeyLayout.for_ids(300, flag=True)
+    size = 16
+    args = (jnp.asarray(qc), jnp.asarray(c), jnp.asarray(entries))
+    seed = np.asarray(search._seed(*args, layout, size))
+    x = (c[entries][:, None, :] ^ qc[None]).view(np.uint8)
+    d = np.unpackbits(x, axis=-1).sum(-1)  # [E, Q]
+    want = np.full((size, len(qc)), np.iinfo(np.uint32).max, np.uint64)
+    for e, node in enumerate(entries):  # group of entry e: e % size
+        shift = layout.id_bits + layout.flag_bits
+        key = (d[e].astype(np.uint64) << shift) | (np.uint64(node) << layout.flag_bits)
+        want[e % size] = np.minimum(want[e % size], key)
+    np.testing.assert_array_equal(seed, np.sort(want, axis=0).astype(np.uint32))
+
+
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_rerank_matches_numpy(metric):
     rng = np.random.default_rng(0)
