@@ -292,14 +292,20 @@ def _chunked(fn, arrays, max_size: int, axis: int = 0):
 # ------------------------------------------------------------------------------- 1. partition
 
 
-def majority_centroids(codes, assign, n_clusters: int, old):
+def majority_centroids(codes, assign, n_clusters: int, old, total=lambda x: x):
     """Majority vote per bit: codes uint32 [S, W], assign int32 [S] -> uint32 [C, W]
-    (ties to 0; clusters without members keep `old`)."""
-    bits = unpack_bits(codes).astype(jnp.int32)
-    ones = jax.ops.segment_sum(bits, assign, n_clusters)
-    size = jax.ops.segment_sum(jnp.ones_like(assign), assign, n_clusters)
-    new = _pack(2 * ones > size[:, None])
-    return jnp.where((size > 0)[:, None], new, old)
+    (ties to 0; clusters without members keep `old`; an assignment outside 0..C-1 counts for
+    none). `total` sums the member and bit counts over a sharded sample (a psum); integer
+    counts, so the vote is the same however the sample is split."""
+    size = total(jax.ops.segment_sum(jnp.ones_like(assign), assign, n_clusters))
+    # One word at a time: the unpacked int32 bits of a whole 65536-point sample are 64 MB,
+    # a fifth of a device's peak in an 8-device 1M build (XLA buffer assignment).
+    words = []
+    for w in range(codes.shape[1]):
+        bits = unpack_bits(codes[:, w : w + 1]).astype(jnp.int32)
+        ones = total(jax.ops.segment_sum(bits, assign, n_clusters))
+        words.append(_pack(2 * ones > size[:, None]))
+    return jnp.where((size > 0)[:, None], jnp.concatenate(words, axis=1), old)
 
 
 def _pack(bits):
@@ -337,18 +343,57 @@ def nearest_centroids(points, cent, a: int):
     return _chunked(lambda p: walk(p, cent, graph, entries)[0][:, :a], (points,), _ASSIGN_CHUNK)
 
 
-def hamming_kmeans(sample, n_clusters: int, iterations: int):
-    """Centroids uint32 [C, W] from sample uint32 [S, W] (initialised with evenly spaced rows).
-    With fewer than 8 sample points a cluster no iteration runs: majority votes over 1-3
-    points would only copy them, so the centroids stay the sampled points."""
-    init = jnp.linspace(0, sample.shape[0] - 1, n_clusters).astype(jnp.int32)
-    cent = sample[init]
-    if sample.shape[0] < 8 * n_clusters:
+def hamming_kmeans(
+    sample,
+    n_clusters: int,
+    iterations: int,
+    *,
+    init=None,
+    valid=None,
+    sample_total: int | None = None,
+    total=lambda x: x,
+):
+    """Centroids uint32 [C, W] from sample uint32 [S, W], initialised with `init` [C, W]
+    (default: evenly spaced sample rows). A sharded sample passes its shard (rows where
+    `valid` is False are padding and vote for no cluster), the whole sample's size and a
+    `total` that sums the counts over the shards. With fewer than 8 sample points a cluster no
+    iteration runs: majority votes over 1-3 points would only copy them, so the centroids stay
+    the init."""
+    if init is None:
+        init = sample[jnp.linspace(0, sample.shape[0] - 1, n_clusters).astype(jnp.int32)]
+    cent = init
+    if (sample_total or sample.shape[0]) < 8 * n_clusters:
         return cent
     for _ in range(iterations):
-        assign = nearest_centroids(sample, cent, 1)
-        cent = majority_centroids(sample, assign[:, 0], n_clusters, cent)
+        assign = nearest_centroids(sample, cent, 1)[:, 0]
+        if valid is not None:
+            assign = jnp.where(valid, assign, n_clusters)  # out of range: counted nowhere
+        cent = majority_centroids(sample, assign, n_clusters, cent, total)
     return cent
+
+
+def _kmeans(codes, plan: _Plan, axis: str):
+    """Centroids from an evenly spaced sample of all N points, sharded over the devices: each
+    assigns its share of the sample and the vote counts are summed with psum, so no device holds
+    or scans the whole sample and every mesh gets the single-device centroids."""
+    size, d = plan.sample_size, plan.shards
+    sample_idx = jnp.asarray(np.linspace(0, plan.n_total - 1, size).astype(np.int32))
+    init_idx = sample_idx[jnp.linspace(0, size - 1, plan.n_clusters).astype(jnp.int32)]
+    init = _ring_take(codes, init_idx, 0, plan, axis)
+    share = -(-size // d)
+    mine = jnp.pad(sample_idx, (0, share * d - size), constant_values=-1)
+    mine = lax.dynamic_slice_in_dim(mine, _shard_index(plan, axis) * share, share)
+    sample = _ring_take(codes, mine, 0, plan, axis)
+    total = (lambda x: x) if d == 1 else functools.partial(lax.psum, axis_name=axis)
+    return hamming_kmeans(
+        sample,
+        plan.n_clusters,
+        plan.cfg.kmeans_iterations,
+        init=init,
+        valid=mine >= 0,
+        sample_total=size,
+        total=total,
+    )
 
 
 def _partition(codes, plan: _Plan, axis: str):
@@ -358,9 +403,7 @@ def _partition(codes, plan: _Plan, axis: str):
     n, a, nc = plan.rows, plan.num_assign, plan.n_clusters
     me = _shard_index(plan, axis)
     gid = me * n + jnp.arange(n, dtype=jnp.int32)
-    sample_idx = jnp.asarray(np.linspace(0, plan.n_total - 1, plan.sample_size).astype(np.int32))
-    sample = _ring_take(codes, sample_idx, 0, plan, axis)
-    cent = hamming_kmeans(sample, nc, plan.cfg.kmeans_iterations)
+    cent = _kmeans(codes, plan, axis)
     cl = nearest_centroids(codes, cent, a)  # [n, a]
     valid = (gid < plan.n_total)[:, None]
     cl = jnp.where(valid, cl, nc)  # padding goes to a dummy cluster past the end
