@@ -158,8 +158,8 @@ def by_tiles(fn, x, tile: int = TILE):
 def _smallest(x, k: int):
     m = x.shape[0]
     chunks = -(-m // k)
-    # Chunk c holds rows c, c + chunks, ...: a reshape with no transpose (contiguous chunks
-    # needed a swapaxes copy that XLA:CPU fused into the first stage as strided scalar code).
+    # Chunk c holds rows c, c + chunks, ...: which rows share a chunk does not change the k
+    # smallest, and this split is a reshape, with no transposed copy.
     x = sort(pad_rows(x, chunks * k).reshape(k, chunks, *x.shape[1:]))
     while chunks > 1:  # x [k, chunks, ...]: chunk c sorted along axis 0
         if chunks % 2:

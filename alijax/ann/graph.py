@@ -47,8 +47,9 @@ per destination vary with the data, and fixed-capacity all_to_all buckets would 
 requests (sharding-dependent results) or need O(N) buffers. The cost: the masked local lookups
 run once per ring step, and propagation rows are processed in chunks of `row_chunk` (each chunk
 runs its own code ring) to bound the gathered candidate codes. Cluster histograms
-([D, n_clusters]), the centroids with their graph and the k-means sample are the only
-replicated arrays (`build_memory` gives XLA's per-device buffer sizes for any mesh).
+([D, n_clusters]) and the centroids with their graph are the only replicated arrays; the k-means
+sample is split over the devices and its vote counts summed with psum (`build_memory` gives
+XLA's per-device buffer sizes for any mesh).
 
 Determinism. Every result is a function of the codes only: block layout by (cluster, point id),
 kNN ties to the lower slot, merges sorted by (distance, index), reverse edges by (rank, source).

@@ -55,3 +55,24 @@ def test_key_layout_orders_by_distance_then_id(flag):
     assert bitonic.KeyLayout.fits(1 << 22, 256, flag=True)
     assert not bitonic.KeyLayout.fits(1 << 23, 256, flag=True)
     assert bitonic.KeyLayout.fits(1 << 23, 256) and not bitonic.KeyLayout.fits(1 << 24, 256)
+
+
+def test_tiled_networks_and_tuple_input_match_numpy():
+    # 600 lists: three tiles of 200 (TILE 256), the path every large build takes.
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 300, size=(40, 600), dtype=np.uint32)
+    b = rng.integers(0, 300, size=(30, 600), dtype=np.uint32)
+    both = np.concatenate([a, b])
+    np.testing.assert_array_equal(bitonic.smallest(jnp.asarray(both), 16), np.sort(both, 0)[:16])
+    got = np.asarray(bitonic.unique_smallest((jnp.asarray(a), jnp.asarray(b)), 16))
+    for col in range(600):
+        np.testing.assert_array_equal(got[:, col], np.unique(both[:, col])[:16])
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_slice_map_joins_overlapping_slices(axis):
+    x = jnp.arange(3 * 37).reshape(3, 37) if axis else jnp.arange(37 * 3).reshape(37, 3)
+    fn = lambda t: {"double": t * 2, "sum": jnp.sum(t, axis=1 - axis, keepdims=True)}  # noqa: E731
+    got = bitonic.slice_map(fn, (x,), 10, axis=axis)  # 4 slices, the last overlapping
+    for name, want in fn(x).items():
+        np.testing.assert_array_equal(got[name], want)
