@@ -65,20 +65,30 @@ def _seed(query_codes, codes, entries, layout: KeyLayout, size: int):
     costs one pass of distances and a running min, not a top-k over all entries."""
     e, q = entries.shape[0], query_codes.shape[0]
     groups = -(-e // size)
-    padded = groups * size
-    ids = jnp.pad(entries, (0, padded - e), constant_values=-1).reshape(groups, size)
-    entry_codes = codes[jnp.maximum(ids, 0)].transpose(0, 2, 1)  # [groups, W, size]
+    per_step = min(groups, _SEED_GROUPS_PER_STEP)
+    steps = -(-groups // per_step)
+    ids = jnp.pad(entries, (0, steps * per_step * size - e), constant_values=-1)
+    ids = ids.reshape(steps, per_step, size)
+    entry_codes = jnp.moveaxis(codes[jnp.maximum(ids, 0)], -1, 1)  # [steps, W, per_step, size]
     query_t = query_codes.T[:, None, :]  # [W, 1, Q]
 
-    def fold(g, best):
-        # Word-major, one group at a time: each term is a row of Q contiguous XORs and the
-        # [size, Q] keys stay in cache (an [E, Q, W] reduce over the minor axis of W words, then
-        # a min over the whole [E, Q] keys, ran 3x slower on XLA:CPU, measured).
-        d = hamming_pairs_word_major(entry_codes[g][:, :, None], query_t)  # [size, Q]
-        keys = layout.pack(d, jnp.broadcast_to(ids[g][:, None], d.shape))
-        return jnp.minimum(best, jnp.where(ids[g][:, None] >= 0, keys, SENTINEL))
+    def fold(step, best):
+        # Word-major, a few groups a step: each term is a row of Q contiguous XORs and the
+        # keys stay in cache (an [E, Q, W] reduce over the minor axis of W words, then a min
+        # over the whole [E, Q] keys, ran 3x slower on XLA:CPU, measured).
+        for g in range(per_step):  # unrolled: elementwise mins, no reduce over a major axis
+            d = hamming_pairs_word_major(entry_codes[step][:, g, :, None], query_t)  # [size, Q]
+            node = ids[step][g][:, None]
+            keys = layout.pack(d, jnp.broadcast_to(node, d.shape))
+            best = jnp.minimum(best, jnp.where(node >= 0, keys, SENTINEL))
+        return best
 
-    return bitonic.sort(lax.fori_loop(0, groups, fold, jnp.full((size, q), SENTINEL)))
+    return bitonic.sort(lax.fori_loop(0, steps, fold, jnp.full((size, q), SENTINEL)))
+
+
+# Seed groups scored per loop step (unrolled). One a step cost 3.2 ms of a 13 ms batch (500
+# queries, 100k codes, 8333 entries, L=32, one core); 4: 1.2 ms, 8: 1.06 ms, 16: 1.04 ms.
+_SEED_GROUPS_PER_STEP = 8
 
 
 def beam_search(
