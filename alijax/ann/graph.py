@@ -514,13 +514,17 @@ def _initial_knn_keys(codes, plan: _Plan, axis: str):
     table = lax.map(lambda x: knn(*x), blocks, batch_size=batch)  # [B, C, K]
     table = table.reshape(-1, plan.k)  # one row per slot: no transposed copy of the table
 
-    # Each point's rows, one assignment at a time, into a running list, so only [2K, n] keys
-    # are live at once. The barrier keeps XLA:CPU from fusing the row gather into the
-    # transpose (that fusion ran as one scalar loop, 2.4 s of a 100k build, measured).
-    def add(j, lists):
-        got = _ring_take(table, pos[:, j], bitonic.SENTINEL, plan, axis)  # [n, K]
+    # Each point's rows, one assignment at a time, merged into a running list, in chunks of
+    # points so the gathered rows are never a whole [n, K] table (with its transpose, 0.5 GB
+    # at 1M). The barrier keeps XLA:CPU from fusing the row gather into the transpose (that
+    # fusion ran as one scalar loop, 2.4 s of a 100k build, measured).
+    def merge_rows(lists_c, pos_c):
+        got = _ring_take(table, pos_c, bitonic.SENTINEL, plan, axis)  # [r, K]
         got = lax.optimization_barrier(got).T
-        return bitonic.unique_smallest((lists, got), plan.k)
+        return bitonic.unique_smallest((lists_c, got), plan.k)
+
+    def add(j, lists):
+        return _chunked(merge_rows, (lists, pos[:, j]), plan.cfg.row_chunk, axis=-1)
 
     empty = jnp.full((plan.k, plan.rows), bitonic.SENTINEL)
     return lax.fori_loop(0, plan.num_assign, add, empty)

@@ -204,6 +204,12 @@ class BinaryGraphIndex:
         cached_host, cached = self._device_cache
         if len(cached_host) != len(host) or any(a is not b for a, b in zip(cached_host, host)):
             cached = tuple(jnp.asarray(a) for a in host)
+            if all(d.platform == "cpu" for d in cached[0].devices()):
+                # On CPU a numpy view of a device array shares its memory, so the host arrays
+                # become read-only views and the data are held once, not twice (the vectors of
+                # 1M x 128 floats are 512 MB). Updates replace these arrays, never write them.
+                host = tuple(np.asarray(a) for a in cached)
+                self.codes, self.graph, self.vectors, self.entries, self.deleted = host
             self._device_cache = (host, cached)
         return cached
 
