@@ -239,11 +239,12 @@ class BinaryGraphIndex:
     def _add_candidates(self, new_codes: np.ndarray, n: int):
         m, deg = len(new_codes), self.degree
         big_l = max(2 * deg, self.search_config.candidates)
+        codes, graph, _, entries, _ = self._on_device()  # the cached copies, not new ones
         g_i, g_d = search_lib.beam_search_jit(
             jnp.asarray(new_codes),
-            jnp.asarray(self.codes),
-            jnp.asarray(self.graph),
-            jnp.asarray(self.entries),
+            codes,
+            graph,
+            entries,
             candidates=big_l,
             width=1,
             iterations=big_l + 16,
