@@ -293,11 +293,12 @@ def _chunked(fn, arrays, max_size: int, axis: int = 0):
 # ------------------------------------------------------------------------------- 1. partition
 
 
-def majority_centroids(codes, assign, n_clusters: int, old, total=lambda x: x):
+def majority_centroids(codes, assign, n_clusters: int, old, total=None):
     """Majority vote per bit: codes uint32 [S, W], assign int32 [S] -> uint32 [C, W]
     (ties to 0; clusters without members keep `old`; an assignment outside 0..C-1 counts for
     none). `total` sums the member and bit counts over a sharded sample (a psum); integer
     counts, so the vote is the same however the sample is split."""
+    total = total or (lambda x: x)
     size = total(jax.ops.segment_sum(jnp.ones_like(assign), assign, n_clusters))
     # One word at a time: the unpacked int32 bits of a whole 65536-point sample are 64 MB,
     # a fifth of a device's peak in an 8-device 1M build (XLA buffer assignment).
@@ -352,7 +353,7 @@ def hamming_kmeans(
     init=None,
     valid=None,
     sample_total: int | None = None,
-    total=lambda x: x,
+    total=None,
 ):
     """Centroids uint32 [C, W] from sample uint32 [S, W], initialised with `init` [C, W]
     (default: evenly spaced sample rows). A sharded sample passes its shard (rows where
@@ -385,7 +386,7 @@ def _kmeans(codes, plan: _Plan, axis: str):
     mine = jnp.pad(sample_idx, (0, share * d - size), constant_values=-1)
     mine = lax.dynamic_slice_in_dim(mine, _shard_index(plan, axis) * share, share)
     sample = _ring_take(codes, mine, 0, plan, axis)
-    total = (lambda x: x) if d == 1 else functools.partial(lax.psum, axis_name=axis)
+    total = None if d == 1 else functools.partial(lax.psum, axis_name=axis)
     return hamming_kmeans(
         sample,
         plan.n_clusters,
@@ -516,7 +517,8 @@ def _initial_knn_keys(codes, plan: _Plan, axis: str):
 
     # Each point's rows, one assignment at a time, merged into a running list, in chunks of
     # points so the gathered rows are never a whole [n, K] table (with its transpose, 0.5 GB
-    # at 1M). The barrier keeps XLA:CPU from fusing the row gather into the transpose (that
+    # at 1M). On a mesh each chunk runs its own ring over the block table, so the ring traffic
+    # grows with n / row_chunk: the price of that memory bound. The barrier keeps XLA:CPU from fusing the row gather into the transpose (that
     # fusion ran as one scalar loop, 2.4 s of a 100k build, measured).
     def merge_rows(lists_c, pos_c):
         got = _ring_take(table, pos_c, bitonic.SENTINEL, plan, axis)  # [r, K]
