@@ -15,7 +15,7 @@ below are ours.
    an average cluster fills half a block; the capacity defaults to about 6 sqrt(N) clusters.
 2. Sub-graphs. The N * num_assign (cluster, point) assignments are laid out in (cluster, point id)
    order and cut into blocks of `cluster_capacity` consecutive slots; exact kNN runs inside each
-   block. A cluster larger than a block spans several blocks, small neighbouring clusters share
+   block and keeps `block_degree` neighbours a slot. A cluster larger than a block spans several blocks, small neighbouring clusters share
    one: no assignment is ever dropped, and the layout depends only on the data, never on the
    sharding. A point's lists from its blocks are merged (deduplicated, top K).
 3. Propagation (`rounds` rounds, breadth-first as in the paper): the candidates of p are the
@@ -51,6 +51,11 @@ runs its own code ring) to bound the gathered candidate codes. Cluster histogram
 sample is split over the devices and its vote counts summed with psum (`build_memory` gives
 XLA's per-device buffer sizes for any mesh).
 
+Memory. The build is three compiled programs (stages 1-2, 3, 4-5) that pass only the lists
+between them, and every large working set is cut into chunks of points (`row_chunk`), of blocks
+(`block_batch`), of edge ranks (the reverse edges) or of centroids. At 1M 256-bit codes on one
+device XLA's buffers peak at 0.93 GB (`build_memory`), against 2.0 GB as one program.
+
 Determinism. Every result is a function of the codes only: block layout by (cluster, point id),
 kNN ties to the lower slot, merges sorted by (distance, index), reverse edges by (rank, source).
 The 8-device build returns exactly the single-device graph.
@@ -58,6 +63,7 @@ The 8-device build returns exactly the single-device graph.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import math
@@ -112,6 +118,13 @@ class GraphConfig:
     reverse_samples: int = 0
     row_chunk: int = 16384  # rows per propagation / pruning chunk (bounds their memory)
     block_batch: int = 8  # blocks per step of the exact in-block kNN
+    # Entries kept per (point, block) by the in-block kNN; None: K // 2 (at least K /
+    # num_assign) in build_graph, K in knn_graph. The block table is N * num_assign of these
+    # lists, the largest buffer of the build (0.5 GB at 1M with K entries); K // 2 halves it
+    # and changed no search recall (1M: recall@10 0.9562 at L=64 either way; 100k: 0.9766 at
+    # L=32), though some of the K-lists then stay short of K until the pruning cuts them to
+    # `degree`, which is why knn_graph, whose lists are its result, keeps K.
+    block_degree: int | None = None
     # Each node's first kept edges that give reverse edges (None: all `degree`). The reverse
     # pass is one 2-operand XLA sort of N * reverse_sources entries, about 0.3 us an entry on
     # XLA:CPU; edges past the 16th kept one added no search recall at 100k or 1M (measured).
@@ -130,6 +143,7 @@ class _Plan:
     rows: int  # n = rows per shard (N padded to D * n)
     words: int
     k: int
+    block_k: int  # entries per slot of the block table
     degree: int
     n_clusters: int
     num_assign: int
@@ -170,6 +184,7 @@ def _plan(n_total: int, words: int, degree: int, shards: int, cfg: GraphConfig) 
         rows=-(-n_total // shards),
         words=words,
         k=k,
+        block_k=min(k, max(cfg.block_degree or k // 2, -(-k // a))),
         degree=degree,
         n_clusters=nc,
         num_assign=a,
@@ -323,6 +338,7 @@ def _pack(bits):
 _EXACT_ASSIGN_MAX = 4096
 _CENTROID_DEGREE = 16
 _ASSIGN_CHUNK = 16384
+_CENTROID_CHUNK = 1024
 
 
 def nearest_centroids(points, cent, a: int):
@@ -332,7 +348,10 @@ def nearest_centroids(points, cent, a: int):
     c = cent.shape[0]
     if c <= _EXACT_ASSIGN_MAX:
         return hamming_topk(points, cent, a)[1]
-    _, nbrs = hamming_topk(cent, cent, _CENTROID_DEGREE + 1)
+    # In chunks of centroids: the Q x chunk distance tiles of all C at once were 5 x 31 MB
+    # at 1M (7812 centroids), most of an 8-device build's per-device peak (XLA buffers).
+    knn = lambda rows: hamming_topk(rows, cent, _CENTROID_DEGREE + 1)[1]  # noqa: E731
+    nbrs = _chunked(knn, (cent,), _CENTROID_CHUNK)
     graph = nbrs[:, 1:]  # drop self (or a duplicate centroid: either way a valid edge)
     entries = jnp.linspace(0, c - 1, min(c, 2048)).astype(jnp.int32)
     size = bitonic.next_pow2(max(8, 2 * a))
@@ -498,11 +517,11 @@ def _initial_knn(codes, plan: _Plan, axis: str):
     """Stages 1-2: (ids int32 [n, K], dist int32 [n, K]) for this shard's rows."""
     pos = _partition(codes, plan, axis)
     blocks = _scatter_blocks(codes, pos, plan, axis)
-    n, kk = plan.rows, plan.k
-    knn = functools.partial(_block_knn, k=kk)
+    n, kk, bk = plan.rows, plan.k, plan.block_k
+    knn = functools.partial(_block_knn, k=bk)
     nid, nd = lax.map(lambda x: knn(*x), blocks, batch_size=plan.cfg.block_batch)
-    got_id = _ring_take(nid.reshape(-1, kk), pos, -1, plan, axis)  # [n, a, K]
-    got_d = _ring_take(nd.reshape(-1, kk), pos, BIG, plan, axis)
+    got_id = _ring_take(nid.reshape(-1, bk), pos, -1, plan, axis)  # [n, a, block_k]
+    got_d = _ring_take(nd.reshape(-1, bk), pos, BIG, plan, axis)
     return topk_unique(got_id.reshape(n, -1), got_d.reshape(n, -1), kk)
 
 
@@ -510,10 +529,10 @@ def _initial_knn_keys(codes, plan: _Plan, axis: str):
     """Stages 1-2 on packed keys: this shard's lists as uint32 [K, n], sorted per column."""
     pos = _partition(codes, plan, axis)
     blocks = _scatter_blocks(codes, pos, plan, axis)
-    knn = functools.partial(_block_knn_keys, k=plan.k, layout=plan.layout)
+    knn = functools.partial(_block_knn_keys, k=plan.block_k, layout=plan.layout)
     batch = min(plan.cfg.block_batch, plan.blocks_per_shard)
-    table = lax.map(lambda x: knn(*x), blocks, batch_size=batch)  # [B, C, K]
-    table = table.reshape(-1, plan.k)  # one row per slot: no transposed copy of the table
+    table = lax.map(lambda x: knn(*x), blocks, batch_size=batch)  # [B, C, block_k]
+    table = table.reshape(-1, plan.block_k)  # one row per slot: no transposed copy of the table
 
     # Each point's rows, one assignment at a time, merged into a running list, in chunks of
     # points so the gathered rows are never a whole [n, K] table (with its transpose, 0.5 GB
@@ -601,7 +620,7 @@ def _propagate_keys(codes, codes_t, keys, plan: _Plan, axis: str):
     def one_round(_, keys):  # a loop, not unrolled: the round is compiled once
         ids = plan.layout.ids(keys)
         if n_rev:  # who lists me among their first n_rev neighbours
-            rev = _reverse_edges(ids[:n_rev].T, plan, axis, n_rev).T  # [R, n]
+            rev = _reverse_edges(ids[:n_rev], plan, axis, n_rev)  # [R, n]
         else:
             rev = jnp.zeros((0, plan.rows), jnp.int32)
         step = functools.partial(
@@ -665,43 +684,62 @@ def _prune_chunk(ids_c, d_c, codes, plan: _Plan, axis: str):
     return out.T, kept.T
 
 
-def _reverse_edges(fwd, plan: _Plan, axis: str, width: int):
-    """In-edges: fwd int32 [n, E] (global targets or -1) -> sources int32 [n, width] ordered by
-    (rank of the edge in its source's list, source id), -1 padded."""
-    n, e = fwd.shape
+def _reverse_edges(fwd_t, plan: _Plan, axis: str, width: int):
+    """In-edges, column layout: fwd_t int32 [E, n] (row j: every node's j-th edge, a global
+    target or -1) -> sources int32 [width, n] (column t: t's first `width` sources ordered by
+    (rank of the edge in its source's list, source id), -1 padded).
+
+    One rank at a time: the rank's n edges are sorted by target (stably, so sources stay in id
+    order) and appended after each target's sources so far. A sort of all E * n edges at once
+    held 16M entries at 1M points and its scratch was half the peak of the build's last stage
+    (VmHWM); a rank's sort is n entries."""
+    e, n = fwd_t.shape
     base = _shard_index(plan, axis) * n
-    rank = jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (n, e)).reshape(-1)
+    lanes = bitonic.next_pow2(width)
 
-    def step(acc, v, fwd_v):
-        acc_rank, acc_src = acc
-        src = jnp.broadcast_to((v * n + jnp.arange(n, dtype=jnp.int32))[:, None], (n, e))
-        local = fwd_v.reshape(-1) - base
-        mine = (fwd_v.reshape(-1) >= 0) & (local >= 0) & (local < n)
-        key = jnp.where(mine, local, n)
-        rank_bits = max(1, (e - 1).bit_length())
-        if n.bit_length() + rank_bits <= 31:
-            # One packed (target, rank) key and a stable sort: sources stay in id order within
-            # a key (3 sort keys ran 2x slower on XLA:CPU, measured).
-            packed = (key << rank_bits) | rank
-            packed, s = lax.sort((packed, src.reshape(-1)), num_keys=1, is_stable=True)
-            key, r = packed >> rank_bits, packed & ((1 << rank_bits) - 1)
-        else:
-            key, r, s = lax.sort((key, rank, src.reshape(-1)), num_keys=3)
-        slot = _segment_rank(key)
-        ok = (key < n) & (slot < width)
-        row = jnp.where(ok, key, n)
-        new_rank = jnp.full((n, width), BIG, jnp.int32).at[row, slot].set(r, mode="drop")
-        new_src = jnp.full((n, width), -1, jnp.int32).at[row, slot].set(s, mode="drop")
-        if plan.shards == 1:  # nothing to merge with
-            return new_rank, new_src
-        cat_r = jnp.concatenate([acc_rank, new_rank], axis=1)
-        cat_s = jnp.concatenate([acc_src, new_src], axis=1)
-        cat_r, cat_s = lax.sort((cat_r, cat_s), dimension=-1, num_keys=2)
-        return cat_r[:, :width], cat_s[:, :width]
+    def by_target(v, targets):
+        """This shard's in-edges among the visiting shard v's edges targets [n]: (target column
+        or n, source id, slot among the target's edges in source order)."""
+        local = targets - base
+        mine = (targets >= 0) & (local >= 0) & (local < n)
+        src = v * n + jnp.arange(n, dtype=jnp.int32)
+        key, src = lax.sort((jnp.where(mine, local, n), src), num_keys=1, is_stable=True)
+        return key, src, _segment_rank(key)
 
-    init = (jnp.full((n, width), BIG, jnp.int32), jnp.full((n, width), -1, jnp.int32))
-    _, src = _ring_scan((fwd,), step, init, plan, axis)
-    return src
+    def one_rank_single(r, state):
+        rev, count = state
+        key, src, slot = by_target(0, fwd_t[r])
+        slot = slot + count[jnp.minimum(key, n - 1)]
+        col = jnp.where((key < n) & (slot < width), key, n)  # out of range: dropped
+        rev = rev.at[slot, col].set(src, mode="drop")
+        return rev, count + jax.ops.segment_sum(jnp.ones_like(key), key, n)
+
+    def one_rank_ring(r, state):
+        # The ring visits the shards in rotated order, so each visit's sources (ascending in
+        # their slot rows) are merged into the rank's running lists by source id, and the
+        # rank's lists are appended once the ring is done.
+        rev, count = state
+
+        def visit(acc, v, targets):
+            key, src, slot = by_target(v, targets)
+            col = jnp.where((key < n) & (slot < lanes), key, n)
+            new = (
+                jnp.full((lanes, n), bitonic.SENTINEL)
+                .at[slot, col]
+                .set(src.astype(jnp.uint32), mode="drop")
+            )
+            return bitonic.merge_smallest(acc, new)
+
+        got = _ring_scan((fwd_t[r],), visit, jnp.full((lanes, n), bitonic.SENTINEL), plan, axis)
+        j = jnp.arange(width, dtype=jnp.int32)[:, None]
+        pick = jnp.take_along_axis(got, jnp.clip(j - count[None, :], 0, lanes - 1), axis=0)
+        pick = jnp.where(pick == bitonic.SENTINEL, -1, pick.astype(jnp.int32))
+        rev = jnp.where(j < count[None, :], rev, pick)
+        return rev, count + jnp.sum(got != bitonic.SENTINEL, axis=0, dtype=jnp.int32)
+
+    body = one_rank_single if plan.shards == 1 else one_rank_ring
+    init = (jnp.full((width, n), -1, jnp.int32), jnp.zeros((n,), jnp.int32))
+    return lax.fori_loop(0, e, body, init)[0]
 
 
 def merge_forward_reverse(fwd, rev, degree: int, id_bits: int | None = None):
@@ -711,31 +749,11 @@ def merge_forward_reverse(fwd, rev, degree: int, id_bits: int | None = None):
     With id_bits (ids < 2**id_bits and id_bits + ceil(log2(K + R)) <= 32) the rows run through
     bitonic networks on (id, position) keys instead of lax.sort and top_k (4x faster on
     XLA:CPU, measured)."""
+    m = fwd.shape[1] + rev.shape[1]
+    if _merge_fits(m, id_bits):
+        return _merge_forward_reverse_t(fwd.T, rev.T, degree, id_bits).T
     h = degree // 2
     cat = jnp.concatenate([fwd[:, :h], rev, fwd[:, h:]], axis=1)
-    m = cat.shape[1]
-    pos_bits = max(1, (m - 1).bit_length())
-    if id_bits is not None and id_bits + pos_bits <= 32:
-        pos = jnp.arange(m, dtype=jnp.uint32)[:, None]
-        ids = cat.T
-        # Sorted by (id, position), a repeated id follows its first occurrence: drop it.
-        by_id = jnp.where(ids >= 0, (ids.astype(jnp.uint32) << pos_bits) | pos, bitonic.SENTINEL)
-        by_id = bitonic.by_tiles(
-            lambda t: bitonic.sort(bitonic.pad_rows(t, bitonic.next_pow2(m))), by_id
-        )
-        first = jnp.concatenate(
-            [jnp.ones_like(by_id[:1], bool), (by_id[1:] >> pos_bits) != (by_id[:-1] >> pos_bits)]
-        )
-        keep = first & (by_id != bitonic.SENTINEL)
-        # Back to position order: (position, id) keys of the kept entries, the first `degree`.
-        by_pos = jnp.where(
-            keep,
-            ((by_id & ((1 << pos_bits) - 1)) << id_bits) | (by_id >> pos_bits),
-            bitonic.SENTINEL,
-        )
-        out = bitonic.smallest(by_pos, bitonic.next_pow2(degree))[:degree]
-        out = jnp.where(out == bitonic.SENTINEL, -1, (out & ((1 << id_bits) - 1)).astype(jnp.int32))
-        return out.T
     prio = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), cat.shape)
     ids, prio = lax.sort((cat, prio), dimension=-1, num_keys=2)
     dup = jnp.concatenate([jnp.zeros_like(ids[:, :1], bool), ids[:, 1:] == ids[:, :-1]], axis=1)
@@ -745,57 +763,182 @@ def merge_forward_reverse(fwd, rev, degree: int, id_bits: int | None = None):
     return jnp.where(_take_along(prio, pos) >= BIG, -1, out)
 
 
+def _merge_fits(m: int, id_bits: int | None) -> bool:
+    return id_bits is not None and id_bits + max(1, (m - 1).bit_length()) <= 32
+
+
+def _merge_forward_reverse_t(fwd_t, rev_t, degree: int, id_bits: int):
+    """merge_forward_reverse in column layout on bitonic networks: fwd_t [K, r], rev_t [R, r]
+    -> [degree, r]."""
+    h = degree // 2
+    ids = jnp.concatenate([fwd_t[:h], rev_t, fwd_t[h:]], axis=0)
+    m = ids.shape[0]
+    pos_bits = max(1, (m - 1).bit_length())
+    pos = jnp.arange(m, dtype=jnp.uint32)[:, None]
+    # Sorted by (id, position), a repeated id follows its first occurrence: drop it.
+    by_id = jnp.where(ids >= 0, (ids.astype(jnp.uint32) << pos_bits) | pos, bitonic.SENTINEL)
+    by_id = bitonic.by_tiles(
+        lambda t: bitonic.sort(bitonic.pad_rows(t, bitonic.next_pow2(m))), by_id
+    )
+    first = jnp.concatenate(
+        [jnp.ones_like(by_id[:1], bool), (by_id[1:] >> pos_bits) != (by_id[:-1] >> pos_bits)]
+    )
+    keep = first & (by_id != bitonic.SENTINEL)
+    # Back to position order: (position, id) keys of the kept entries, the first `degree`.
+    by_pos = jnp.where(
+        keep,
+        ((by_id & ((1 << pos_bits) - 1)) << id_bits) | (by_id >> pos_bits),
+        bitonic.SENTINEL,
+    )
+    out = bitonic.smallest(by_pos, bitonic.next_pow2(degree))[:degree]
+    return jnp.where(out == bitonic.SENTINEL, -1, (out & ((1 << id_bits) - 1)).astype(jnp.int32))
+
+
 _PRUNE_CHUNK = 4096  # rows per pruning step: [64, 64, 4096] pair distances are 64 MB
 
 
-def _finalize(codes, ids, dist, plan: _Plan, axis: str, keys=None, codes_t=None):
-    if plan.cfg.prune and keys is not None:
-        step = functools.partial(_prune_keys_chunk, codes_t=codes_t, plan=plan, axis=axis)
-        # Smaller chunks than propagation's: the pair distances are [K, K, r].
-        chunk = min(plan.cfg.row_chunk, _PRUNE_CHUNK)
-        fwd, kept = jax.tree.map(jnp.transpose, _chunked(step, (keys,), chunk, axis=-1))
-    elif plan.cfg.prune:
+def _finalize(codes, ids, dist, plan: _Plan, axis: str):
+    """Stages 4-5 on [n, K] rows (the sort path) -> the graph int32 [n, degree]."""
+    if plan.cfg.prune:
         step = functools.partial(_prune_chunk, codes=codes, plan=plan, axis=axis)
         fwd, kept = _chunked(step, (ids, dist), min(plan.cfg.row_chunk, _PRUNE_CHUNK))
     else:
         fwd, kept = ids, ids >= 0
     if not plan.cfg.reverse:
-        return jnp.pad(fwd, ((0, 0), (0, max(0, plan.degree - fwd.shape[1]))), constant_values=-1)[
-            :, : plan.degree
-        ]
+        return _first_columns(fwd.T, plan.degree).T
     sources = min(plan.degree, plan.cfg.reverse_sources or plan.degree)
-    src_edges = jnp.where(kept, fwd, -1)[:, :sources]
-    rev = _reverse_edges(src_edges, plan, axis, plan.degree)
-    id_bits = None if plan.layout is None else plan.layout.id_bits
-    merge = functools.partial(merge_forward_reverse, degree=plan.degree, id_bits=id_bits)
+    rev = _reverse_edges(jnp.where(kept, fwd, -1)[:, :sources].T, plan, axis, plan.degree).T
+    merge = functools.partial(merge_forward_reverse, degree=plan.degree)
     return _chunked(merge, (fwd, rev), plan.cfg.row_chunk)  # [n, K + R] only a chunk at a time
+
+
+def _first_columns(x_t, rows: int):
+    """x_t [m, n] -> [rows, n]: its first rows, -1 padded."""
+    return jnp.pad(x_t, ((0, max(0, rows - x_t.shape[0])), (0, 0)), constant_values=-1)[:rows]
+
+
+def _finalize_keys(keys, codes_t, plan: _Plan, axis: str):
+    """Stages 4-5 on packed lists keys [K, n] -> the graph int32 [n, degree]. Column layout
+    throughout (the lists, kept flags, in-edges and merged rows are all [., n]), so no [n, K]
+    transposed copy is made: those were 0.4 GB of the 1M build's 1.1 GB peak."""
+    layout = plan.layout
+    if plan.cfg.prune:
+        step = functools.partial(_prune_keys_chunk, codes_t=codes_t, plan=plan, axis=axis)
+        # Smaller chunks than propagation's: the pair distances are [K, K, r].
+        chunk = min(plan.cfg.row_chunk, _PRUNE_CHUNK)
+        fwd_t, kept_t = _chunked(step, (keys,), chunk, axis=-1)
+    else:
+        fwd_t = layout.ids(keys)
+        kept_t = fwd_t >= 0
+    if not plan.cfg.reverse:
+        return _first_columns(fwd_t, plan.degree).T
+    sources = min(plan.degree, plan.cfg.reverse_sources or plan.degree)
+    rev_t = _reverse_edges(jnp.where(kept_t, fwd_t, -1)[:sources], plan, axis, plan.degree)
+    if not _merge_fits(fwd_t.shape[0] + plan.degree, layout.id_bits):
+        return _chunked(
+            functools.partial(merge_forward_reverse, degree=plan.degree),
+            (fwd_t.T, rev_t.T),
+            plan.cfg.row_chunk,
+        )
+    merge = functools.partial(_merge_forward_reverse_t, degree=plan.degree, id_bits=layout.id_bits)
+    return _chunked(merge, (fwd_t, rev_t), plan.cfg.row_chunk, axis=-1).T
 
 
 # ------------------------------------------------------------------------------- entry points
 
+# The build runs as three compiled programs with only the lists passed between them (and
+# donated to the next). XLA gives one program a single temporary slab sized for its worst
+# moment; as one program the 1M build packed stage 2's block table and stage 4's pruning
+# buffers into a 1.9 GB slab (its buffer assignment), apart each stage sizes its own.
+STAGES = ("initial", "propagate", "finalize")
 
-def _build_local(codes, plan: _Plan, axis: str, stage: str):
+
+def _initial_stage(codes, plan: _Plan, axis: str):
+    """Stages 1-2: the lists, keys uint32 [K, n] (or (ids, dist) int32 [n, K] rows)."""
     if plan.layout is not None:
-        return _build_local_keys(codes, plan, axis, stage)
-    ids, dist = _initial_knn(codes, plan, axis)
+        return _initial_knn_keys(codes, plan, axis)
+    return _initial_knn(codes, plan, axis)
+
+
+def _propagate_stage(codes, lists, plan: _Plan, axis: str):
+    """Stage 3: lists -> refined lists, same layout."""
+    if plan.layout is not None:
+        return _propagate_keys(codes, codes.T, lists, plan, axis)
+    return _propagate(codes, *lists, plan, axis)
+
+
+def _finalize_stage(codes, lists, plan: _Plan, axis: str):
+    """Stages 4-5: lists -> the search graph int32 [n, degree]."""
+    if plan.layout is None:
+        return _finalize(codes, *lists, plan, axis)
+    # codes.T: word-major codes for the pruning's pair distances
+    return _finalize_keys(lists, codes.T, plan, axis)
+
+
+def _arg_shapes(plan: _Plan, mesh, axis: str):
+    """Abstract (codes, lists) of a build on this mesh, for compiling before the data exist."""
+    total = plan.rows * plan.shards
+
+    def spec(shape, dtype, *names):
+        sharding = jax.sharding.NamedSharding(mesh, P(*names))
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    codes = spec((total, plan.words), np.uint32, axis)
+    if plan.layout is not None:
+        return codes, spec((plan.k, total), np.uint32, None, axis)
+    rows = spec((total, plan.k), np.int32, axis)
+    return codes, (rows, rows)
+
+
+@functools.lru_cache(maxsize=32)
+def _executable(plan: _Plan, mesh, axis: str, stage: str):
+    """One stage of the build for one plan, compiled (cached: a build of the same shapes
+    reuses it)."""
+    lists_spec = P(None, axis) if plan.layout is not None else (P(axis), P(axis))
+    codes, lists = _arg_shapes(plan, mesh, axis)
     if stage == "initial":
-        return ids, dist
-    ids, dist = _propagate(codes, ids, dist, plan, axis)
-    if stage == "knn":
-        return ids, dist
-    return _finalize(codes, ids, dist, plan, axis)
+        fn, args, in_specs, out_specs = _initial_stage, (codes,), (P(axis),), lists_spec
+    elif stage == "propagate":
+        fn, args, in_specs, out_specs = (
+            _propagate_stage,
+            (codes, lists),
+            (P(axis), lists_spec),
+            lists_spec,
+        )
+    else:
+        fn, args, in_specs, out_specs = (
+            _finalize_stage,
+            (codes, lists),
+            (P(axis), lists_spec),
+            P(axis),
+        )
+    local = functools.partial(fn, plan=plan, axis=axis)
+    # check_vma=False: hamming_topk's loops start from replicated constants (no pcast), which the
+    # varying-axis checker rejects although every value here is per-device by construction.
+    mapped = jax.shard_map(
+        local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+    )
+    # Propagation's output lists may reuse its input lists' buffer (the graph is another shape).
+    donate = (1,) if stage == "propagate" else ()
+    return jax.jit(mapped, donate_argnums=donate).lower(*args).compile()
 
 
-def _build_local_keys(codes, plan: _Plan, axis: str, stage: str):
-    """The packed-key build: lists stay [K, n] keys from the blocks to the pruning."""
-    keys = _initial_knn_keys(codes, plan, axis)
-    if stage != "initial":
-        codes_t = codes.T  # word-major: chunked with the lists, and the pruning's pair distances
-        keys = _propagate_keys(codes, codes_t, keys, plan, axis)
-    ids, dist = plan.layout.ids(keys).T, plan.layout.dist(keys).T
-    if stage in ("initial", "knn"):
-        return ids, dist
-    return _finalize(codes, ids, dist, plan, axis, keys=keys, codes_t=codes_t)
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def release_free_heap():
+    """Hands the heap that Python and XLA have freed back to the OS (glibc's malloc_trim; a
+    no-op elsewhere). Freed heap stays resident, and a stage's buffers come from fresh pages,
+    not from it: compiling the 1M build left 0.25 GB freed but resident, and each stage about
+    0.55 GB, which the next stage's peak then stood on (VmRSS, 2 cores)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _check_codes(codes) -> np.ndarray:
@@ -807,47 +950,57 @@ def _check_codes(codes) -> np.ndarray:
     return codes
 
 
-@functools.lru_cache(maxsize=32)
-def _compiled(plan: _Plan, mesh, axis: str, stage: str):
-    """The jitted shard_map build for one plan (cached: a build of the same shapes reuses it)."""
-    fn = functools.partial(_build_local, plan=plan, axis=axis, stage=stage)
-    out_specs = P(axis) if stage == "final" else (P(axis), P(axis))
-    # check_vma=False: hamming_topk's loops start from replicated constants (no pcast), which the
-    # varying-axis checker rejects although every value here is per-device by construction.
-    mapped = jax.shard_map(fn, mesh=mesh, in_specs=P(axis), out_specs=out_specs, check_vma=False)
-    return jax.jit(mapped)
-
-
-def _run(codes, degree: int, mesh, config: GraphConfig, stage: str):
-    codes = _check_codes(codes)
+def _plan_for(codes_shape, degree, mesh, config: GraphConfig) -> _Plan:
     if not isinstance(degree, (int, np.integer)) or degree < 1:
         raise ValueError(f"degree={degree!r} must be a positive int")
+    n_total, words = codes_shape
+    return _plan(n_total, words, int(degree), mesh.shape[config.axis], config)
+
+
+def _run(codes, degree: int, mesh, config: GraphConfig, stages: tuple[str, ...]):
+    """Runs the given leading stages of the build; returns the graph (numpy) after
+    "finalize", else the lists as (ids, dist) int32 [N, K] numpy."""
+    codes = _check_codes(codes)
     mesh = _mesh_or_default(mesh, config)
-    n_total, words = codes.shape
-    plan = _plan(n_total, words, int(degree), mesh.shape[config.axis], config)
-    padded = np.zeros((plan.rows * plan.shards, words), np.uint32)
-    padded[:n_total] = codes
-    sharding = jax.sharding.NamedSharding(mesh, P(config.axis))
-    out = _compiled(plan, mesh, config.axis, stage)(jax.device_put(padded, sharding))
-    return jax.tree.map(lambda x: np.asarray(x)[:n_total], out)
+    plan = _plan_for(codes.shape, degree, mesh, config)
+    programs = [_executable(plan, mesh, config.axis, stage) for stage in stages]
+    release_free_heap()  # what compiling freed, before the build's buffers are allocated
+    padded = np.zeros((plan.rows * plan.shards, plan.words), np.uint32)
+    padded[: plan.n_total] = codes
+    device_codes = jax.device_put(padded, jax.sharding.NamedSharding(mesh, P(config.axis)))
+    del padded
+    out = programs[0](device_codes)
+    for program in programs[1:]:
+        jax.block_until_ready(out)
+        release_free_heap()  # what the last stage freed
+        out = program(device_codes, out)
+    if stages[-1] == "finalize":
+        return np.asarray(out)[: plan.n_total]
+    if plan.layout is not None:
+        out = (plan.layout.ids(out).T, plan.layout.dist(out).T)
+    return tuple(np.asarray(x)[: plan.n_total] for x in out)
 
 
 def build_memory(n: int, words: int, degree: int, *, mesh=None, config=GraphConfig()) -> dict:
-    """XLA's memory analysis of the compiled build for N codes of `words` words, per device:
-    {"argument", "output", "temp", "peak"} in bytes, where temp is the largest set of
-    intermediate buffers live at once and peak = argument + output + temp. Compiles, runs
-    nothing, so it sizes a build for any mesh before the data exist."""
+    """XLA's memory analysis of the compiled build for N codes of `words` words, per device and
+    per stage: {stage: {"argument", "output", "alias", "temp", "peak"}, "peak": the largest},
+    in bytes. temp is the largest set of intermediate buffers live at once; peak = argument +
+    output - alias (outputs written into donated arguments) + temp. Compiles, runs nothing, so
+    it sizes a build for any mesh before the data exist."""
     mesh = _mesh_or_default(mesh, config)
-    plan = _plan(n, words, int(degree), mesh.shape[config.axis], config)
-    sharding = jax.sharding.NamedSharding(mesh, P(config.axis))
-    shape = jax.ShapeDtypeStruct((plan.rows * plan.shards, words), np.uint32, sharding=sharding)
-    stats = _compiled(plan, mesh, config.axis, "final").lower(shape).compile().memory_analysis()
-    out = {
-        "argument": int(stats.argument_size_in_bytes),
-        "output": int(stats.output_size_in_bytes),
-        "temp": int(stats.temp_size_in_bytes),
-    }
-    out["peak"] = sum(out.values())
+    plan = _plan_for((n, words), degree, mesh, config)
+    out = {}
+    for stage in STAGES:
+        stats = _executable(plan, mesh, config.axis, stage).memory_analysis()
+        sizes = {
+            "argument": int(stats.argument_size_in_bytes),
+            "output": int(stats.output_size_in_bytes),
+            "alias": int(stats.alias_size_in_bytes),
+            "temp": int(stats.temp_size_in_bytes),
+        }
+        sizes["peak"] = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
+        out[stage] = sizes
+    out["peak"] = max(out[stage]["peak"] for stage in STAGES)
     return out
 
 
@@ -863,16 +1016,19 @@ def build_graph(codes, degree: int, *, mesh=None, config: GraphConfig = GraphCon
     """Search graph over codes uint32 [N, W] -> int32 [N, degree] (numpy; -1 pads tiny graphs).
 
     mesh: a Mesh whose axis config.axis shards the points (None: one device)."""
-    return _run(codes, degree, mesh, config, "final")
+    return _run(codes, degree, mesh, config, STAGES)
 
 
 def knn_graph(codes, k: int, *, mesh=None, config: GraphConfig = GraphConfig(), rounds=None):
     """The approximate Hamming kNN graph before pruning: (ids int32 [N, k], dist int32 [N, k]),
     rows sorted by (distance, index). rounds=0 gives the clustering-only graph."""
     cfg = dataclasses.replace(
-        config, intermediate_degree=k, rounds=config.rounds if rounds is None else rounds
+        config,
+        intermediate_degree=k,
+        rounds=config.rounds if rounds is None else rounds,
+        block_degree=config.block_degree or k,  # full lists (see GraphConfig.block_degree)
     )
-    return _run(codes, k, mesh, cfg, "knn")
+    return _run(codes, k, mesh, cfg, STAGES[:2])
 
 
 def graph_recall(approx_ids, true_ids) -> float:
