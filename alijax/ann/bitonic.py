@@ -149,6 +149,35 @@ def slice_map(fn, arrays, size: int, axis: int = -1):
     return lax.fori_loop(0, count, body, jax.tree.map(full, shapes))
 
 
+def slice_update(fn, x, others, size: int, axis: int = -1):
+    """x with each slice of `size` along `axis` replaced by fn(x slice, *the same slice of each
+    array in `others`), which has the x slice's shape and dtype; returns the updated x.
+
+    The loop carries x itself, so XLA updates its buffer in place instead of allocating an
+    output beside it (a donated argument is updated where it lies). As in slice_map, fn must
+    be position-wise and the last slice is moved back to end at n; its overlap with the slice
+    before keeps the values already written there (so fn is compiled once, for one shape)."""
+    n, at = x.shape[axis], axis % x.ndim
+    if n <= size:
+        return fn(x, *others)
+    count = -(-n // size)
+    size = -(-n // count)  # equal slices, the least overlap
+
+    def take(a, start):
+        return lax.dynamic_slice_in_dim(a, start, size, axis=axis % a.ndim)
+
+    def body(i, x):
+        start = jnp.minimum(i * size, n - size)
+        old = take(x, start)
+        new = fn(old, *(take(o, start) for o in others))
+        shape = [1] * x.ndim
+        shape[at] = size
+        done = (start + jnp.arange(size) < i * size).reshape(shape)  # written by slice i - 1
+        return lax.dynamic_update_slice_in_dim(x, jnp.where(done, old, new), start, axis=at)
+
+    return lax.fori_loop(0, count, body, x)
+
+
 def by_tiles(fn, x, tile: int = TILE):
     """fn applied to column tiles of x [m, c] (fn: [m, tile] -> [k, tile]) -> [k, c], one tile
     after the other so each network's intermediates stay small."""

@@ -460,11 +460,12 @@ def _scatter_blocks(codes, pos, plan: _Plan, axis: str):
     def step(acc, v, codes_v, pos_v):
         ids_acc, codes_acc = acc
         local = pos_v - base
-        local = jnp.where((pos_v >= 0) & (local >= 0) & (local < slots), local, slots).reshape(-1)
+        local = jnp.where((pos_v >= 0) & (local >= 0) & (local < slots), local, slots)
         gid = v * n + jnp.arange(n, dtype=jnp.int32)
-        gid = jnp.broadcast_to(gid[:, None], (n, a)).reshape(-1)
-        src = jnp.broadcast_to(codes_v[:, None, :], (n, a, w)).reshape(-1, w)
-        return (ids_acc.at[local].set(gid, mode="drop"), codes_acc.at[local].set(src, mode="drop"))
+        for j in range(a):  # one assignment at a time: no [n * a, W] copy of the codes
+            ids_acc = ids_acc.at[local[:, j]].set(gid, mode="drop")
+            codes_acc = codes_acc.at[local[:, j]].set(codes_v, mode="drop")
+        return ids_acc, codes_acc
 
     init = (jnp.full((slots,), -1, jnp.int32), jnp.zeros((slots, w), jnp.uint32))
     ids, bcodes = _ring_scan((codes, pos), step, init, plan, axis)
@@ -626,19 +627,38 @@ def _propagate_keys(codes, codes_t, keys, plan: _Plan, axis: str):
         step = functools.partial(
             _propagate_keys_chunk, codes=codes, lists=ids[:s2], plan=plan, axis=axis
         )
+        # Out of place: updating the lists in place (bitonic.slice_update) saved no memory
+        # here and cost 2 s of a 1M round (XLA copies around the loop-carried lists).
         return _chunked(step, (codes_t, keys, gid, rev), plan.cfg.row_chunk, axis=-1)
 
     return lax.fori_loop(0, plan.cfg.rounds, one_round, keys)
 
 
 def _prune_keys_chunk(keys_c, codes_t, plan: _Plan, axis: str):
-    """rng pruning of packed lists keys_c [K, r] -> (ids int32 [K, r] kept first, kept [K, r])."""
+    """rng pruning of packed lists keys_c [K, r] -> edges uint32 [K, r] in the lists' place:
+    kept edges first, then the pruned ones, each in rank order, packed as id << 1 | kept
+    (SENTINEL: none), so the pruning writes over the lists instead of beside them."""
     layout = plan.layout
     ids = layout.ids(keys_c)
     nb = _ring_take(codes_t, ids, 0, plan, axis, table_axis=1)  # [W, K, r]
     d_nn = hamming_pairs_word_major(nb[:, :, None], nb[:, None, :])  # [K, K, r]
     valid = ids >= 0
-    return _kept_first(ids, _rng_prune_t(layout.dist(keys_c), d_nn, valid), valid)
+    ids, kept = _kept_first(ids, _rng_prune_t(layout.dist(keys_c), d_nn, valid), valid)
+    return _pack_edges(ids, kept)
+
+
+def _pack_edges(ids, kept):
+    """ids int32 (-1: none), kept bool -> uint32 id << 1 | kept (SENTINEL where no id)."""
+    packed = (ids.astype(jnp.uint32) << 1) | kept.astype(jnp.uint32)
+    return jnp.where(ids >= 0, packed, bitonic.SENTINEL)
+
+
+def _edge_ids(edges):
+    return jnp.where(edges == bitonic.SENTINEL, -1, (edges >> 1).astype(jnp.int32))
+
+
+def _edge_kept(edges):
+    return (edges != bitonic.SENTINEL) & ((edges & 1) == 1)
 
 
 # ------------------------------------------------------------------------------- 4-5. pruning
@@ -805,43 +825,45 @@ def _finalize(codes, ids, dist, plan: _Plan, axis: str):
     else:
         fwd, kept = ids, ids >= 0
     if not plan.cfg.reverse:
-        return _first_columns(fwd.T, plan.degree).T
+        pad = ((0, 0), (0, max(0, plan.degree - fwd.shape[1])))
+        return jnp.pad(fwd, pad, constant_values=-1)[:, : plan.degree]
     sources = min(plan.degree, plan.cfg.reverse_sources or plan.degree)
     rev = _reverse_edges(jnp.where(kept, fwd, -1)[:, :sources].T, plan, axis, plan.degree).T
     merge = functools.partial(merge_forward_reverse, degree=plan.degree)
     return _chunked(merge, (fwd, rev), plan.cfg.row_chunk)  # [n, K + R] only a chunk at a time
 
 
-def _first_columns(x_t, rows: int):
-    """x_t [m, n] -> [rows, n]: its first rows, -1 padded."""
-    return jnp.pad(x_t, ((0, max(0, rows - x_t.shape[0])), (0, 0)), constant_values=-1)[:rows]
-
-
 def _finalize_keys(keys, codes_t, plan: _Plan, axis: str):
-    """Stages 4-5 on packed lists keys [K, n] -> the graph int32 [n, degree]. Column layout
-    throughout (the lists, kept flags, in-edges and merged rows are all [., n]), so no [n, K]
-    transposed copy is made: those were 0.4 GB of the 1M build's 1.1 GB peak."""
+    """Stages 4-5 on packed lists keys [K, n] (donated) -> uint32 [K, n] whose first `degree`
+    rows are the graph, column p node p's edges (-1 as SENTINEL). Everything is updated in the
+    lists' buffer: the pruning writes the packed edges over the lists, the merge writes each
+    node's row over its edges; beside it live only the in-edges [degree, n] and chunk buffers
+    (as separate arrays the edges, kept flags and rows were 0.4 GB of a 1M build)."""
     layout = plan.layout
     if plan.cfg.prune:
         step = functools.partial(_prune_keys_chunk, codes_t=codes_t, plan=plan, axis=axis)
         # Smaller chunks than propagation's: the pair distances are [K, K, r].
         chunk = min(plan.cfg.row_chunk, _PRUNE_CHUNK)
-        fwd_t, kept_t = _chunked(step, (keys,), chunk, axis=-1)
+        edges = bitonic.slice_update(step, keys, (), chunk)
     else:
-        fwd_t = layout.ids(keys)
-        kept_t = fwd_t >= 0
+        ids = layout.ids(keys)
+        edges = _pack_edges(ids, ids >= 0)
     if not plan.cfg.reverse:
-        return _first_columns(fwd_t, plan.degree).T
+        return jnp.where(edges == bitonic.SENTINEL, edges, edges >> 1)
     sources = min(plan.degree, plan.cfg.reverse_sources or plan.degree)
-    rev_t = _reverse_edges(jnp.where(kept_t, fwd_t, -1)[:sources], plan, axis, plan.degree)
-    if not _merge_fits(fwd_t.shape[0] + plan.degree, layout.id_bits):
-        return _chunked(
-            functools.partial(merge_forward_reverse, degree=plan.degree),
-            (fwd_t.T, rev_t.T),
-            plan.cfg.row_chunk,
-        )
-    merge = functools.partial(_merge_forward_reverse_t, degree=plan.degree, id_bits=layout.id_bits)
-    return _chunked(merge, (fwd_t, rev_t), plan.cfg.row_chunk, axis=-1).T
+    first = edges[:sources]
+    src_t = jnp.where(_edge_kept(first), _edge_ids(first), -1)
+    rev_t = _reverse_edges(src_t, plan, axis, plan.degree)
+
+    def merge(edges_c, rev_c):
+        fwd_c = _edge_ids(edges_c)
+        if _merge_fits(fwd_c.shape[0] + plan.degree, layout.id_bits):
+            row = _merge_forward_reverse_t(fwd_c, rev_c, plan.degree, layout.id_bits)
+        else:
+            row = merge_forward_reverse(fwd_c.T, rev_c.T, plan.degree).T
+        return edges_c.at[: plan.degree].set(row.astype(jnp.uint32))  # -1 -> SENTINEL
+
+    return bitonic.slice_update(merge, edges, (rev_t,), plan.cfg.row_chunk)
 
 
 # ------------------------------------------------------------------------------- entry points
@@ -910,7 +932,8 @@ def _executable(plan: _Plan, mesh, axis: str, stage: str):
             _finalize_stage,
             (codes, lists),
             (P(axis), lists_spec),
-            P(axis),
+            # The packed-key path returns the graph in the lists' buffer (_finalize_keys).
+            lists_spec if plan.layout is not None else P(axis),
         )
     local = functools.partial(fn, plan=plan, axis=axis)
     # check_vma=False: hamming_topk's loops start from replicated constants (no pcast), which the
@@ -918,8 +941,10 @@ def _executable(plan: _Plan, mesh, axis: str, stage: str):
     mapped = jax.shard_map(
         local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
     )
-    # Propagation's output lists may reuse its input lists' buffer (the graph is another shape).
-    donate = (1,) if stage == "propagate" else ()
+    # The lists are updated in their own buffer by propagation and by the packed-key
+    # finalize; the sort path's graph is another shape.
+    packed = plan.layout is not None
+    donate = (1,) if stage == "propagate" or (stage == "finalize" and packed) else ()
     return jax.jit(mapped, donate_argnums=donate).lower(*args).compile()
 
 
@@ -974,6 +999,8 @@ def _run(codes, degree: int, mesh, config: GraphConfig, stages: tuple[str, ...])
         jax.block_until_ready(out)
         release_free_heap()  # what the last stage freed
         out = program(device_codes, out)
+    if stages[-1] == "finalize" and plan.layout is not None:  # the graph's rows, transposed
+        return np.ascontiguousarray(np.asarray(out)[: plan.degree, : plan.n_total].T).view(np.int32)
     if stages[-1] == "finalize":
         return np.asarray(out)[: plan.n_total]
     if plan.layout is not None:

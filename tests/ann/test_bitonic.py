@@ -76,3 +76,14 @@ def test_slice_map_joins_overlapping_slices(axis):
     got = bitonic.slice_map(fn, (x,), 10, axis=axis)  # 4 slices, the last overlapping
     for name, want in fn(x).items():
         np.testing.assert_array_equal(got[name], want)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_slice_update_is_fn_of_the_original_at_every_position(axis):
+    # fn may not be applied twice anywhere: x -> x * 3 + 1 applied twice would give 9x + 4.
+    x = jnp.arange(3 * 37).reshape(3, 37) if axis else jnp.arange(37 * 3).reshape(37, 3)
+    other = x % 5
+    fn = lambda t, o: t * 3 + o  # noqa: E731
+    got = bitonic.slice_update(fn, x, (other,), 10, axis=axis)  # 4 slices, the last overlapping
+    np.testing.assert_array_equal(got, fn(x, other))
+    np.testing.assert_array_equal(bitonic.slice_update(fn, x, (other,), 64, axis), fn(x, other))
