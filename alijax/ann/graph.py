@@ -52,9 +52,11 @@ sample is split over the devices and its vote counts summed with psum (`build_me
 XLA's per-device buffer sizes for any mesh).
 
 Memory. The build is three compiled programs (stages 1-2, 3, 4-5) that pass only the lists
-between them, and every large working set is cut into chunks of points (`row_chunk`), of blocks
-(`block_batch`), of edge ranks (the reverse edges) or of centroids. At 1M 256-bit codes on one
-device XLA's buffers peak at 0.93 GB (`build_memory`), against 2.0 GB as one program.
+between them (donated, and stages 4-5 work in the lists' own buffer), and every large working
+set is cut into chunks of points (`row_chunk`), of blocks (`block_batch`), of edge ranks (the
+reverse edges) or of centroids. At 1M 256-bit codes on one device XLA's buffers peak at 0.79 GB
+(`build_memory`, stages 1-2: the lists and the block table, 0.24 GB each), against 2.0 GB as one
+program.
 
 Determinism. Every result is a function of the codes only: block layout by (cluster, point id),
 kNN ties to the lower slot, merges sorted by (distance, index), reverse edges by (rank, source).

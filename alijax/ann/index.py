@@ -183,6 +183,7 @@ class BinaryGraphIndex:
         self._on_device()
         if np.may_share_memory(self.vectors, vectors):  # never expected: device_put copies
             self.vectors = self.vectors.copy()
+        graph_lib.release_free_heap()  # the build's freed buffers, before searches allocate
         return self
 
     # ------------------------------------------------------------------ search
