@@ -15,6 +15,7 @@ powers of two where noted (pad with `pad_rows`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +116,17 @@ def merge_smallest(a, b):
 TILE = 256
 
 
+def _even_slices(n: int, size: int) -> tuple[int, int]:
+    """(count, length): the fewest slices of at most `size` that cover n, made equal in length
+    so the last, moved back to end at n, overlaps the one before as little as possible."""
+    count = -(-n // size)
+    return count, -(-n // count)
+
+
+def _take(a, start, size: int, axis: int):
+    return lax.dynamic_slice_in_dim(a, start, size, axis=axis % a.ndim)
+
+
 def slice_map(fn, arrays, size: int, axis: int = -1):
     """fn applied to consecutive slices of `size` along `axis` of every array in `arrays` (all
     of length n there), its outputs (any pytree) joined along the same axis.
@@ -128,12 +140,8 @@ def slice_map(fn, arrays, size: int, axis: int = -1):
     n = arrays[0].shape[axis]
     if n <= size:
         return fn(*arrays)
-    count = -(-n // size)
-    size = -(-n // count)  # equal slices, the least overlap
-
-    def take(a, start):
-        return lax.dynamic_slice_in_dim(a, start, size, axis=axis % a.ndim)
-
+    count, size = _even_slices(n, size)
+    take = functools.partial(_take, size=size, axis=axis)
     shapes = jax.eval_shape(fn, *(take(a, 0) for a in arrays))
 
     def full(shape):
@@ -160,11 +168,8 @@ def slice_update(fn, x, others, size: int, axis: int = -1):
     n, at = x.shape[axis], axis % x.ndim
     if n <= size:
         return fn(x, *others)
-    count = -(-n // size)
-    size = -(-n // count)  # equal slices, the least overlap
-
-    def take(a, start):
-        return lax.dynamic_slice_in_dim(a, start, size, axis=axis % a.ndim)
+    count, size = _even_slices(n, size)
+    take = functools.partial(_take, size=size, axis=axis)
 
     def body(i, x):
         start = jnp.minimum(i * size, n - size)
