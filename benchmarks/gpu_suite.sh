@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for the Pallas kernels (issue 4): the gpu-marked tests, then the kernel benchmark,
-# then the binary graph index on the GPU (issue 5; ANN_N=0 skips it).
+# the DA-INT8 ResNet-50 step vs bf16 (INT8_STEP=0 skips it), then the binary graph index on the
+# GPU (issue 5; ANN_N=0 skips it). PROBE=0 skips the XLA int8 reference probe.
 # Run from the repo root with the machine's python3 (jax with CUDA installed; alijax need not
 # be installed). Results: ${OUT:-benchmarks/results}/kernels-gpu.json and a table printed last.
 # Aimed at ~5 minutes on one H100/H200: config sweeps stop early after --budget-s.
@@ -13,20 +14,39 @@ mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python3}"
 
 "$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())'
-echo "=== gpu-marked tests ==="
 start=$(date +%s)
-timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest -m gpu ${TEST_PATHS:-tests/pallas_kernels tests/ann} -q -p no:cacheprovider \
-  -o addopts="" --durations=8 2>&1 | tee "$OUT_DIR/gpu-tests.log"
+# The Mosaic GPU (wgmma) int8 kernel first, on its own clock: a kernel that deadlocks on its
+# barriers would otherwise eat the whole run. If it fails, the benchmark leaves Mosaic out.
+echo "=== gpu-marked tests: Mosaic GPU int8 matmul ==="
+timeout "${MOSAIC_TIMEOUT:-150}" "$PY" -m pytest -m gpu tests/pallas_kernels/test_int8_matmul.py -k Mosaic \
+  -q -p no:cacheprovider -o addopts="" --durations=5 2>&1 | tee "$OUT_DIR/gpu-tests-mosaic.log"
+mosaic_rc=${PIPESTATUS[0]}
+bench_flags=()
+if [ "$mosaic_rc" != "0" ]; then bench_flags+=(--no-mosaic); fi
+echo "mosaic tests rc=$mosaic_rc in $(( $(date +%s) - start ))s"
+
+echo "=== gpu-marked tests ==="
+timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest -m gpu ${TEST_PATHS:-tests/pallas_kernels tests/ann} -k "not Mosaic" \
+  -q -p no:cacheprovider -o addopts="" --durations=8 2>&1 | tee "$OUT_DIR/gpu-tests.log"
 test_rc=${PIPESTATUS[0]}
 echo "tests rc=$test_rc in $(( $(date +%s) - start ))s"
 
-echo "=== XLA int8 reference probe ==="
-timeout 40 "$PY" benchmarks/probe_int8_reference.py 2>&1 | tee "$OUT_DIR/probe-int8-reference.log"
+if [ "${PROBE:-1}" != "0" ]; then
+  echo "=== XLA int8 reference probe ==="
+  timeout 40 "$PY" benchmarks/probe_int8_reference.py 2>&1 | tee "$OUT_DIR/probe-int8-reference.log"
+fi
 
 echo "=== benchmarks ==="
-timeout "${BENCH_TIMEOUT:-250}" "$PY" benchmarks/kernels.py --budget-s "${BENCH_BUDGET:-110}" --out "$OUT_DIR/kernels-gpu.json" "$@" \
+timeout "${BENCH_TIMEOUT:-250}" "$PY" benchmarks/kernels.py --budget-s "${BENCH_BUDGET:-110}" --out "$OUT_DIR/kernels-gpu.json" \
+  "${bench_flags[@]}" "$@" \
   2>&1 | tee "$OUT_DIR/kernels-gpu.log"
 bench_rc=${PIPESTATUS[0]}
+
+if [ "${INT8_STEP:-1}" != "0" ]; then
+  echo "=== DA-INT8 ResNet-50 train step vs bf16 ==="
+  timeout "${STEP_TIMEOUT:-240}" "$PY" benchmarks/int8_step.py --steps "${STEP_STEPS:-5}" \
+    --out "$OUT_DIR/int8-step-gpu.json" 2>&1 | tee "$OUT_DIR/int8-step-gpu.log"
+fi
 
 # Issue 5's one-GPU targets: build 1M vectors <= 10 s; search >= 10x exact brute force.
 if [ "${ANN_N:-1000000}" != "0" ]; then
@@ -34,5 +54,5 @@ if [ "${ANN_N:-1000000}" != "0" ]; then
   timeout "${ANN_TIMEOUT:-200}" "$PY" benchmarks/ann_gpu.py --n "${ANN_N:-1000000}" \
     --out "$OUT_DIR/ann-gpu.json" 2>&1 | tee "$OUT_DIR/ann-gpu.log"
 fi
-echo "tests rc=$test_rc, bench rc=$bench_rc, total $(( $(date +%s) - start ))s"
-exit $(( test_rc != 0 || bench_rc != 0 ))
+echo "mosaic tests rc=$mosaic_rc, tests rc=$test_rc, bench rc=$bench_rc, total $(( $(date +%s) - start ))s"
+exit $(( mosaic_rc != 0 || test_rc != 0 || bench_rc != 0 ))

@@ -38,6 +38,7 @@ from jax import lax  # noqa: E402
 from alijax.ann import hamming as ann_hamming  # noqa: E402
 from pallas_kernels import hamming_topk as hk  # noqa: E402
 from pallas_kernels import int8_matmul as im  # noqa: E402
+from pallas_kernels import int8_matmul_mosaic as mk  # noqa: E402
 
 L2_BYTES = 50 << 20
 T0 = time.perf_counter()
@@ -144,15 +145,21 @@ def xla_bf16(a, b, *, ta, tb):
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-# Ordered by the 2026-11-26 H200 sweep: 256x128x128 (8 warps, 3 stages) led at 4096^3 and 8192^3.
-MATMUL_CANDIDATES = [
+# Pallas-Triton tiles, ordered by the 2026-11-26 H200 sweep (256x64x128, 4 warps, 3 stages led at
+# 4096^3 and 8192^3 with 421 and 458 TOPS; it is now the default, tried first as None).
+TRITON_CANDIDATES = [
     im.Int8MatmulConfig(256, 128, 128, num_warps=8, num_stages=3),
-    im.Int8MatmulConfig(128, 128, 64, num_warps=4, num_stages=4),
-    im.Int8MatmulConfig(256, 128, 64, num_warps=8, num_stages=4),
-    im.Int8MatmulConfig(128, 128, 128, num_warps=8, num_stages=4),
-    im.Int8MatmulConfig(256, 128, 128, num_warps=8, num_stages=4),
-    im.Int8MatmulConfig(256, 64, 128, num_warps=4, num_stages=3),
     im.Int8MatmulConfig(128, 64, 128, num_warps=4, num_stages=4),
+    im.Int8MatmulConfig(128, 128, 64, num_warps=4, num_stages=4),
+]
+# Mosaic GPU (wgmma) tiles: per-warpgroup accumulator tile_m x tile_n, two warpgroups per CTA.
+MOSAIC_CANDIDATES = [
+    mk.MosaicInt8Config(),  # CTA 128x256, 4 stages of 128-deep K
+    mk.MosaicInt8Config(wg_dim="m"),  # CTA 256x128
+    mk.MosaicInt8Config(tile_m=64, tile_n=256, wg_dim="m", stages=3),  # CTA 128x256, wide wgmma
+    mk.MosaicInt8Config(tile_k=64, stages=6),
+    mk.MosaicInt8Config(grid_minor="m", grid_width=16),
+    mk.MosaicInt8Config(stages=3),
 ]
 
 
@@ -162,7 +169,44 @@ def cfg_str(c):
     return ",".join(f"{f.name}={getattr(c, f.name)}" for f in dataclasses.fields(c))
 
 
-def run_matmul(name, m, n, k, ta, tb, *, interpret, candidates, deadline):
+def backend_of(cfg):
+    return "mosaic" if isinstance(cfg, mk.MosaicInt8Config) else "triton"
+
+
+def sweep(shape, ops, sets, want, candidates, *, ta, tb, interpret, deadline):
+    """Best (seconds, config, check, errors) over candidates; after the deadline, stops at the
+    first success."""
+    best, errors = None, []
+    for cfg in candidates:
+        if time.perf_counter() > deadline and best is not None:
+            errors.append("sweep cut by --budget-s")
+            break
+        if isinstance(cfg, im.Int8MatmulConfig):  # the tiles, with the split of K that suits them
+            split = im.default_split_k(*shape, cfg.block_m, cfg.block_n, cfg.block_k)
+            cfg = dataclasses.replace(cfg, split_k=split)
+        fn = functools.partial(
+            im.int8_matmul, transpose_a=ta, transpose_b=tb, config=cfg, interpret=interpret
+        )
+        t, got, err = timed(fn, sets)
+        name = f"{backend_of(cfg)} {cfg_str(cfg)}"
+        if err:
+            errors.append(f"[{name}] {err}")
+            log(f"  {shape} {name} failed: {err}")
+            continue
+        ok = want is None or bool(jnp.allclose(got, want, rtol=1e-6, atol=0))
+        log(f"  {shape} {name}: {ops / t / 1e12:.3g} TOPS {'ok' if ok else 'MISMATCH'}")
+        if best is None or t < best[0]:
+            best = (
+                t,
+                cfg if cfg is not None else im.default_config(*shape),
+                "ok" if ok else "MISMATCH",
+            )
+    return best, errors
+
+
+def run_matmul(name, m, n, k, ta, tb, *, interpret, backends, deadline):
+    """backends: {"triton": [configs], "mosaic": [configs]}; a row per backend against XLA int8,
+    and the best of all against XLA bf16."""
     ops = 2.0 * m * n * k
     count = n_sets(m * k + k * n + 4 * m * n)
     sets = matmul_operands(jax.random.key(m * 7 + n * 3 + k), m, n, k, ta, tb, count)
@@ -172,57 +216,46 @@ def run_matmul(name, m, n, k, ta, tb, *, interpret, candidates, deadline):
     bf_sets = [(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)) for a, b, _, _ in sets]
     t_bf16, _, err_bf = timed(jax.jit(functools.partial(xla_bf16, ta=ta, tb=tb)), bf_sets)
     del bf_sets
-    best = None  # (seconds, config, check)
-    errors = []
-    for cfg in candidates:
-        if time.perf_counter() > deadline and best is not None:
-            errors.append("sweep cut by --budget-s")
-            break
-        if cfg is not None:  # the candidate's tiles, with the split of K that suits them
-            split = im.default_split_k(m, n, k, cfg.block_m, cfg.block_n, cfg.block_k)
-            cfg = dataclasses.replace(cfg, split_k=split)
-        fn = functools.partial(
-            im.int8_matmul, transpose_a=ta, transpose_b=tb, config=cfg, interpret=interpret
-        )
-        t, got, err = timed(fn, sets)
-        if err:
-            errors.append(f"[{cfg_str(cfg)}] {err}")
-            log(f"  {shape} config {cfg_str(cfg)} failed: {err}")
-            continue
-        ok = want is None or bool(jnp.allclose(got, want, rtol=1e-6, atol=0))
-        log(f"  {shape} {cfg_str(cfg)}: {ops / t / 1e12:.3g} TOPS {'ok' if ok else 'MISMATCH'}")
-        if best is None or t < best[0]:
-            best = (
-                t,
-                cfg if cfg is not None else im.default_config(m, n, k),
-                "ok" if ok else "MISMATCH",
-            )
     rate = lambda t: None if t is None else ops / t / 1e12  # noqa: E731
-    ours_rate = rate(best[0]) if best else None
-    add(
-        Row(
-            "int8_matmul",
-            shape,
-            "pallas" + (" (interp)" if interpret else ""),
-            "xla int8",
-            "TOPS",
-            ours_rate,
-            rate(t_int8),
-            config=cfg_str(best[1]) if best else "",
-            check=best[2] if best else "",
-            error="; ".join(errors + [e for e in (err_i8,) if e]),
+    overall = None
+    for backend, candidates in backends.items():
+        best, errors = sweep(
+            (m, n, k),
+            ops,
+            sets,
+            want,
+            candidates,
+            ta=ta,
+            tb=tb,
+            interpret=interpret,
+            deadline=deadline,
         )
-    )
+        add(
+            Row(
+                "int8_matmul",
+                shape,
+                f"pallas {backend}" + (" (interp)" if interpret else ""),
+                "xla int8",
+                "TOPS",
+                rate(best[0]) if best else None,
+                rate(t_int8),
+                config=cfg_str(best[1]) if best else "",
+                check=best[2] if best else "",
+                error="; ".join(errors + [e for e in (err_i8,) if e]),
+            )
+        )
+        if best and (overall is None or best[0] < overall[0]):
+            overall = (best[0], f"{backend} {cfg_str(best[1])}")
     add(
         Row(
             "int8_matmul",
             shape,
-            "pallas" + (" (interp)" if interpret else ""),
+            "pallas best" + (" (interp)" if interpret else ""),
             "xla bf16",
             "TOPS",
-            ours_rate,
+            rate(overall[0]) if overall else None,
             rate(t_bf16),
-            config=cfg_str(best[1]) if best else "",
+            config=overall[1] if overall else "",
             error=err_bf,
         )
     )
@@ -240,61 +273,52 @@ def resnet50_gemms():
 
 
 def matmul_suite(args, on_gpu, deadline):
+    def with_mosaic(backends):
+        return {b: c for b, c in backends.items() if b != "mosaic" or not args.no_mosaic}
+
     if not on_gpu:
-        # Interpret mode is a correctness path, not a fast one: toy sizes only.
+        # Interpret mode is a correctness path, not a fast one: toy sizes, Triton only (Mosaic
+        # GPU's interpreter simulates each warpgroup: its tests cover it).
         for ta, tb in ((False, False), (False, True), (True, False)):
             run_matmul(
-                "toy", 128, 96, 160, ta, tb, interpret=True, candidates=[None], deadline=deadline
+                "toy",
+                128,
+                96,
+                160,
+                ta,
+                tb,
+                interpret=True,
+                backends={"triton": [None]},
+                deadline=deadline,
             )
         return
     squares = [4096] if args.quick else [4096, 8192]
     for s in squares:
+        backends = {"triton": [None] + TRITON_CANDIDATES[:1], "mosaic": MOSAIC_CANDIDATES}
         run_matmul(
-            f"{s}^3",
-            s,
-            s,
-            s,
-            False,
-            False,
-            interpret=False,
-            candidates=[None] + MATMUL_CANDIDATES,
-            deadline=deadline,
+            f"{s}^3", s, s, s, False, False, interpret=False, backends=backends, deadline=deadline
         )
     for name, m, k, n in resnet50_gemms()[: 2 if args.quick else None]:
-        short = [None] + MATMUL_CANDIDATES[:3]
-        run_matmul(
-            name + " fwd",
-            m,
-            n,
-            k,
-            False,
-            False,
-            interpret=False,
-            candidates=short,
-            deadline=deadline,
-        )
-        run_matmul(
-            name + " G_X",
-            m,
-            k,
-            n,
-            False,
-            True,
-            interpret=False,
-            candidates=short,
-            deadline=deadline,
-        )
-        run_matmul(
-            name + " G_W",
-            k,
-            n,
-            m,
-            True,
-            False,
-            interpret=False,
-            candidates=short,
-            deadline=deadline,
-        )
+        for suffix, mm, nn, kk, ta, tb in (
+            (" fwd", m, n, k, False, False),
+            (" G_X", m, k, n, False, True),
+            (" G_W", k, n, m, True, False),
+        ):
+            backends = {
+                "triton": [None, TRITON_CANDIDATES[1]],
+                "mosaic": [mk.default_mosaic_config(mm, nn, kk), *MOSAIC_CANDIDATES[:2]],
+            }
+            run_matmul(
+                name + suffix,
+                mm,
+                nn,
+                kk,
+                ta,
+                tb,
+                interpret=False,
+                backends=backends,
+                deadline=deadline,
+            )
 
 
 # ----------------------------------------------------------------------------- hamming
@@ -519,6 +543,9 @@ def main(argv=None):
         help="after this many seconds, config sweeps stop at the first success",
     )
     p.add_argument("--only", choices=["matmul", "hamming"], default=None)
+    p.add_argument(
+        "--no-mosaic", action="store_true", help="leave the Mosaic GPU int8 kernel out of the sweep"
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev = jax.devices()[0]

@@ -14,7 +14,9 @@ Public API:
   int8_matmul(a, b, a_scale=None, b_scale=None, *, transpose_a, transpose_b, out_dtype,
               config, interpret) -> [M, N]
   int8_matmul_reference(...)  same signature minus config/interpret, plain jnp
-  Int8MatmulConfig, default_config(m, n, k)
+  Int8MatmulConfig, default_config(m, n, k)   Triton tiles
+  MosaicInt8Config (int8_matmul_mosaic.py)     a config of this type runs the Mosaic GPU
+                                               (wgmma) kernel instead
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.int8_matmul_mosaic import MosaicInt8Config, int8_matmul_nt
 
 # jax renamed TritonCompilerParams -> CompilerParams; accept either so the file runs on both.
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
@@ -255,7 +259,9 @@ def int8_matmul(
       b: int8 [K, N], or [N, K] with transpose_b (computes ... @ b^T; used for G_X = G_Y W^T).
       a_scale: optional [M] per-row scale (float); b_scale: optional [N] per-column scale.
       out_dtype: float dtype, or int32 when no scale is given (the raw accumulator).
-      config: Int8MatmulConfig; default_config(M, N, K) when None.
+      config: Int8MatmulConfig (Pallas-Triton); default_config(M, N, K) when None. A
+        MosaicInt8Config runs the Hopper wgmma kernel (int8_matmul_mosaic), which reads both
+        operands K-major: a transposed a, or an untransposed b, is copied to that layout first.
       interpret: run the kernel in the Pallas interpreter (CPU tests).
     Returns:
       [M, N] out_dtype: (a @ b as int32) * a_scale[:, None] * b_scale[None, :].
@@ -266,6 +272,12 @@ def int8_matmul(
     few programs for 132 multiprocessors. Integer partial sums make the split exact.
     """
     m, n, k = _check_inputs(a, b, a_scale, b_scale, transpose_a, transpose_b, out_dtype)
+    if isinstance(config, MosaicInt8Config):
+        a_mk = a.T if transpose_a else a
+        b_nk = b if transpose_b else b.T
+        return int8_matmul_nt(
+            a_mk, b_nk, a_scale, b_scale, out_dtype=out_dtype, config=config, interpret=interpret
+        )
     cfg = default_config(m, n, k) if config is None else config
     cfg.validate()
     bm, bn, bk, split_k = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k

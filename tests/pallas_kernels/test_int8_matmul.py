@@ -13,6 +13,7 @@ from pallas_kernels.int8_matmul import (
     int8_matmul,
     int8_matmul_reference,
 )
+from pallas_kernels.int8_matmul_mosaic import MosaicInt8Config, default_mosaic_config
 
 # Small tiles in interpret mode: more blocks (ragged edges, the grouped launch order) per shape.
 SMALL = Int8MatmulConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2, group_m=3)
@@ -179,6 +180,96 @@ class TestInt8MatmulGpu(Int8MatmulTests):
         Int8MatmulConfig(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3),
     )
     extra_shapes = ((1000, 1500, 700), (2048, 512, 576), (777, 64, 147))
+
+
+# The Mosaic GPU (wgmma) kernel. Its interpreter simulates every warpgroup, ~10 s a call: one
+# small config, ragged shapes (padding), both warpgroup splits, every layout, scales or not.
+MOSAIC_SMALL_N = MosaicInt8Config(
+    tile_m=64, tile_n=64, tile_k=64, stages=2, wg_dim="n", grid_width=2
+)
+MOSAIC_SMALL_M = MosaicInt8Config(
+    tile_m=64, tile_n=32, tile_k=64, stages=3, wg_dim="m", epi_m=32, grid_minor="m"
+)
+MOSAIC_CASES = [  # (m, n, k, transpose_a, transpose_b, with_scales, config)
+    (200, 72, 100, False, True, True, MOSAIC_SMALL_N),
+    (128, 128, 192, False, False, False, MOSAIC_SMALL_N),
+    (130, 64, 64, True, False, True, MOSAIC_SMALL_M),
+    (64, 40, 70, True, True, False, MOSAIC_SMALL_M),
+]
+
+
+class MosaicTests:
+    interpret: bool
+    cases = MOSAIC_CASES
+
+    @pytest.mark.parametrize("case", range(len(MOSAIC_CASES)))
+    def test_mosaic_exact(self, case):
+        if case >= len(self.cases):
+            pytest.skip("no such case here")
+        m, n, k, transpose_a, transpose_b, with_scales, cfg = self.cases[case]
+        rng = np.random.default_rng([m, n, k, case])
+        a, b = _operands(rng, m, n, k, transpose_a, transpose_b)
+        sa = rng.uniform(0.5, 1.5, m).astype(np.float32) if with_scales else None
+        sb = rng.uniform(0.5, 1.5, n).astype(np.float32) if with_scales else None
+        want = _exact(a, b, transpose_a, transpose_b)
+        got = int8_matmul(
+            a,
+            b,
+            sa,
+            sb,
+            transpose_a=transpose_a,
+            transpose_b=transpose_b,
+            out_dtype=jnp.float32 if with_scales else jnp.int32,
+            config=cfg,
+            interpret=self.interpret,
+        )
+        assert got.shape == (m, n)
+        if with_scales:
+            want = want * sa[:, None].astype(np.float64) * sb[None, :]
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=0, err_msg=f"{cfg}")
+        else:
+            assert got.dtype == jnp.int32
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{cfg}")
+
+
+class TestMosaicInterpret(MosaicTests):
+    interpret = True
+
+
+@pytest.mark.gpu
+class TestMosaicGpu(MosaicTests):
+    # On the chip: the default tiles and the benchmark's candidates on larger, ragged shapes.
+    interpret = False
+    cases = MOSAIC_CASES + [
+        (1000, 1500, 700, False, True, True, default_mosaic_config(1000, 1500, 700)),
+        (2048, 512, 576, False, False, False, default_mosaic_config(2048, 512, 576)),
+        (777, 64, 147, False, True, True, default_mosaic_config(777, 64, 147)),
+        (1024, 1024, 2048, False, True, False, MosaicInt8Config(wg_dim="m", stages=4)),
+        (1024, 1024, 2048, False, True, True, MosaicInt8Config(tile_m=64, tile_n=256, wg_dim="m")),
+        (512, 768, 1024, True, False, True, MosaicInt8Config(tile_k=64, stages=6)),
+    ]
+
+    @pytest.mark.parametrize("case", range(len(MOSAIC_CASES), len(MOSAIC_CASES) + 6))
+    def test_mosaic_exact_large(self, case):
+        self.test_mosaic_exact(case)
+
+
+class TestMosaicConfig:
+    @pytest.mark.parametrize(
+        "field,value",
+        [("tile_m", 96), ("tile_n", 260), ("tile_k", 256), ("wg_dim", "k"), ("stages", 1)],
+    )
+    def test_bad_config(self, field, value):
+        with pytest.raises(ValueError, match=field):
+            MosaicInt8Config(**{field: value}).validate()
+
+    def test_shared_memory_limit(self):
+        with pytest.raises(ValueError, match="shared memory"):
+            MosaicInt8Config(stages=8).validate()
+
+    @pytest.mark.parametrize("m,n,k", [(8192, 8192, 8192), (802816, 64, 576), (50176, 2304, 256)])
+    def test_default_is_valid(self, m, n, k):
+        default_mosaic_config(m, n, k).validate()
 
 
 class TestValidation:
