@@ -163,6 +163,26 @@ MOSAIC_CANDIDATES = [
 ]
 
 
+def mosaic_variants(m, n, k):
+    """The default Mosaic config for a shape, then the same with larger epilogue pieces (the
+    output-bound small-K shapes: on 2026-11-26 their 64x32 stores ran at ~1.1 TB/s), then the
+    other warpgroup split."""
+    d = mk.default_mosaic_config(m, n, k)
+    out = [d]
+    if d.tile_n % 64 == 0:
+        out.append(dataclasses.replace(d, epi_n=64, stages=2 if k <= 256 else d.stages))
+        out.append(dataclasses.replace(d, epi_m=d.tile_m, epi_n=64, stages=2 if k <= 256 else 3))
+    out.append(dataclasses.replace(d, wg_dim="n" if d.wg_dim == "m" else "m"))
+    valid = []
+    for cfg in out:
+        try:
+            cfg.validate()
+            valid.append(cfg)
+        except ValueError:
+            pass
+    return list(dict.fromkeys(valid))
+
+
 def cfg_str(c):
     if c is None:
         return "default"
@@ -294,9 +314,20 @@ def matmul_suite(args, on_gpu, deadline):
         return
     squares = [4096] if args.quick else [4096, 8192]
     for s in squares:
-        backends = {"triton": [None] + TRITON_CANDIDATES[:1], "mosaic": MOSAIC_CANDIDATES}
+        backends = {
+            "triton": [im.default_config(s, s, s)],
+            "mosaic": MOSAIC_CANDIDATES[:4] if args.quick_sweep else MOSAIC_CANDIDATES,
+        }
         run_matmul(
-            f"{s}^3", s, s, s, False, False, interpret=False, backends=backends, deadline=deadline
+            f"{s}^3",
+            s,
+            s,
+            s,
+            False,
+            False,
+            interpret=False,
+            backends=with_mosaic(backends),
+            deadline=deadline,
         )
     for name, m, k, n in resnet50_gemms()[: 2 if args.quick else None]:
         for suffix, mm, nn, kk, ta, tb in (
@@ -305,8 +336,8 @@ def matmul_suite(args, on_gpu, deadline):
             (" G_W", k, n, m, True, False),
         ):
             backends = {
-                "triton": [None, TRITON_CANDIDATES[1]],
-                "mosaic": [mk.default_mosaic_config(mm, nn, kk), *MOSAIC_CANDIDATES[:2]],
+                "triton": [im.default_config(mm, nn, kk), TRITON_CANDIDATES[1]],
+                "mosaic": mosaic_variants(mm, nn, kk),
             }
             run_matmul(
                 name + suffix,
@@ -316,7 +347,7 @@ def matmul_suite(args, on_gpu, deadline):
                 ta,
                 tb,
                 interpret=False,
-                backends=backends,
+                backends=with_mosaic(backends),
                 deadline=deadline,
             )
 
@@ -543,6 +574,9 @@ def main(argv=None):
         help="after this many seconds, config sweeps stop at the first success",
     )
     p.add_argument("--only", choices=["matmul", "hamming"], default=None)
+    p.add_argument(
+        "--quick-sweep", action="store_true", help="fewer Mosaic candidates at 4096^3 and 8192^3"
+    )
     p.add_argument(
         "--no-mosaic", action="store_true", help="leave the Mosaic GPU int8 kernel out of the sweep"
     )

@@ -54,7 +54,9 @@ class MosaicInt8Config:
     ``wg_dim`` ("m" or "n"). tile_k is the K slice per pipeline step: 128 int8 = one 128-byte
     swizzle row. ``stages`` slices are in flight. The output is written in [epi_m, epi_n]
     pieces. Tiles are visited in a snake over ``grid_minor`` in strips of ``grid_width`` so
-    neighbouring CTAs share operand panels in L2."""
+    neighbouring CTAs share operand panels in L2. ``split_k`` > 1 gives each output tile that
+    many work items over slices of K (for outputs of too few tiles to fill 132 multiprocessors,
+    the weight gradients); their int32 partials are summed and scaled by XLA, exactly."""
 
     tile_m: int = 128
     tile_n: int = 128
@@ -65,6 +67,7 @@ class MosaicInt8Config:
     epi_n: int = 32
     grid_minor: str = "n"
     grid_width: int = 8
+    split_k: int = 1  # work items per output tile, each summing a slice of K into int32 partials
 
     def cta_tile(self) -> tuple[int, int]:
         return (
@@ -96,16 +99,19 @@ class MosaicInt8Config:
             )
         if self.tile_k not in (32, 64, 128):
             raise ValueError(f"config.tile_k={self.tile_k} must be 32, 64 or 128 (a swizzle)")
-        if self.tile_m % self.epi_m or self.tile_n % self.epi_n or self.epi_m % 8:
+        if self.tile_m % self.epi_m or self.tile_n % self.epi_n or self.epi_m % 64:
+            # The accumulator's register layout (wgmma's) comes in 64-row slabs: slicing it
+            # finer failed Mosaic GPU's layout inference on the H200 (2026-11-26).
             raise ValueError(
                 f"config.epi_m={self.epi_m}, epi_n={self.epi_n} must divide tile_m={self.tile_m}, "
-                f"tile_n={self.tile_n} (epi_m a multiple of 8)"
+                f"tile_n={self.tile_n} (epi_m a multiple of 64)"
             )
         if self.epi_n * out_itemsize % 16:
             raise ValueError(f"config.epi_n={self.epi_n} rows must be a multiple of 16 bytes")
-        if self.stages < 2 or self.grid_width < 1:
+        if self.stages < 2 or self.grid_width < 1 or self.split_k < 1:
             raise ValueError(
-                f"config.stages={self.stages} must be >= 2, grid_width={self.grid_width} >= 1"
+                f"config.stages={self.stages} must be >= 2, grid_width={self.grid_width} >= 1, "
+                f"split_k={self.split_k} >= 1"
             )
         if self.smem_bytes(out_itemsize) > _SMEM_BYTES:
             raise ValueError(
@@ -114,16 +120,49 @@ class MosaicInt8Config:
             )
 
 
+def _fits(dim: int, block: int) -> bool:
+    return dim % block == 0
+
+
+def _wide(m: int, n: int, tile_k: int) -> MosaicInt8Config:
+    """Two warpgroup tiles per CTA: the pair (wg_dim, tile_n) whose CTA tile divides N (no
+    padded output columns, whose writes and slicing cost as much as the product when K is
+    small), preferring the 1-byte-per-op cheapest operand traffic, 128x256 or 256x128."""
+    options = (  # (tile_m, tile_n, wg_dim): CTA 128x256, 256x128, 128x192, 256x64, 128x128
+        (128, 128, "n"),
+        (128, 128, "m"),
+        (64, 192, "m"),
+        (128, 64, "m"),
+        (64, 128, "m"),
+    )
+    for tile_m, tile_n, wg_dim in options:
+        cfg = MosaicInt8Config(tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, wg_dim=wg_dim)
+        cta_m, cta_n = cfg.cta_tile()
+        if _fits(n, cta_n) and _fits(m, cta_m):
+            return cfg
+    for tile_m, tile_n, wg_dim in options:  # M ragged: pad M only
+        cfg = MosaicInt8Config(tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, wg_dim=wg_dim)
+        if _fits(n, cfg.cta_tile()[1]):
+            return cfg
+    return MosaicInt8Config(tile_k=tile_k, wg_dim="m" if n <= 128 else "n")
+
+
 def default_mosaic_config(m: int, n: int, k: int) -> MosaicInt8Config:
-    """Per-shape default: narrow outputs (N <= 128) split the CTA along M with tile_n = N's
-    best fit; otherwise two 128 x 128 accumulators side by side along N."""
-    # A tile_k that divides K avoids padding (a copy of both operands); 128 when neither does.
+    """Per-shape default (H200 sweep of 2026-11-26, benchmarks/RESULTS.md): CTA tiles that divide
+    N; a tile_k that divides K (no padded copy of the operands); K split when the output has
+    too few tiles for the 132 multiprocessors."""
     tile_k = next((t for t in (128, 64) if k % t == 0), 128)
-    if n <= 64:
-        return MosaicInt8Config(tile_m=128, tile_n=64, tile_k=tile_k, wg_dim="m", grid_minor="m")
-    if n <= 128:
-        return MosaicInt8Config(tile_m=128, tile_n=128, tile_k=tile_k, wg_dim="m", grid_minor="m")
-    return MosaicInt8Config(tile_m=128, tile_n=128, tile_k=tile_k, wg_dim="n")
+    cfg = _wide(m, n, tile_k)
+    cta_m, cta_n = cfg.cta_tile()
+    tiles = -(-m // cta_m) * -(-n // cta_n)
+    k_steps = -(-k // tile_k)
+    split = 1
+    if tiles < _HOPPER_SMS and k_steps >= 16:
+        # Enough splits for ~2 work items per multiprocessor, each >= 8 K steps; a divisor of
+        # the K steps, so K is not padded further.
+        want = min(-(-2 * _HOPPER_SMS // tiles), k_steps // 8)
+        split = max(d for d in range(1, want + 1) if k_steps % d == 0)
+    return dataclasses.replace(cfg, split_k=split)
 
 
 def _interpret_params():
@@ -151,7 +190,9 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, cfg: MosaicInt8Config
     out_dtype = out_gmem.dtype
     tile_m, tile_n, tile_k = cfg.tile_m, cfg.tile_n, cfg.tile_k
     cta_m, cta_n = cfg.cta_tile()
-    m_tiles, n_tiles, k_steps = m // cta_m, n // cta_n, k // tile_k
+    splits = cfg.split_k
+    m_tiles, n_tiles, k_steps = m // cta_m, n // cta_n, k // tile_k // splits
+    k_span = k_steps * tile_k  # K columns per work item
     scaled = sa_gmem is not None
 
     # K-major operands: each smem row is tile_k int8 = one swizzle span; wgmma wants 8-row tiles.
@@ -212,10 +253,13 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, cfg: MosaicInt8Config
         wg = lax.axis_index("wg")
         minor = 1 if cfg.grid_minor == "n" else 0
 
-        @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
+        @plgpu.nd_loop((m_tiles * n_tiles * splits,), collective_axes="sm")
         def _tile_loop(info):
-            (tile,) = info.index
+            (item,) = info.index
+            tile, split = item // splits, item % splits
             mi, ni = plgpu.planar_snake(tile, (m_tiles, n_tiles), minor, cfg.grid_width)
+            k_cols = pl.ds(split * k_span, k_span)
+            out_tile = out_gmem if splits == 1 else out_gmem.at[split]
             cta_rows = pl.ds(mi * cta_m, cta_m)
             cta_cols = pl.ds(ni * cta_n, cta_n)
             if cfg.wg_dim == "m":
@@ -260,7 +304,7 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, cfg: MosaicInt8Config
                             plgpu.commit_smem()
                             plgpu.copy_smem_to_gmem(
                                 out_smem.at[wg, slot],
-                                out_gmem.at[cta_rows, cta_cols]
+                                out_tile.at[cta_rows, cta_cols]
                                 .at[wg_rows, wg_cols]
                                 .at[rows_p, cols_p],
                             )
@@ -273,8 +317,8 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, cfg: MosaicInt8Config
                 return acc_ref
 
             pipeline(step, epilogue)(
-                a_gmem.at[cta_rows, :],
-                b_gmem.at[cta_cols, :] if b_k_major else b_gmem.at[:, cta_cols],
+                a_gmem.at[cta_rows, k_cols],
+                b_gmem.at[cta_cols, k_cols] if b_k_major else b_gmem.at[k_cols, cta_cols],
                 allocations=pipeline_allocs,
             )
 
@@ -306,16 +350,22 @@ def int8_matmul_nt(
     cfg = default_mosaic_config(m, n, k) if config is None else config
     cfg.validate(out_dtype.itemsize)
     cta_m, cta_n = cfg.cta_tile()
-    a_p = _pad_cols(_pad_rows(a, cta_m), cfg.tile_k)
-    b_p = _pad_cols(_pad_rows(b_t, cta_n), cfg.tile_k)
+    splits = cfg.split_k
+    a_p = _pad_cols(_pad_rows(a, cta_m), cfg.tile_k * splits)
+    b_p = _pad_cols(_pad_rows(b_t, cta_n), cfg.tile_k * splits)
     mp, np_ = a_p.shape[0], b_p.shape[0]
-    scaled = a_scale is not None or b_scale is not None
+    has_scale = a_scale is not None or b_scale is not None
+    scaled = has_scale and splits == 1  # split partials are summed, then scaled, by XLA
     operands = [a_p, b_p.T if interpret else b_p]  # see _kernel: the interpreter's layout
     if scaled:  # one fused epilogue for both; a missing scale is 1
         sa = jnp.ones((m,), jnp.float32) if a_scale is None else a_scale.astype(jnp.float32)
         sb = jnp.ones((n,), jnp.float32) if b_scale is None else b_scale.astype(jnp.float32)
         operands += [_pad_rows(sa, cta_m), _pad_rows(sb, cta_n)]
-    kernel_dtype = out_dtype if (scaled or out_dtype == jnp.int32) else jnp.dtype(jnp.int32)
+    if splits > 1:
+        kernel_dtype = jnp.dtype(jnp.int32)
+    else:
+        kernel_dtype = out_dtype if (scaled or out_dtype == jnp.int32) else jnp.dtype(jnp.int32)
+    out_shape = (mp, np_) if splits == 1 else (splits, mp, np_)
 
     def body(*refs):
         if scaled:
@@ -325,11 +375,11 @@ def int8_matmul_nt(
         _kernel(a_ref, b_ref, sa_ref, sb_ref, o_ref, cfg=cfg, b_k_major=not interpret)
 
     num_sms = _num_sms()
-    tiles = (mp // cta_m) * (np_ // cta_n)
+    items = (mp // cta_m) * (np_ // cta_n) * splits
     call = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((mp, np_), kernel_dtype),
-        grid=(min(num_sms, tiles),),
+        out_type=jax.ShapeDtypeStruct(out_shape, kernel_dtype),
+        grid=(min(num_sms, items),),
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
@@ -337,6 +387,20 @@ def int8_matmul_nt(
         interpret=_interpret_params() if interpret else None,
     )
     out = call(*operands)
+    if splits > 1:
+        return _scale(out.sum(axis=0)[:m, :n], a_scale, b_scale, out_dtype)
     if (mp, np_) != (m, n):
         out = out[:m, :n]
     return out.astype(out_dtype) if out.dtype != out_dtype else out
+
+
+def _scale(acc, a_scale, b_scale, out_dtype):
+    """int32 sums -> out_dtype, the scales applied in float32 (as the fused epilogue does)."""
+    if a_scale is None and b_scale is None:
+        return acc.astype(out_dtype)
+    y = acc.astype(jnp.float32)
+    if a_scale is not None:
+        y = y * a_scale.astype(jnp.float32)[:, None]
+    if b_scale is not None:
+        y = y * b_scale.astype(jnp.float32)[None, :]
+    return y.astype(out_dtype)

@@ -188,13 +188,16 @@ MOSAIC_SMALL_N = MosaicInt8Config(
     tile_m=64, tile_n=64, tile_k=64, stages=2, wg_dim="n", grid_width=2
 )
 MOSAIC_SMALL_M = MosaicInt8Config(
-    tile_m=64, tile_n=32, tile_k=64, stages=3, wg_dim="m", epi_m=32, grid_minor="m"
+    tile_m=64, tile_n=32, tile_k=64, stages=3, wg_dim="m", grid_minor="m"
 )
+MOSAIC_SPLIT = MosaicInt8Config(tile_m=64, tile_n=64, tile_k=64, stages=2, wg_dim="m", split_k=3)
 MOSAIC_CASES = [  # (m, n, k, transpose_a, transpose_b, with_scales, config)
     (200, 72, 100, False, True, True, MOSAIC_SMALL_N),
     (128, 128, 192, False, False, False, MOSAIC_SMALL_N),
     (130, 64, 64, True, False, True, MOSAIC_SMALL_M),
     (64, 40, 70, True, True, False, MOSAIC_SMALL_M),
+    # split K: 3 slices of 2 steps; K = 300 pads to 384, the padded tail must add nothing
+    (100, 64, 300, True, False, True, MOSAIC_SPLIT),
 ]
 
 
@@ -245,11 +248,22 @@ class TestMosaicGpu(MosaicTests):
         (2048, 512, 576, False, False, False, default_mosaic_config(2048, 512, 576)),
         (777, 64, 147, False, True, True, default_mosaic_config(777, 64, 147)),
         (1024, 1024, 2048, False, True, False, MosaicInt8Config(wg_dim="m", stages=4)),
-        (1024, 1024, 2048, False, True, True, MosaicInt8Config(tile_m=64, tile_n=256, wg_dim="m")),
+        (
+            1024,
+            1024,
+            2048,
+            False,
+            True,
+            True,
+            MosaicInt8Config(tile_m=64, tile_n=256, wg_dim="m", stages=3),
+        ),
         (512, 768, 1024, True, False, True, MosaicInt8Config(tile_k=64, stages=6)),
+        # the weight-gradient shape class: few output tiles, K split (default config)
+        (576, 64, 100000, True, False, True, default_mosaic_config(576, 64, 100000)),
+        (1152, 576, 8192, True, False, False, default_mosaic_config(1152, 576, 8192)),
     ]
 
-    @pytest.mark.parametrize("case", range(len(MOSAIC_CASES), len(MOSAIC_CASES) + 6))
+    @pytest.mark.parametrize("case", range(len(MOSAIC_CASES), len(MOSAIC_CASES) + 8))
     def test_mosaic_exact_large(self, case):
         self.test_mosaic_exact(case)
 
@@ -267,9 +281,23 @@ class TestMosaicConfig:
         with pytest.raises(ValueError, match="shared memory"):
             MosaicInt8Config(stages=8).validate()
 
-    @pytest.mark.parametrize("m,n,k", [(8192, 8192, 8192), (802816, 64, 576), (50176, 2304, 256)])
+    @pytest.mark.parametrize(
+        "m,n,k",
+        [(8192, 8192, 8192), (802816, 64, 576), (802816, 576, 64), (50176, 2304, 256), (5, 7, 3)],
+    )
     def test_default_is_valid(self, m, n, k):
-        default_mosaic_config(m, n, k).validate()
+        cfg = default_mosaic_config(m, n, k)
+        cfg.validate()
+        if n % 64 == 0:
+            assert n % cfg.cta_tile()[1] == 0  # no padded output columns
+        if k % 64 == 0:
+            assert k % cfg.tile_k == 0
+
+    def test_default_splits_k_only_for_few_output_tiles(self):
+        assert default_mosaic_config(8192, 8192, 8192).split_k == 1
+        assert default_mosaic_config(802816, 64, 576).split_k == 1
+        big = default_mosaic_config(576, 64, 802816)  # ResNet-50 conv1-stage G_W: 3 tiles
+        assert big.split_k >= 32 and (802816 // big.tile_k) % big.split_k == 0
 
 
 class TestValidation:
