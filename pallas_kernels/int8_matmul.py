@@ -184,13 +184,22 @@ def on_hopper() -> bool:
     )
 
 
-def pick_config(m: int, n: int, k: int, interpret: bool = False):
-    """The config int8_matmul uses when given none: the Mosaic GPU kernel on Hopper (1450 TOPS
-    at 8192^3 on an H200 against 458 for Pallas-Triton, benchmarks/RESULTS.md), the Triton
-    kernel elsewhere and in interpret mode."""
-    if not interpret and on_hopper():
-        return default_mosaic_config(m, n, k)
-    return default_config(m, n, k)
+def pick_config(m: int, n: int, k: int, transpose_a: bool = False, interpret: bool = False):
+    """The config int8_matmul uses when given none, by the H200 sweep of 2026-11-26
+    (benchmarks/RESULTS.md): the Mosaic GPU kernel on Hopper (8192^3: 1450 TOPS against 458 for
+    Pallas-Triton; ResNet-50 forward GEMMs 1.2-2.5x Triton), except where Triton measured faster:
+    K < 256, whose output-bound GEMMs (G_X of the first two stages) Mosaic's epilogue runs at a
+    third of Triton's rate, and transposed-A GEMMs of fewer than 16 output tiles (G_W of the
+    first two stages), where Mosaic also pays for copying both operands K-major. Triton
+    everywhere else (not Hopper) and in interpret mode."""
+    if interpret or not on_hopper():
+        return default_config(m, n, k)
+    mosaic = default_mosaic_config(m, n, k)
+    cta_m, cta_n = mosaic.cta_tile()
+    few_tiles = pl.cdiv(m, cta_m) * pl.cdiv(n, cta_n) < 16
+    if k < 256 or (transpose_a and few_tiles):
+        return default_config(m, n, k)
+    return mosaic
 
 
 def _block_ids(pid, num_m, num_n, group_m):
@@ -295,7 +304,7 @@ def int8_matmul(
     """
     m, n, k = _check_inputs(a, b, a_scale, b_scale, transpose_a, transpose_b, out_dtype)
     if config is None:
-        config = pick_config(m, n, k, interpret)
+        config = pick_config(m, n, k, transpose_a, interpret)
     if isinstance(config, MosaicInt8Config):
         a_mk = a.T if transpose_a else a
         b_nk = b if transpose_b else b.T

@@ -293,6 +293,17 @@ class TestMosaicConfig:
         if k % 64 == 0:
             assert k % cfg.tile_k == 0
 
+    def test_pick_config_follows_the_measured_classes(self, monkeypatch):
+        from pallas_kernels import int8_matmul as im
+
+        assert isinstance(im.pick_config(8192, 8192, 8192), Int8MatmulConfig)  # no Hopper here
+        monkeypatch.setattr(im, "on_hopper", lambda: True)
+        assert isinstance(im.pick_config(8192, 8192, 8192), MosaicInt8Config)
+        assert isinstance(im.pick_config(8192, 8192, 8192, interpret=True), Int8MatmulConfig)
+        assert isinstance(im.pick_config(802816, 576, 64), Int8MatmulConfig)  # K < 256
+        assert isinstance(im.pick_config(576, 64, 802816, transpose_a=True), Int8MatmulConfig)
+        assert isinstance(im.pick_config(2304, 256, 50176, transpose_a=True), MosaicInt8Config)
+
     def test_default_splits_k_only_for_few_output_tiles(self):
         assert default_mosaic_config(8192, 8192, 8192).split_k == 1
         assert default_mosaic_config(802816, 64, 576).split_k == 1
