@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._epilogue import scale_accumulator
 from pallas_kernels.int8_matmul_mosaic import (
     MosaicInt8Config,
     default_mosaic_config,
@@ -145,18 +146,6 @@ def _check_inputs(a, b, a_scale, b_scale, transpose_a, transpose_b, out_dtype):
     return m, n, ka
 
 
-def _epilogue(acc, a_scale, b_scale, out_dtype):
-    """int32 [M, N] -> out_dtype, scales applied in float32 (row scale first, then column)."""
-    if a_scale is None and b_scale is None:
-        return acc.astype(out_dtype)
-    y = acc.astype(jnp.float32)
-    if a_scale is not None:
-        y = y * a_scale.astype(jnp.float32)[:, None]
-    if b_scale is not None:
-        y = y * b_scale.astype(jnp.float32)[None, :]
-    return y.astype(out_dtype)
-
-
 def int8_matmul_reference(
     a, b, a_scale=None, b_scale=None, *, transpose_a=False, transpose_b=False, out_dtype=jnp.float32
 ):
@@ -172,7 +161,7 @@ def int8_matmul_reference(
         a = jnp.pad(a, [(0, pad_k) if axis == a_k else (0, 0) for axis in range(2)])
         b = jnp.pad(b, [(0, pad_k) if axis == b_k else (0, 0) for axis in range(2)])
     acc = lax.dot_general(a, b, (((a_k,), (b_k,)), ((), ())), preferred_element_type=jnp.int32)
-    return _epilogue(acc, a_scale, b_scale, out_dtype)
+    return scale_accumulator(acc, a_scale, b_scale, out_dtype)
 
 
 def on_hopper() -> bool:
@@ -370,4 +359,4 @@ def int8_matmul(
     )(*operands)
     if fused_epilogue:
         return out[:m, :n] if (mp, np_) != (m, n) else out
-    return _epilogue(out.sum(axis=0)[:m, :n], a_scale, b_scale, out_dtype)
+    return scale_accumulator(out.sum(axis=0)[:m, :n], a_scale, b_scale, out_dtype)

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._epilogue import scale_accumulator
+
 try:  # Mosaic GPU is importable on CPU too (its lowering and interpreter run there).
     from jax.experimental.pallas import mosaic_gpu as plgpu
 except ImportError:  # pragma: no cover - jax without Mosaic GPU
@@ -392,19 +394,7 @@ def int8_matmul_nt(
     )
     out = call(*operands)
     if splits > 1:
-        return _scale(out.sum(axis=0)[:m, :n], a_scale, b_scale, out_dtype)
+        return scale_accumulator(out.sum(axis=0)[:m, :n], a_scale, b_scale, out_dtype)
     if (mp, np_) != (m, n):
         out = out[:m, :n]
     return out.astype(out_dtype) if out.dtype != out_dtype else out
-
-
-def _scale(acc, a_scale, b_scale, out_dtype):
-    """int32 sums -> out_dtype, the scales applied in float32 (as the fused epilogue does)."""
-    if a_scale is None and b_scale is None:
-        return acc.astype(out_dtype)
-    y = acc.astype(jnp.float32)
-    if a_scale is not None:
-        y = y * a_scale.astype(jnp.float32)[:, None]
-    if b_scale is not None:
-        y = y * b_scale.astype(jnp.float32)[None, :]
-    return y.astype(out_dtype)

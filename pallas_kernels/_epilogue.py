@@ -1,0 +1,17 @@
+"""The dequantising epilogue both int8 matmul backends share when XLA, not the kernel, applies it
+(the reference, and the sum of split-K partials)."""
+
+import jax.numpy as jnp
+
+
+def scale_accumulator(acc, a_scale, b_scale, out_dtype):
+    """int32 [M, N] -> out_dtype, scales applied in float32 (row scale first, then column), the
+    order the fused kernel epilogues use, so results agree bit for bit."""
+    if a_scale is None and b_scale is None:
+        return acc.astype(out_dtype)
+    y = acc.astype(jnp.float32)
+    if a_scale is not None:
+        y = y * a_scale.astype(jnp.float32)[:, None]
+    if b_scale is not None:
+        y = y * b_scale.astype(jnp.float32)[None, :]
+    return y.astype(out_dtype)
