@@ -271,11 +271,14 @@ def _to_python(tree) -> dict:
 
 def build_model(model_cfg: Mapping):
     """The model named by model_cfg, its products injected from model_cfg["recipe"] (default
-    "fp32"; any name in alijax.quant.RECIPES)."""
+    "fp32"; any name in alijax.quant.RECIPES), with model_cfg["recipe_overrides"] (a dict of
+    Recipe fields, optional) applied."""
     from alijax.models import get_model
     from alijax.quant import get_recipe, layer_ops
 
-    recipe = get_recipe(model_cfg.get("recipe", "fp32"))
+    recipe = get_recipe(
+        model_cfg.get("recipe", "fp32"), **dict(model_cfg.get("recipe_overrides", {}))
+    )
     return get_model(
         model_cfg["name"],
         num_classes=model_cfg["num_classes"],

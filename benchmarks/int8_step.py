@@ -3,6 +3,10 @@
   python benchmarks/int8_step.py                       # ResNet-50, batch 256, 224x224 (GPU)
   python benchmarks/int8_step.py --quick               # resnet_tiny, batch 32, 32x32 (CPU smoke)
   python benchmarks/int8_step.py --recipes bf16,da_int8,per_tensor_int8 --steps 20
+  python benchmarks/int8_step.py --recipes bf16,da_int8+bf16conv   # GPU convs on bf16 codes
+
+A recipe "NAME+bf16conv" is NAME with Recipe.gpu_conv_operands="bfloat16" (on GPU the integer
+convs then run on the tensor cores; see alijax/quant/conv.py).
 
 Each recipe's full train step (forward, backward with quantized gradients, SGD update, the
 quant_state threading) is jitted with the state donated, compiled and warmed up, then timed step
@@ -28,9 +32,26 @@ import numpy as np
 
 from alijax import train
 
+VARIANTS = {"bf16conv": {"gpu_conv_operands": "bfloat16"}}
+
 
 def model_config(name: str, recipe: str, num_classes: int, dtype: str) -> dict:
-    return {"name": name, "num_classes": num_classes, "dtype": dtype, "recipe": recipe}
+    """recipe: a name in alijax.quant.RECIPES, optionally "+VARIANT" (VARIANTS)."""
+    base, *variants = recipe.split("+")
+    overrides = {}
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise ValueError(
+                f"recipe variant {variant!r} in {recipe!r} is not one of {sorted(VARIANTS)}"
+            )
+        overrides.update(VARIANTS[variant])
+    return {
+        "name": name,
+        "num_classes": num_classes,
+        "dtype": dtype,
+        "recipe": base,
+        "recipe_overrides": overrides,
+    }
 
 
 def time_recipe(recipe: str, args) -> dict:

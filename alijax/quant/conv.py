@@ -10,6 +10,10 @@ integer products run as float32 convs (precision HIGHEST) on the int8 codes, whi
 exactly, and are rounded back to int32. That is exact while every partial sum stays below 2^24,
 which holds for sums of up to 1040 products (1040 * 127^2 < 2^24); longer sums (G_W over a large
 N*H*W) carry float32 rounding of relative size ~1e-7, far below the INT8 quantization error.
+`Recipe.gpu_conv_operands="bfloat16"` feeds cuDNN the codes as bfloat16 instead, still with
+float32 accumulation: bfloat16 also holds every int8 value exactly and the products of two are
+exact in float32, so the sums are the float32 path's (up to summation order), but they run on the
+tensor cores at the bf16 rate instead of float32's. Opt-in until timed on a GPU.
 The dense products have no such caveat: they use the Pallas INT8 kernel on GPU.
 
 Backward: the two transposed convolutions, written with `lax.conv_general_dilated` on int8
@@ -142,13 +146,20 @@ def _emulate_integer_conv() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def _conv(lhs, rhs, out_dtype, **kwargs):
-    """lax.conv_general_dilated with int8 operands accumulated to int32 on every backend."""
+GPU_CONV_OPERANDS = ("float32", "bfloat16")
+
+
+def _conv(lhs, rhs, out_dtype, gpu_operands="float32", **kwargs):
+    """lax.conv_general_dilated with int8 operands accumulated to int32 on every backend.
+    gpu_operands: the float dtype the codes take where integer convs are emulated."""
     if lhs.dtype == jnp.int8 and _emulate_integer_conv():
+        as_float = jnp.dtype(gpu_operands)
         out = lax.conv_general_dilated(
-            lhs.astype(jnp.float32),
-            rhs.astype(jnp.float32),
-            precision=lax.Precision.HIGHEST,
+            lhs.astype(as_float),
+            rhs.astype(as_float),
+            # HIGHEST keeps float32 from dropping to TF32 (whose 10-bit mantissa would round the
+            # codes' products); bfloat16 products are exact at any precision.
+            precision=lax.Precision.HIGHEST if as_float == jnp.float32 else None,
             preferred_element_type=jnp.float32,
             **kwargs,
         )
@@ -167,12 +178,13 @@ def _swap01(spec):
     return (spec[1], spec[0]) + tuple(spec[2:])
 
 
-def conv_forward(geo: ConvGeometry, x, w, out_dtype):
+def conv_forward(geo: ConvGeometry, x, w, out_dtype, gpu_operands="float32"):
     """Y = conv(X, W). int8 operands accumulate exactly in int32."""
     return _conv(
         x,
         w,
         out_dtype,
+        gpu_operands,
         window_strides=geo.window_strides,
         padding=geo.padding,
         lhs_dilation=geo.lhs_dilation,
@@ -182,7 +194,7 @@ def conv_forward(geo: ConvGeometry, x, w, out_dtype):
     )
 
 
-def conv_grad_lhs(geo: ConvGeometry, g, w, out_dtype):
+def conv_grad_lhs(geo: ConvGeometry, g, w, out_dtype, gpu_operands="float32"):
     """G_X from G_Y (out layout) and W (rhs layout); returns the lhs layout."""
     dn = geo.dimension_numbers
     k_d, in_d, out_d = _spatial_sizes(geo, g.shape)
@@ -207,6 +219,7 @@ def conv_grad_lhs(geo: ConvGeometry, g, w, out_dtype):
         g,
         kernel,
         out_dtype,
+        gpu_operands,
         window_strides=geo.lhs_dilation,
         padding=pads,
         lhs_dilation=geo.window_strides,
@@ -216,7 +229,7 @@ def conv_grad_lhs(geo: ConvGeometry, g, w, out_dtype):
     )
 
 
-def conv_grad_rhs(geo: ConvGeometry, x, g, out_dtype):
+def conv_grad_rhs(geo: ConvGeometry, x, g, out_dtype, gpu_operands="float32"):
     """G_W from X (lhs layout) and G_Y (out layout); returns the rhs layout."""
     dn = geo.dimension_numbers
     k_d, in_d, out_d = _spatial_sizes(geo, g.shape)
@@ -230,6 +243,7 @@ def conv_grad_rhs(geo: ConvGeometry, x, g, out_dtype):
         x,
         g,
         out_dtype,
+        gpu_operands,
         window_strides=geo.rhs_dilation,
         padding=pads,
         lhs_dilation=geo.lhs_dilation,
@@ -244,6 +258,7 @@ class ConvProducts:
     """The three products of Y = conv(X, W) for the shared INT8 op (alijax/quant/_op.py)."""
 
     geometry: ConvGeometry
+    gpu_operands: str = "float32"  # Recipe.gpu_conv_operands
 
     @property
     def out_channel_axis(self) -> int:
@@ -254,13 +269,13 @@ class ConvProducts:
         return self.geometry.rhs_channel_axis
 
     def forward(self, x, w, out_dtype):
-        return conv_forward(self.geometry, x, w, out_dtype)
+        return conv_forward(self.geometry, x, w, out_dtype, self.gpu_operands)
 
     def grad_lhs(self, g, w, out_dtype):
-        return conv_grad_lhs(self.geometry, g, w, out_dtype)
+        return conv_grad_lhs(self.geometry, g, w, out_dtype, self.gpu_operands)
 
     def grad_rhs(self, x, g, out_dtype):
-        return conv_grad_rhs(self.geometry, x, g, out_dtype)
+        return conv_grad_rhs(self.geometry, x, g, out_dtype, self.gpu_operands)
 
 
 def quant_conv_general_dilated(
@@ -300,7 +315,8 @@ def quant_conv_general_dilated(
     if state is None:
         recipe = dataclasses.replace(recipe, telemetry=False)
         state = _op.init_state(_op.state_channels(recipe, geo.num_out_channels))
-    y = _op.quantized_product(ConvProducts(geo), recipe, seed, lhs, rhs, state)
+    products = ConvProducts(geo, recipe.gpu_conv_operands)
+    y = _op.quantized_product(products, recipe, seed, lhs, rhs, state)
     return y.astype(preferred_element_type or jnp.result_type(lhs, rhs))
 
 

@@ -65,6 +65,9 @@ class Recipe:
     unified_candidates: int = 16
     unified_min_ratio: float = 0.3
     quantize_first_last: bool = False
+    # GPU only (cuDNN has no int8 conv): the float dtype the int8 codes take in the emulated
+    # integer convs, accumulated in float32 either way (see conv.py). "bfloat16" is opt-in.
+    gpu_conv_operands: str = "float32"
     telemetry: bool = True
     seed: int = 0  # mixed into every layer's stochastic-rounding stream
 
@@ -73,6 +76,7 @@ class Recipe:
         _one_of("granularity", self.granularity, GRANULARITIES)
         _one_of("rounding", self.rounding, ROUNDINGS)
         _one_of("mcs_target", self.mcs_target, MCS_TARGETS)
+        _one_of("gpu_conv_operands", self.gpu_conv_operands, conv_lib.GPU_CONV_OPERANDS)
         if self.forward == "int8":
             _one_of("clipping", self.clipping, gvq.CLIPPINGS)
         elif self.clipping != "none":

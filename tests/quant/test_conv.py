@@ -101,25 +101,35 @@ def test_transposed_convs_match_jax_vjp(name):
     np.testing.assert_allclose(conv_grad_rhs(geo, x, g, jnp.float32), want_w, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("emulate", [False, True], ids=["int32", "float32_gpu_path"])
+@pytest.mark.parametrize(
+    "emulate", [None, "float32", "bfloat16"], ids=["int32", "float32_gpu_path", "bf16_gpu_path"]
+)
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
 def test_int8_products_accumulate_exactly_in_int32(name, emulate, monkeypatch):
-    # emulate=True forces the GPU path (float32 convs on the codes) on whatever backend runs.
-    if not emulate and jax.default_backend() == "gpu":
+    # emulate forces the GPU path (float convs on the codes, float32 accumulation) on whatever
+    # backend runs, with the codes as that float dtype (Recipe.gpu_conv_operands).
+    if emulate is None and jax.default_backend() == "gpu":
         pytest.skip("cuDNN has no int8 x int8 -> int32 conv; the GPU uses the float32 path")
-    monkeypatch.setattr(conv_lib, "_emulate_integer_conv", lambda: emulate)
+    monkeypatch.setattr(conv_lib, "_emulate_integer_conv", lambda: emulate is not None)
+    ops = {"gpu_operands": emulate or "float32"}
     geo = _geometry(name)
     rng = np.random.default_rng(len(name) + 1)
     qx = jnp.asarray(rng.integers(-127, 128, geo.lhs_shape), jnp.int8)
     qw = jnp.asarray(rng.integers(-127, 128, geo.rhs_shape), jnp.int8)
-    acc_y = conv_forward(geo, qx, qw, jnp.int32)
+    acc_y = conv_forward(geo, qx, qw, jnp.int32, **ops)
     qg = jnp.asarray(rng.integers(-127, 128, acc_y.shape), jnp.int8)
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     # Sums of at most a few hundred products of |code| <= 127 are exact in float32 (< 2^24).
     for got, want in (
         (acc_y, _float_conv(geo, f32(qx), f32(qw))),
-        (conv_grad_lhs(geo, qg, qw, jnp.int32), conv_grad_lhs(geo, f32(qg), f32(qw), jnp.float32)),
-        (conv_grad_rhs(geo, qx, qg, jnp.int32), conv_grad_rhs(geo, f32(qx), f32(qg), jnp.float32)),
+        (
+            conv_grad_lhs(geo, qg, qw, jnp.int32, **ops),
+            conv_grad_lhs(geo, f32(qg), f32(qw), jnp.float32),
+        ),
+        (
+            conv_grad_rhs(geo, qx, qg, jnp.int32, **ops),
+            conv_grad_rhs(geo, f32(qx), f32(qg), jnp.float32),
+        ),
     ):
         assert got.dtype == jnp.int32
         np.testing.assert_array_equal(got, np.asarray(want).astype(np.int64))
