@@ -15,10 +15,11 @@ PY="${PYTHON:-python3}"
 
 "$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())'
 start=$(date +%s)
-# The Mosaic GPU (wgmma) int8 kernel first, on its own clock: a kernel that deadlocks on its
+# The Mosaic GPU (wgmma) int8 kernel and the tensor-core Hamming distance on it first, on their
+# own clock: a kernel that deadlocks on its
 # barriers would otherwise eat the whole run. If it fails, the benchmark leaves Mosaic out.
 echo "=== gpu-marked tests: Mosaic GPU int8 matmul ==="
-timeout "${MOSAIC_TIMEOUT:-150}" "$PY" -m pytest -m gpu tests/pallas_kernels/test_int8_matmul.py -k Mosaic \
+timeout "${MOSAIC_TIMEOUT:-150}" "$PY" -m pytest -m gpu tests/pallas_kernels -k "Mosaic or Tensorcore" \
   -q -p no:cacheprovider -o addopts="" --durations=5 2>&1 | tee "$OUT_DIR/gpu-tests-mosaic.log"
 mosaic_rc=${PIPESTATUS[0]}
 bench_flags=()
@@ -26,7 +27,7 @@ if [ "$mosaic_rc" != "0" ]; then bench_flags+=(--no-mosaic); fi
 echo "mosaic tests rc=$mosaic_rc in $(( $(date +%s) - start ))s"
 
 echo "=== gpu-marked tests ==="
-timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest -m gpu ${TEST_PATHS:-tests/pallas_kernels tests/ann} -k "not Mosaic" \
+timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest -m gpu ${TEST_PATHS:-tests/pallas_kernels tests/ann} -k "not Mosaic and not Tensorcore" \
   -q -p no:cacheprovider -o addopts="" --durations=8 2>&1 | tee "$OUT_DIR/gpu-tests.log"
 test_rc=${PIPESTATUS[0]}
 echo "tests rc=$test_rc in $(( $(date +%s) - start ))s"

@@ -8,12 +8,15 @@ import pytest
 
 from pallas_kernels.hamming_topk import (
     HammingTopkConfig,
+    code_signs,
     default_config,
     hamming_distance,
     hamming_distance_reference,
+    hamming_distance_tensorcore,
     hamming_topk,
     hamming_topk_reference,
 )
+from pallas_kernels.int8_matmul_mosaic import MosaicInt8Config
 
 
 def np_distances(queries, codes):
@@ -167,3 +170,50 @@ class TestReferenceAndValidation:
     @pytest.mark.parametrize("q,n", [(1, 1 << 20), (64, 1 << 20), (512, 10_000_000), (3, 5)])
     def test_default_config_is_valid(self, q, n):
         default_config(q, n, 8).validate()
+
+
+# The tensor-core formulation: d = (bits - q . c) / 2 over +-1 signs, an int8 GEMM (Mosaic GPU).
+TC_SMALL = MosaicInt8Config(tile_m=64, tile_n=64, tile_k=128, stages=2, wg_dim="m")
+
+
+class TensorcoreTests:
+    interpret: bool
+    cases = [(37, 150, 8, TC_SMALL)]  # (Q, N, W, config): ragged Q and N, 256-bit codes
+
+    def test_signs_unpack_the_bits(self):
+        rng = np.random.default_rng(1)
+        codes = random_codes(rng, 9, 2)
+        signs = np.asarray(code_signs(codes))
+        bits = np.unpackbits(codes.view(np.uint8), axis=-1, bitorder="little")
+        np.testing.assert_array_equal(signs, 1 - 2 * bits.astype(np.int8))
+        np.testing.assert_array_equal(
+            np.asarray(code_signs(as_layout(codes, "wn"), codes_layout="wn")), signs
+        )
+
+    def test_distances_exact(self):
+        for q, n, w, cfg in self.cases:
+            rng = np.random.default_rng([q, n, w])
+            queries, codes = random_codes(rng, q, w), random_codes(rng, n, w, distinct=n // 3)
+            got = hamming_distance_tensorcore(
+                queries, code_signs(codes), config=cfg, interpret=self.interpret
+            )
+            np.testing.assert_array_equal(np.asarray(got), np_distances(queries, codes))
+
+    def test_bad_signs(self):
+        queries = np.zeros((2, 8), np.uint32)
+        with pytest.raises(ValueError, match="signs"):
+            hamming_distance_tensorcore(queries, np.zeros((5, 128), np.int8))
+        with pytest.raises(ValueError, match="config"):
+            hamming_distance_tensorcore(
+                queries, np.zeros((5, 256), np.int8), config=HammingTopkConfig()
+            )
+
+
+class TestTensorcoreInterpret(TensorcoreTests):
+    interpret = True
+
+
+@pytest.mark.gpu
+class TestTensorcoreGpu(TensorcoreTests):
+    interpret = False
+    cases = TensorcoreTests.cases + [(512, 100_000, 8, None), (64, 4099, 16, None)]
