@@ -182,7 +182,8 @@ def _interpret_params():
 
 def _num_sms() -> int:
     device = jax.devices()[0]
-    return getattr(device, "core_count", None) if device.platform == "gpu" else _HOPPER_SMS
+    cores = getattr(device, "core_count", None) if device.platform == "gpu" else None
+    return cores or _HOPPER_SMS
 
 
 def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, cfg: MosaicInt8Config, b_k_major: bool):
