@@ -174,6 +174,8 @@ def mosaic_variants(m, n, k):
     if d.tile_n % 64 == 0:
         out.append(dataclasses.replace(d, epi_n=64, stages=2 if k <= 256 else d.stages))
         out.append(dataclasses.replace(d, epi_m=d.tile_m, epi_n=64, stages=2 if k <= 256 else 3))
+    if k <= 256:  # output-bound: more stores in flight
+        out.append(dataclasses.replace(d, stages=2, epi_slots=4))
     out.append(dataclasses.replace(d, wg_dim="n" if d.wg_dim == "m" else "m"))
     valid = []
     for cfg in out:

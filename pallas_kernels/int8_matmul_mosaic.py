@@ -18,8 +18,8 @@ Structure of one CTA (persistent: one CTA per multiprocessor walks over output t
   - warpgroups 0 and 1 each own a [tile_m, tile_n] int32 accumulator in registers (the CTA
     tile is two of them side by side along ``wg_dim``) and issue ``wgmma`` on each slice;
   - the epilogue converts, applies the per-row / per-column scales in float32, and writes the
-    tile back through shared memory with TMA in [epi_m, epi_n] pieces, two slots deep so the
-    next piece is converted while the last one is stored.
+    tile back through shared memory with TMA in [epi_m, epi_n] pieces, ``epi_slots`` deep so
+    the next pieces are converted while the last ones are stored.
 
 Shapes must divide the tiles; ``int8_matmul_nt`` zero-pads otherwise (exact, as zero rows and
 columns add nothing to the int32 sums) and slices the result.
@@ -70,6 +70,9 @@ class MosaicInt8Config:
     grid_minor: str = "n"
     grid_width: int = 8
     split_k: int = 1  # work items per output tile, each summing a slice of K into int32 partials
+    # Output pieces in flight per warpgroup. 2 ran on the H200; more may help the output-bound
+    # small-K GEMMs, whose stores ran at ~1.1 TB/s with 2 (not yet timed).
+    epi_slots: int = 2
 
     def cta_tile(self) -> tuple[int, int]:
         return (
@@ -80,7 +83,7 @@ class MosaicInt8Config:
     def smem_bytes(self, out_itemsize: int) -> int:
         cta_m, cta_n = self.cta_tile()
         operands = self.stages * (cta_m + cta_n) * self.tile_k
-        out = 2 * 2 * self.epi_m * self.epi_n * out_itemsize
+        out = 2 * self.epi_slots * self.epi_m * self.epi_n * out_itemsize
         scales = 2 * (self.tile_m + self.tile_n) * 4
         return operands + out + scales
 
@@ -112,10 +115,10 @@ class MosaicInt8Config:
             )
         if self.epi_n * out_itemsize % 16:
             raise ValueError(f"config.epi_n={self.epi_n} rows must be a multiple of 16 bytes")
-        if self.stages < 2 or self.grid_width < 1 or self.split_k < 1:
+        if self.stages < 2 or self.grid_width < 1 or self.split_k < 1 or self.epi_slots < 2:
             raise ValueError(
                 f"config.stages={self.stages} must be >= 2, grid_width={self.grid_width} >= 1, "
-                f"split_k={self.split_k} >= 1"
+                f"split_k={self.split_k} >= 1, epi_slots={self.epi_slots} >= 2"
             )
         if self.smem_bytes(out_itemsize) > _SMEM_BYTES:
             raise ValueError(
@@ -246,7 +249,9 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, cfg: MosaicInt8Config
 
     scoped = dict(
         pipeline_allocs=pipeline(unused, unused).get_allocations(a_gmem, b_gmem),
-        out_smem=plgpu.SMEM((2, 2, cfg.epi_m, cfg.epi_n), out_dtype, transforms=out_transforms),
+        out_smem=plgpu.SMEM(
+            (2, cfg.epi_slots, cfg.epi_m, cfg.epi_n), out_dtype, transforms=out_transforms
+        ),
     )
     if scaled:
         scoped.update(
@@ -305,8 +310,9 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, cfg: MosaicInt8Config
                         for pn in range(pieces_n):
                             rows_p = slice(pm * cfg.epi_m, (pm + 1) * cfg.epi_m)
                             cols_p = slice(pn * cfg.epi_n, (pn + 1) * cfg.epi_n)
-                            slot = (pm * pieces_n + pn) % 2
-                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                            slot = (pm * pieces_n + pn) % cfg.epi_slots
+                            # the store that last used this slot must have read it
+                            plgpu.wait_smem_to_gmem(cfg.epi_slots - 1, wait_read_only=True)
                             out_smem[wg, slot] = result[rows_p, cols_p]
                             plgpu.commit_smem()
                             plgpu.copy_smem_to_gmem(

@@ -190,10 +190,11 @@ MOSAIC_SMALL_N = MosaicInt8Config(
 MOSAIC_SMALL_M = MosaicInt8Config(
     tile_m=64, tile_n=32, tile_k=64, stages=3, wg_dim="m", grid_minor="m"
 )
+MOSAIC_SLOTS = MosaicInt8Config(tile_m=64, tile_n=64, tile_k=64, stages=2, epi_n=16, epi_slots=3)
 MOSAIC_SPLIT = MosaicInt8Config(tile_m=64, tile_n=64, tile_k=64, stages=2, wg_dim="m", split_k=3)
 MOSAIC_CASES = [  # (m, n, k, transpose_a, transpose_b, with_scales, config)
     (200, 72, 100, False, True, True, MOSAIC_SMALL_N),
-    (128, 128, 192, False, False, False, MOSAIC_SMALL_N),
+    (128, 128, 192, False, False, False, MOSAIC_SLOTS),  # 3 store slots over 8 pieces
     (130, 64, 64, True, False, True, MOSAIC_SMALL_M),
     (64, 40, 70, True, True, False, MOSAIC_SMALL_M),
     # split K: 3 slices of 2 steps; K = 300 pads to 384, the padded tail must add nothing
