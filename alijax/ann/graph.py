@@ -1048,8 +1048,14 @@ def _plan_for(codes_shape, degree, mesh, config: GraphConfig) -> _Plan:
     return _plan(n_total, words, int(degree), mesh.shape[config.axis], config)
 
 
+@functools.partial(jax.jit, static_argnames=("degree", "n"))
+def _graph_rows(edges_t, degree: int, n: int):
+    """The packed-key finalize's output uint32 [K, n'] -> the graph int32 [n, degree]."""
+    return lax.bitcast_convert_type(edges_t[:degree, :n].T, jnp.int32)  # SENTINEL -> -1
+
+
 def _run(codes, degree: int, mesh, config: GraphConfig, stages: tuple[str, ...]):
-    """Runs the given leading stages of the build; returns the graph (numpy) after
+    """Runs the given leading stages of the build; returns the graph (a jax array) after
     "finalize", else the lists as (ids, dist) int32 [N, K] numpy."""
     codes = _check_codes(codes)
     mesh = _mesh_or_default(mesh, config)
@@ -1066,9 +1072,9 @@ def _run(codes, degree: int, mesh, config: GraphConfig, stages: tuple[str, ...])
         release_free_heap()  # what the last stage freed
         out = program(device_codes, out)
     if stages[-1] == "finalize" and plan.layout is not None:  # the graph's rows, transposed
-        return np.ascontiguousarray(np.asarray(out)[: plan.degree, : plan.n_total].T).view(np.int32)
+        return _graph_rows(out, plan.degree, plan.n_total)
     if stages[-1] == "finalize":
-        return np.asarray(out)[: plan.n_total]
+        return out[: plan.n_total]
     if plan.layout is not None:
         out = (plan.layout.ids(out).T, plan.layout.dist(out).T)
     return tuple(np.asarray(x)[: plan.n_total] for x in out)
@@ -1109,6 +1115,13 @@ def build_graph(codes, degree: int, *, mesh=None, config: GraphConfig = GraphCon
     """Search graph over codes uint32 [N, W] -> int32 [N, degree] (numpy; -1 pads tiny graphs).
 
     mesh: a Mesh whose axis config.axis shards the points (None: one device)."""
+    return np.asarray(build_graph_device(codes, degree, mesh=mesh, config=config))
+
+
+def build_graph_device(codes, degree: int, *, mesh=None, config: GraphConfig = GraphConfig()):
+    """build_graph's graph as the jax array the build made (sharded like the mesh), so a
+    caller that keeps it on the device needs no second copy (on CPU np.asarray of it is a
+    view: the host copy beside the device one was 122 MB of an index's peak at 1M)."""
     return _run(codes, degree, mesh, config, STAGES)
 
 

@@ -178,10 +178,23 @@ beam_search_jit = jax.jit(beam_search, static_argnames=("candidates", "width", "
 
 
 def rerank(queries, vectors, cand, k: int, metric: str, deleted=None):
-    """Exact scores of candidates cand int32 [Q, L] (-1 = none) -> (scores f32 [Q, k],
-    idx int32 [Q, k]). l2: squared distances, ascending; ip / cosine: similarities, descending.
-    Missing results: idx -1 and score +inf (l2) or -inf (ip, cosine)."""
-    x = vectors[jnp.maximum(cand, 0)]  # [Q, L, D]
+    """Exact scores of candidates cand int32 [Q, L] (-1 = none) against vectors float32 or
+    float16 [N, D] (scored in float32) -> (scores f32 [Q, k], idx int32 [Q, k]). l2: squared
+    distances, ascending; ip / cosine: similarities, descending. Missing results: idx -1 and
+    score +inf (l2) or -inf (ip, cosine).
+
+    Runs in chunks of queries whose gathered [q, L, D] float32 candidates are at most 16 MB
+    (whole batches of 500 at L=256 were 65 MB each, the peak of a 1M index's searches)."""
+    rows = max(1, _RERANK_BYTES // (4 * cand.shape[1] * vectors.shape[1]))
+    one = functools.partial(_rerank, vectors=vectors, k=k, metric=metric, deleted=deleted)
+    return bitonic.slice_map(one, (queries, cand), rows, axis=0)
+
+
+_RERANK_BYTES = 16 << 20
+
+
+def _rerank(queries, cand, vectors, k: int, metric: str, deleted):
+    x = vectors[jnp.maximum(cand, 0)].astype(jnp.float32)  # [Q, L, D]; float16 stored
     if metric == "l2":
         s = jnp.sum((x - queries[:, None, :]) ** 2, axis=-1)
         key = -s

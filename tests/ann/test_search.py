@@ -74,8 +74,11 @@ def test_seed_is_the_nearest_entry_of_each_strided_group(n_entries):
     np.testing.assert_array_equal(seed, np.sort(want, axis=0).astype(np.uint32))
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 2 * 4 * 25 * 8])  # None: one chunk; else 2 rows
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_rerank_matches_numpy(metric):
+def test_rerank_matches_numpy(metric, chunk_bytes, monkeypatch):
+    if chunk_bytes:
+        monkeypatch.setattr(search, "_RERANK_BYTES", chunk_bytes)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(50, 8)).astype(np.float32)
     q = rng.normal(size=(3, 8)).astype(np.float32)
