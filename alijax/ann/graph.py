@@ -123,11 +123,12 @@ class GraphConfig:
     row_chunk: int = 16384  # rows per propagation / pruning chunk (bounds their memory)
     block_batch: int = 8  # blocks per step of the exact in-block kNN
     # Entries kept per (point, block) by the in-block kNN; None: K // 2 (at least K /
-    # num_assign) in build_graph, K in knn_graph. The block table is N * num_assign of these
-    # lists, the largest buffer of the build (0.5 GB at 1M with K entries); K // 2 halves it
-    # and changed no search recall (1M: recall@10 0.9562 at L=64 either way; 100k: 0.9766 at
-    # L=32), though some of the K-lists then stay short of K until the pruning cuts them to
-    # `degree`, which is why knn_graph, whose lists are its result, keeps K.
+    # num_assign) in build_graph, K in knn_graph. A mesh's block table is N * num_assign of
+    # these lists (0.5 GB at 1M with K entries; one device merges them into the lists as they
+    # are made); K // 2 halves it and the merge work, and changed no search recall (1M:
+    # recall@10 0.9562 at L=64 either way; 100k: 0.9766 at L=32), though some of the K-lists
+    # then stay short of K until the pruning cuts them to `degree`, which is why knn_graph,
+    # whose lists are its result, keeps K.
     block_degree: int | None = None
     # Each node's first kept edges that give reverse edges (None: all `degree`). The reverse
     # pass is one 2-operand XLA sort of N * reverse_sources entries, about 0.3 us an entry on

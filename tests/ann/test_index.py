@@ -243,3 +243,14 @@ def test_float16_range_and_bad_dtype_refused(data):
         BinaryGraphIndex(bits=64, vector_dtype="float16").build(x * 1e5)
     with pytest.raises(ValueError, match="vector_dtype"):
         BinaryGraphIndex(vector_dtype="int8")
+
+
+def test_sharded_build_gives_the_single_device_index(data, built):
+    from alijax.parallel import make_mesh
+
+    x, q, _ = data
+    # The graph comes back sharded over the 8 devices; the index keeps a host copy of it.
+    index = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20)
+    index.build(x, ids=np.arange(N) * 3, mesh=make_mesh())
+    np.testing.assert_array_equal(index.graph, built.graph)
+    np.testing.assert_array_equal(index.search(q, 10)[1], built.search(q, 10)[1])
