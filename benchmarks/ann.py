@@ -135,7 +135,10 @@ def run_method(name, data_dir, sweep):
         return pool.apply(_isolated, (name, data_dir, sweep, OURS_OPTIONS))
 
 
-def timed(fn, *args, repeat=2):
+def timed(fn, *args, repeat=5):
+    """Best wall time of `repeat` calls after a warm-up. Best of 2 swung 2x between runs on a
+    shared 2-core machine (another process's load comes and goes within a second); best of 5
+    costs each method a few seconds at 1M."""
     fn(*args)  # warm-up (compilation, caches)
     best, result = np.inf, None
     for _ in range(repeat):
