@@ -2,6 +2,7 @@
 
   python benchmarks/ann.py [--quick] [--n 100000] [--nq 1000] [--fvecs BASE.fvecs
                             --queries Q.fvecs] [--no-digits] [--out-dir benchmarks/results]
+                            [--methods ours,hnswlib] [--vector-dtype float16]
 
 Methods: ours (BinaryGraphIndex, 256-bit ITQ codes, degree 32, Hamming beam search + float
 rerank), faiss IndexHNSWFlat (M=16, efConstruction=200), faiss IndexBinaryHNSW (M=16) on our
@@ -95,7 +96,7 @@ def _status_mib(field: str) -> float:
 
 def _method(name, x, q, truth, sweep, codes=None, qcodes=None):
     if name == "ours":
-        build, rows, index = run_ours(x, q, truth, sweep)
+        build, rows, index = run_ours(x, q, truth, sweep, OURS_OPTIONS)
         return build, rows, (index.codes, codes_lib.encode(index.binarizer, q))
     if name == "hnswlib":
         return (*run_hnswlib(x, q, truth, sweep), None)
@@ -105,9 +106,10 @@ def _method(name, x, q, truth, sweep, codes=None, qcodes=None):
     return (*run_faiss_binary(x, q, truth, sweep, codes, qcodes, kind), None)
 
 
-def _isolated(name, data_dir, sweep):
+def _isolated(name, data_dir, sweep, ours_options):
     """Runs in a fresh process: loads the data, resets the peak-memory mark, runs one method.
     Returns (build s, rows, extra, peak MiB added over the loaded data)."""
+    OURS_OPTIONS.update(ours_options)  # a spawned process starts from the module's defaults
     load = lambda f: (
         np.load(os.path.join(data_dir, f)) if os.path.exists(os.path.join(data_dir, f)) else None
     )  # noqa: E731
@@ -130,10 +132,13 @@ def run_method(name, data_dir, sweep):
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_isolated, (name, data_dir, sweep))
+        return pool.apply(_isolated, (name, data_dir, sweep, OURS_OPTIONS))
 
 
-def timed(fn, *args, repeat=2):
+def timed(fn, *args, repeat=5):
+    """Best wall time of `repeat` calls after a warm-up. Best of 2 swung 2x between runs on a
+    shared 2-core machine (another process's load comes and goes within a second); best of 5
+    costs each method a few seconds at 1M."""
     fn(*args)  # warm-up (compilation, caches)
     best, result = np.inf, None
     for _ in range(repeat):
@@ -150,9 +155,9 @@ def rerank(x, q, cand, k):
     return np.take_along_axis(cand, order, axis=1)
 
 
-def run_ours(x, q, truth, sweep):
+def run_ours(x, q, truth, sweep, options=None):
     t = time.perf_counter()
-    index = BinaryGraphIndex(bits=256, degree=32).build(x)
+    index = BinaryGraphIndex(bits=256, degree=32, **(options or {})).build(x)
     build = time.perf_counter() - t
     rows = []
     for cand in sweep:
@@ -224,6 +229,9 @@ def run_faiss_binary(x, q, truth, sweep, codes, qcodes, kind):
     return build, rows
 
 
+OURS_OPTIONS: dict = {}  # BinaryGraphIndex keyword arguments from the command line
+SELECTED: set = set()  # --methods (empty: all)
+
 METHODS = [
     ("ours", "ours (BDG, 256-bit ITQ, deg 32)"),
     ("hnswlib", "hnswlib (M=16, efC=200)"),
@@ -250,6 +258,8 @@ def bench(name, x, q, out_dir, quick):
         for part, arr in (("x", x), ("q", q), ("truth", truth)):
             np.save(os.path.join(data_dir, f"{part}.npy"), arr)
         for method, label in METHODS:
+            if SELECTED and method not in SELECTED:
+                continue
             build, rows, extra, peak = run_method(method, data_dir, sweep)
             if extra is not None:  # our codes, for the faiss binary indexes
                 np.save(os.path.join(data_dir, "codes.npy"), extra[0])
@@ -333,7 +343,19 @@ def main(argv=None):
     parser.add_argument("--queries", default=None, help="queries for --fvecs")
     parser.add_argument("--no-digits", action="store_true")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    names = ",".join(m for m, _ in METHODS)
+    parser.add_argument("--methods", default=None, help=f"a subset of {names} (default: all)")
+    parser.add_argument("--vector-dtype", default=None, help="ours: stored rerank vectors")
     args = parser.parse_args(argv)
+    if args.methods:
+        unknown = set(args.methods.split(",")) - {m for m, _ in METHODS}
+        if unknown:
+            raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from {names}")
+        SELECTED.update(args.methods.split(","))
+        if any(m.startswith("faiss-binary") for m in SELECTED) and "ours" not in SELECTED:
+            raise ValueError("--methods: the faiss binary indexes use ours' codes; add ours")
+    if args.vector_dtype:
+        OURS_OPTIONS["vector_dtype"] = args.vector_dtype
     n, nq = (20_000, 500) if args.quick else (args.n, args.nq)
     x, q = synthetic(n, nq)
     bench(f"synthetic{n // 1000}k", x, q, args.out_dir, args.quick)

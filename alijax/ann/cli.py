@@ -31,6 +31,12 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
     build.add_argument("--metric", choices=("l2", "ip", "cosine"), default="l2")
     build.add_argument("--binarizer", choices=("itq", "lsh"), default="itq")
     build.add_argument(
+        "--vector-dtype",
+        choices=("float32", "float16"),
+        default=None,
+        help="dtype of the stored rerank vectors (default: the index's)",
+    )
+    build.add_argument(
         "--sharded",
         action="store_true",
         help="shard the graph build over all devices (a data mesh)",
@@ -64,8 +70,9 @@ def _build(args) -> int:
     x = _read(args.input)
     mesh = parallel.make_mesh() if args.sharded else None
     t0 = time.perf_counter()
+    dtype = {} if args.vector_dtype is None else {"vector_dtype": args.vector_dtype}
     index = BinaryGraphIndex(
-        bits=args.bits, degree=args.degree, metric=args.metric, binarizer=args.binarizer
+        bits=args.bits, degree=args.degree, metric=args.metric, binarizer=args.binarizer, **dtype
     ).build(x, mesh=mesh)
     seconds = time.perf_counter() - t0
     index.save(args.out)

@@ -140,13 +140,22 @@ def fit_itq(
         raise ValueError(f"iterations={iterations!r} must be a non-negative int")
     rng = jax.random.key(0) if rng is None else rng
     x = jnp.asarray(_fit_sample(vectors, max_fit_points))
+    mean, projection = _fit_itq(x, rng, bits, int(iterations), bool(random_start))
+    return Binarizer(mean, projection)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "iterations", "random_start"))
+def _fit_itq(x, rng, bits: int, iterations: int, random_start: bool):
+    """fit_itq's computation as one program: op by op, each of its dozens of ops kept a
+    compiled program of its own, 60 MB of the process after the fit (VmRSS after malloc_trim,
+    measured on 2 cores)."""
     mean = x.mean(axis=0)
     xc = x - mean
     k_pca, k_rot = jax.random.split(rng)
     w = pca_projection(xc, bits, k_pca)
     r0 = _orthonormal_columns(k_rot, bits, bits) if random_start else jnp.eye(bits)
-    r = itq_rotation(xc @ w, r0, int(iterations)) if iterations else r0
-    return Binarizer(mean, w @ r)
+    r = itq_rotation(xc @ w, r0, iterations) if iterations else r0
+    return mean, w @ r
 
 
 def project(binarizer: Binarizer, vectors) -> jax.Array:

@@ -47,14 +47,18 @@ BIG = bitonic.BIG
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     """Static search parameters: candidates L (the list size), parents expanded per iteration,
-    and the iteration cap (None: L // width + 4).
+    and the iteration cap (None: L // (4 * width) + 4).
 
-    A query needs about L // width + 1 iterations (every list entry expanded once), but a batch
-    runs until its slowest query is done, and a few queries in a thousand keep finding entries
-    to expand: at 100k, L=32, one batch of 500 ran 49 iterations with a cap of L + 16 and 35
-    with L + 2 (10.2 against 7.8 ms). What those tails add is the list's worst entries: recall@10
-    with a cap of L + 4 against L + 16 was the same at 100k (L=32, 64) and at 1M (L=64, 128),
-    and 0.0004 lower at 1M with L=48 (measured 2026-11-26)."""
+    A query could run until every list entry is expanded (about L // width + 1 iterations),
+    but what the rerank needs is the near end of the list: the seed already holds the nearest
+    entry of each of L groups of entry points, and expanding the best quarter of the list
+    finds most of what the rest would. The list size sets the cost of an iteration, the cap
+    how many run, so a larger list with fewer iterations is the better trade. Measured on
+    the benchmarks/ann.py data (2 cores, 2026-11-26, CPU-time QPS, one graph each):
+    100k, L=32: cap 36 (L + 4) recall@10 0.9764 at 35k QPS; cap 12 0.9716 at 52-56k; cap 8
+    0.9637. 1M: L=64 cap 68 0.9557 at 10.5k; L=128 cap 36 0.9748 at 10.1k (cap 132: 0.9850
+    at 4.5k); L=64 cap 20 0.9376. A batch also runs as long as its slowest query, so a cap
+    near L // width wasted its last iterations on a few queries' worst entries."""
 
     candidates: int = 64
     width: int = 1
@@ -63,7 +67,7 @@ class SearchConfig:
     threads: int | None = None  # CPU batches run at once (None: the cores available)
 
     def iterations(self) -> int:
-        return self.max_iterations or self.candidates // self.width + 4
+        return self.max_iterations or self.candidates // (4 * self.width) + 4
 
 
 def _seed(query_codes, codes, entries, layout: KeyLayout, size: int):
@@ -178,10 +182,23 @@ beam_search_jit = jax.jit(beam_search, static_argnames=("candidates", "width", "
 
 
 def rerank(queries, vectors, cand, k: int, metric: str, deleted=None):
-    """Exact scores of candidates cand int32 [Q, L] (-1 = none) -> (scores f32 [Q, k],
-    idx int32 [Q, k]). l2: squared distances, ascending; ip / cosine: similarities, descending.
-    Missing results: idx -1 and score +inf (l2) or -inf (ip, cosine)."""
-    x = vectors[jnp.maximum(cand, 0)]  # [Q, L, D]
+    """Exact scores of candidates cand int32 [Q, L] (-1 = none) against vectors float32 or
+    float16 [N, D] (scored in float32) -> (scores f32 [Q, k], idx int32 [Q, k]). l2: squared
+    distances, ascending; ip / cosine: similarities, descending. Missing results: idx -1 and
+    score +inf (l2) or -inf (ip, cosine).
+
+    Runs in chunks of queries whose gathered [q, L, D] float32 candidates are at most 16 MB
+    (whole batches of 500 at L=256 were 65 MB each, the peak of a 1M index's searches)."""
+    rows = max(1, _RERANK_BYTES // (4 * cand.shape[1] * vectors.shape[1]))
+    one = functools.partial(_rerank, vectors=vectors, k=k, metric=metric, deleted=deleted)
+    return bitonic.slice_map(one, (queries, cand), rows, axis=0)
+
+
+_RERANK_BYTES = 16 << 20
+
+
+def _rerank(queries, cand, vectors, k: int, metric: str, deleted):
+    x = vectors[jnp.maximum(cand, 0)].astype(jnp.float32)  # [Q, L, D]; float16 stored
     if metric == "l2":
         s = jnp.sum((x - queries[:, None, :]) ** 2, axis=-1)
         key = -s

@@ -53,6 +53,22 @@ def test_beam_search_walks_a_path_graph():
     np.testing.assert_array_equal(dist, [[0, 1, 1, 2]])
 
 
+def test_iteration_cap_stops_the_walk():
+    # The path graph again: from entry 0 the walk gains about one node an iteration, so a cap
+    # of 10 cannot reach node 50, and the default cap for L is L // (4 * width) + 4.
+    n = 64
+    bits = np.arange(64)[None, :] < np.arange(n)[:, None]
+    c = np.packbits(bits, axis=1, bitorder="little").view("<u4")
+    g = np.stack([np.arange(n) - 1, np.arange(n) + 1], axis=1)
+    g = np.where((g >= 0) & (g < n), g, -1).astype(np.int32)
+    args = (jnp.asarray(c[50:51]), jnp.asarray(c), jnp.asarray(g), jnp.asarray([0], jnp.int32))
+    ids, _ = search.beam_search(*args, candidates=4, iterations=10)
+    assert 0 < ids.max() < 20, ids
+    assert search.SearchConfig(32).iterations() == 12
+    assert search.SearchConfig(64, width=2).iterations() == 12
+    assert search.SearchConfig(32, max_iterations=7).iterations() == 7
+
+
 @pytest.mark.parametrize("n_entries", [1, 37, 64, 200])
 def test_seed_is_the_nearest_entry_of_each_strided_group(n_entries):
     rng = np.random.default_rng(n_entries)
@@ -74,8 +90,11 @@ def test_seed_is_the_nearest_entry_of_each_strided_group(n_entries):
     np.testing.assert_array_equal(seed, np.sort(want, axis=0).astype(np.uint32))
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 2 * 4 * 25 * 8])  # None: one chunk; else 2 rows
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_rerank_matches_numpy(metric):
+def test_rerank_matches_numpy(metric, chunk_bytes, monkeypatch):
+    if chunk_bytes:
+        monkeypatch.setattr(search, "_RERANK_BYTES", chunk_bytes)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(50, 8)).astype(np.float32)
     q = rng.normal(size=(3, 8)).astype(np.float32)
