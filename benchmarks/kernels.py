@@ -445,50 +445,38 @@ def run_hamming(q, n, k, *, interpret, candidates, deadline, w=8, mosaic=False):
     # The full distance matrix kernel vs XLA's (bandwidth of the [Q, N] int32 write dominates).
     if not interpret and q >= 64:
         t_xd, want_d, err_x = timed(jax.jit(hk.hamming_distance_reference), [(queries, codes)])
-        t_d, got_d, err_d = timed(
-            functools.partial(hk.hamming_distance, codes_layout="wn"), [(queries, codes_t)]
-        )
-        check = (
-            ""
-            if got_d is None or want_d is None
-            else ("ok" if bool(jnp.array_equal(got_d, want_d)) else "MISMATCH")
-        )
-        add(
-            Row(
-                "hamming_dist",
-                shape.replace(f" k={k}", ""),
-                "pallas wn",
-                "xla popc",
-                "Gpairs/s",
-                rate(t_d),
-                rate(t_xd),
-                check=check,
-                error=err_d or err_x,
+        dist_shape = shape.replace(f" k={k}", "")
+
+        def dist_row(name, fn, args):
+            t, got, err = timed(fn, [args])
+            if got is None or want_d is None:
+                check = ""
+            else:
+                check = "ok" if same((got,), (want_d,)) else "MISMATCH"
+            add(
+                Row(
+                    "hamming_dist",
+                    dist_shape,
+                    name,
+                    "xla popc",
+                    "Gpairs/s",
+                    rate(t),
+                    rate(t_xd),
+                    check=check,
+                    error=err or err_x,
+                )
             )
+
+        dist_row(
+            "pallas wn",
+            functools.partial(hk.hamming_distance, codes_layout="wn"),
+            (queries, codes_t),
         )
         if mosaic:
             # The int8 tensor-core formulation (Hopper): signs unpacked once, as an index would.
             signs = jax.block_until_ready(hk.code_signs(codes))
-            t_tc, got_tc, err_tc = timed(hk.hamming_distance_tensorcore, [(queries, signs)])
+            dist_row("int8 tensor cores", hk.hamming_distance_tensorcore, (queries, signs))
             del signs
-            check_tc = (
-                ""
-                if got_tc is None or want_d is None
-                else ("ok" if bool(jnp.array_equal(got_tc, want_d)) else "MISMATCH")
-            )
-            add(
-                Row(
-                    "hamming_dist",
-                    shape.replace(f" k={k}", ""),
-                    "int8 tensor cores",
-                    "xla popc",
-                    "Gpairs/s",
-                    rate(t_tc),
-                    rate(t_xd),
-                    check=check_tc,
-                    error=err_tc or err_x,
-                )
-            )
     return queries, codes, want
 
 
