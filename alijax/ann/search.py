@@ -58,7 +58,12 @@ class SearchConfig:
     100k, L=32: cap 36 (L + 4) recall@10 0.9764 at 35k QPS; cap 12 0.9716 at 52-56k; cap 8
     0.9637. 1M: L=64 cap 68 0.9557 at 10.5k; L=128 cap 36 0.9748 at 10.1k (cap 132: 0.9850
     at 4.5k); L=64 cap 20 0.9376. A batch also runs as long as its slowest query, so a cap
-    near L // width wasted its last iterations on a few queries' worst entries."""
+    near L // width wasted its last iterations on a few queries' worst entries.
+
+    The list's sorting networks work on the next power of two: at 100k, 1000 queries, 36
+    iterations, L=128 took 38 ms and L=160, 192 and 256 all 94-97 ms (2026-11-26). With the
+    cap growing with L too, search time grows about as L^2 (L=256 is 4-5x L=128), so a
+    power-of-two L is the one to choose within a bracket."""
 
     candidates: int = 64
     width: int = 1
