@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._epilogue import scale_accumulator
+from pallas_kernels._shared import pad_to, scale_accumulator
 from pallas_kernels.int8_matmul_mosaic import (
     MosaicInt8Config,
     default_mosaic_config,
@@ -242,18 +242,11 @@ def int8_matmul_kernel(
     o_ref[...] = y.astype(out_dtype)
 
 
-def _pad_to(x, multiples):
-    pads = [(0, (-d) % mlt) for d, mlt in zip(x.shape, multiples)]
-    if all(p == (0, 0) for p in pads):
-        return x
-    return jnp.pad(x, pads)
-
-
 def _split_operands(a, b, transpose_a, transpose_b, bm, bn, bk, split_k):
     """Zero-pads a and b so M, N divide their blocks and K divides block_k * split_k."""
     kmul = bk * split_k
-    a = _pad_to(a, (kmul, bm) if transpose_a else (bm, kmul))
-    b = _pad_to(b, (bn, kmul) if transpose_b else (kmul, bn))
+    a = pad_to(a, (kmul, bm) if transpose_a else (bm, kmul))
+    b = pad_to(b, (bn, kmul) if transpose_b else (kmul, bn))
     return a, b
 
 
@@ -300,16 +293,15 @@ def int8_matmul(
         return int8_matmul_nt(
             a_mk, b_nk, a_scale, b_scale, out_dtype=out_dtype, config=config, interpret=interpret
         )
-    cfg = config
-    cfg.validate()
-    bm, bn, bk, split_k = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
+    config.validate()
+    bm, bn, bk, split_k = config.block_m, config.block_n, config.block_k, config.split_k
     a, b = _split_operands(a, b, transpose_a, transpose_b, bm, bn, bk, split_k)
     mp, np_ = pl.cdiv(m, bm) * bm, pl.cdiv(n, bn) * bn
     k_split = (a.shape[0] if transpose_a else a.shape[1]) // split_k
     num_m, num_n = mp // bm, np_ // bn
     fused_epilogue = split_k == 1
 
-    ids = functools.partial(_block_ids, num_m=num_m, num_n=num_n, group_m=cfg.group_m)
+    ids = functools.partial(_block_ids, num_m=num_m, num_n=num_n, group_m=config.group_m)
 
     def a_map(pid, s):
         i, _ = ids(pid)
@@ -325,10 +317,10 @@ def int8_matmul(
     ]
     operands = [a, b]
     if fused_epilogue and a_scale is not None:
-        operands.append(_pad_to(a_scale.astype(jnp.float32), (bm,)))
+        operands.append(pad_to(a_scale.astype(jnp.float32), (bm,)))
         in_specs.append(pl.BlockSpec((bm,), lambda pid, s: (ids(pid)[0],)))
     if fused_epilogue and b_scale is not None:
-        operands.append(_pad_to(b_scale.astype(jnp.float32), (bn,)))
+        operands.append(pad_to(b_scale.astype(jnp.float32), (bn,)))
         in_specs.append(pl.BlockSpec((bn,), lambda pid, s: (ids(pid)[1],)))
 
     if fused_epilogue:
@@ -353,7 +345,7 @@ def int8_matmul(
         in_specs=in_specs,
         out_specs=out_spec,
         out_shape=out_shape,
-        compiler_params=_CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        compiler_params=_CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name="int8_matmul",
     )(*operands)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._epilogue import scale_accumulator
+from pallas_kernels._shared import pad_to, scale_accumulator
 
 try:  # Mosaic GPU is importable on CPU too (its lowering and interpreter run there).
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -338,16 +338,6 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, cfg: MosaicInt8Config
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _pad_rows(x, multiple):
-    pad = (-x.shape[0]) % multiple
-    return x if pad == 0 else jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-
-
-def _pad_cols(x, multiple):
-    pad = (-x.shape[1]) % multiple
-    return x if pad == 0 else jnp.pad(x, [(0, 0), (0, pad)])
-
-
 @functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
 def int8_matmul_nt(
     a, b_t, a_scale=None, b_scale=None, *, out_dtype=jnp.float32, config=None, interpret=False
@@ -361,23 +351,20 @@ def int8_matmul_nt(
     n = b_t.shape[0]
     out_dtype = jnp.dtype(out_dtype)
     cfg = default_mosaic_config(m, n, k) if config is None else config
-    cfg.validate(out_dtype.itemsize)
-    cta_m, cta_n = cfg.cta_tile()
     splits = cfg.split_k
-    a_p = _pad_cols(_pad_rows(a, cta_m), cfg.tile_k * splits)
-    b_p = _pad_cols(_pad_rows(b_t, cta_n), cfg.tile_k * splits)
+    scaled = splits == 1 and (a_scale is not None or b_scale is not None)  # else XLA scales
+    # The kernel writes out_dtype only through its scale epilogue; otherwise the raw int32 sums.
+    kernel_dtype = out_dtype if scaled else jnp.dtype(jnp.int32)
+    cfg.validate(kernel_dtype.itemsize)
+    cta_m, cta_n = cfg.cta_tile()
+    a_p = pad_to(a, (cta_m, cfg.tile_k * splits))
+    b_p = pad_to(b_t, (cta_n, cfg.tile_k * splits))
     mp, np_ = a_p.shape[0], b_p.shape[0]
-    has_scale = a_scale is not None or b_scale is not None
-    scaled = has_scale and splits == 1  # split partials are summed, then scaled, by XLA
     operands = [a_p, b_p.T if interpret else b_p]  # see _kernel: the interpreter's layout
     if scaled:  # one fused epilogue for both; a missing scale is 1
         sa = jnp.ones((m,), jnp.float32) if a_scale is None else a_scale.astype(jnp.float32)
         sb = jnp.ones((n,), jnp.float32) if b_scale is None else b_scale.astype(jnp.float32)
-        operands += [_pad_rows(sa, cta_m), _pad_rows(sb, cta_n)]
-    if splits > 1:
-        kernel_dtype = jnp.dtype(jnp.int32)
-    else:
-        kernel_dtype = out_dtype if (scaled or out_dtype == jnp.int32) else jnp.dtype(jnp.int32)
+        operands += [pad_to(sa, (cta_m,)), pad_to(sb, (cta_n,))]
     out_shape = (mp, np_) if splits == 1 else (splits, mp, np_)
 
     def body(*refs):

@@ -70,7 +70,10 @@ def default_num_entries(n: int) -> int:
     return max(256, min(16384, n // 12))
 
 
-def _check_vectors(x, name: str, dim: int | None = None) -> np.ndarray:
+def _check_vectors(x, name: str, dim: int | None = None, max_abs: float = np.inf) -> np.ndarray:
+    """x as float32 [N, D] (no copy when it is already), refusing NaN/Inf and, for vectors
+    stored as float16, values beyond max_abs. One pass over the data, a block of rows at a time
+    (no [N, D] mask: 128 MB at 1M x 128), both checks from each row's largest magnitude."""
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"{name}.shape={x.shape} must be [N > 0, D]")
@@ -79,29 +82,23 @@ def _check_vectors(x, name: str, dim: int | None = None) -> np.ndarray:
     x = np.asarray(x, np.float32)  # no copy when it is float32 already: see build
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name}.shape[1]={x.shape[1]} must equal the index dimension {dim}")
-    for start in range(0, x.shape[0], _CHECK_ROWS):  # no [N, D] mask: 128 MB at 1M x 128
-        bad = ~np.isfinite(x[start : start + _CHECK_ROWS]).all(axis=1)
+    for start in range(0, x.shape[0], _CHECK_ROWS):
+        row_max = np.abs(x[start : start + _CHECK_ROWS]).max(axis=1)  # NaN stays NaN
+        bad = ~np.isfinite(row_max)
         if bad.any():
             first = start + int(np.argmax(bad))
             raise ValueError(f"{name} holds NaN or Inf (first bad row {first})")
+        big = row_max > max_abs
+        if big.any():
+            first = start + int(np.argmax(big))
+            raise ValueError(
+                f"{name} holds values beyond float16's range {max_abs} (first bad row "
+                f"{first}); use vector_dtype='float32'"
+            )
     return x
 
 
 _CHECK_ROWS = 65536
-
-
-def _check_range(x: np.ndarray, name: str, vector_dtype: str):
-    """float16 rerank vectors hold |x| <= 65504; larger values would become inf."""
-    if vector_dtype != "float16":
-        return
-    for start in range(0, x.shape[0], _CHECK_ROWS):
-        big = np.abs(x[start : start + _CHECK_ROWS]).max(axis=1) > _FLOAT16_MAX
-        if big.any():
-            first = start + int(np.argmax(big))
-            raise ValueError(
-                f"{name} holds values beyond float16's range {_FLOAT16_MAX} (first bad row "
-                f"{first}); use vector_dtype='float32'"
-            )
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -196,15 +193,12 @@ class BinaryGraphIndex:
         if self.graph is None:
             raise ValueError("the index is empty: call build() (or load()) first")
 
-    def _prepare(self, x, name: str) -> np.ndarray:
-        x = _check_vectors(x, name, self.dim)
+    def _prepare(self, x, name: str, stored: bool = False) -> np.ndarray:
+        """x checked (and normalised for cosine); stored: the index keeps x in vector_dtype,
+        so float16's range applies (cosine's unit vectors are always within it)."""
+        fits_float16 = stored and self.vector_dtype == "float16" and self.metric != "cosine"
+        x = _check_vectors(x, name, self.dim, _FLOAT16_MAX if fits_float16 else np.inf)
         return _normalize(x) if self.metric == "cosine" else x
-
-    def _prepare_stored(self, x, name: str) -> np.ndarray:
-        """_prepare, for vectors the index stores (in vector_dtype)."""
-        x = self._prepare(x, name)
-        _check_range(x, name, self.vector_dtype)
-        return x
 
     def _entries(self, n: int) -> np.ndarray:
         count = default_num_entries(n) if self.num_entries is None else self.num_entries
@@ -215,7 +209,7 @@ class BinaryGraphIndex:
     def build(self, vectors, ids=None, mesh=None) -> "BinaryGraphIndex":
         """Fits the binarizer and builds the graph over vectors float [N, D] (N >= 2); ids int
         [N] (default 0..N-1) are what search returns. mesh shards the graph build."""
-        x = self._prepare_stored(vectors, "vectors")
+        x = self._prepare(vectors, "vectors", stored=True)
         if x.shape[0] < 2:
             raise ValueError(f"vectors.shape[0]={x.shape[0]} must be >= 2")
         ids = np.arange(x.shape[0], dtype=np.int64) if ids is None else _check_ids(ids, len(x))
@@ -308,7 +302,7 @@ class BinaryGraphIndex:
     def add(self, vectors, ids) -> "BinaryGraphIndex":
         """Inserts vectors float [M, D] with new unique ids int [M], linked both ways."""
         self._require_built()
-        x = self._prepare_stored(vectors, "vectors")
+        x = self._prepare(vectors, "vectors", stored=True)
         ids = _check_ids(ids, len(x))
         clash = np.intersect1d(ids, self.ids)
         if clash.size:
