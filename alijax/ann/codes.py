@@ -158,6 +158,11 @@ def _fit_itq(x, rng, bits: int, iterations: int, random_start: bool):
     return mean, w @ r
 
 
+def release_fit_programs():
+    """Frees fit_itq's compiled program (used again only by a fit of the same sample shape)."""
+    _fit_itq.clear_cache()
+
+
 def project(binarizer: Binarizer, vectors) -> jax.Array:
     """float32 [N, bits]: (x - mean) @ projection; the code is its sign."""
     return (jnp.asarray(vectors, jnp.float32) - binarizer.mean) @ binarizer.projection

@@ -99,6 +99,7 @@ def _check_vectors(x, name: str, dim: int | None = None, max_abs: float = np.inf
 
 
 _CHECK_ROWS = 65536
+_RELEASE_PROGRAMS_FROM = 200_000  # build size from which its compiled programs are freed
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -235,6 +236,12 @@ class BinaryGraphIndex:
         self.deleted = np.zeros(len(x), bool)
         self.entries = self._entries(len(x))
         self._on_device()
+        if len(x) >= _RELEASE_PROGRAMS_FROM:
+            # A large build is rarely repeated at the same shapes, and what its programs hold
+            # would sit under every search's peak; small builds are (tests, notebooks re-run),
+            # and there recompiling would be most of the build time.
+            graph_lib.release_build_programs()
+            codes_lib.release_fit_programs()
         graph_lib.release_free_heap()  # the build's freed buffers, before searches allocate
         return self
 

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from alijax.ann import cli
+from alijax.ann import codes as codes_lib
+from alijax.ann import graph as graph_lib
+from alijax.ann import index as index_lib
 from alijax.ann.index import BinaryGraphIndex
 from alijax.data.files import FormatError
 from alijax.data.vecs import read_ivecs, write_fvecs, write_ivecs
@@ -254,3 +257,17 @@ def test_sharded_build_gives_the_single_device_index(data, built):
     index.build(x, ids=np.arange(N) * 3, mesh=make_mesh())
     np.testing.assert_array_equal(index.graph, built.graph)
     np.testing.assert_array_equal(index.search(q, 10)[1], built.search(q, 10)[1])
+
+
+def test_large_build_frees_its_compiled_programs(data, built, monkeypatch):
+    # From _RELEASE_PROGRAMS_FROM points the build's programs (55 MB at 1M) are freed; below,
+    # they stay for the next build of the same shapes. Either way the index is the same.
+    x, _, _ = data
+    small = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x, ids=np.arange(N) * 3)
+    assert graph_lib._executable.cache_info().currsize > 0
+    monkeypatch.setattr(index_lib, "_RELEASE_PROGRAMS_FROM", N)
+    large = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x, ids=np.arange(N) * 3)
+    assert graph_lib._executable.cache_info().currsize == 0
+    assert codes_lib._fit_itq._cache_size() == 0
+    np.testing.assert_array_equal(small.graph, large.graph)
+    np.testing.assert_array_equal(small.graph, built.graph)

@@ -2,11 +2,13 @@
 float rerank against exact float ground truth, deleted nodes never returned."""
 
 import functools
+import gc
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.interpreters import pxla  # jax's in-memory executable cache
 
 from alijax.ann import codes, graph, search
 from tests.ann.test_codes import clustered
@@ -166,3 +168,25 @@ def test_threads_give_the_same_results(setup):
     )
     np.testing.assert_array_equal(one[1], two[1])
     np.testing.assert_array_equal(one[0], two[0])
+
+
+def test_search_keeps_only_the_latest_compiled_programs(setup):
+    # A compiled search program holds 10-20 MB; a sweep over list sizes must not keep them all
+    # (jax.jit's own caches would), and an evicted program gives the same results when the
+    # shape comes back (compiled again).
+    x, q, c, qc, g, entries = setup
+    run = lambda cand: search.search(  # noqa: E731
+        q, qc, c, g, x, entries, 10, config=search.SearchConfig(cand, threads=1)
+    )
+    first = run(16)
+    gc.collect()
+    cached = pxla._cached_compilation.cache_info().currsize
+    for cand in (24, 32, 40):
+        run(cand)
+        assert len(search._PROGRAMS) == search.SEARCH_PROGRAMS
+        gc.collect()  # jax's caches hold none of them (weak keys: gone with the trace)
+        assert pxla._cached_compilation.cache_info().currsize <= cached
+    assert all(dict(key[1])["candidates"] != 16 for key in search._PROGRAMS)
+    again = run(16)
+    np.testing.assert_array_equal(first[1], again[1])
+    np.testing.assert_array_equal(first[0], again[0])
