@@ -1,6 +1,10 @@
 """alijax.ann.graph: merge and pruning by hand, kNN-graph recall against brute force, and the
 8-device build against the single-device build."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +175,39 @@ def test_bad_arguments():
         graph.build_graph(np.zeros((10, 2), np.uint32), 0)
     with pytest.raises(ValueError, match="config.axis"):
         graph.build_graph(np.zeros((10, 2), np.uint32), 4, config=graph.GraphConfig(axis="x"))
+
+
+_OFF_HEAP_SCRIPT = """
+import numpy as np
+from alijax.ann import graph
+
+def on_heap(array):  # in the main malloc arena ([heap] in /proc/self/maps)?
+    ptr = array.ctypes.data
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith("[heap]"):
+            lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+            if lo <= ptr < hi:
+                return True
+    return False
+
+with graph.large_buffers_off_heap():
+    pass  # leaves the threshold at 32 MB
+kept = [np.ones(2 << 20, np.uint8)]  # all kept: a freed block would be reused in place
+with graph.large_buffers_off_heap():
+    kept.append(np.ones(2 << 20, np.uint8))
+kept.append(np.ones(2 << 20, np.uint8))
+print([on_heap(a) for a in kept])
+"""
+
+
+@pytest.mark.skipif(
+    graph._libc("mallopt") is None or not os.path.exists("/proc/self/maps"), reason="glibc only"
+)
+def test_large_buffers_off_heap_maps_them():
+    # Inside, a 2 MB buffer that no free heap block can hold gets its own mapping (returned to
+    # the OS when freed); outside, glibc's 32 MB threshold puts it on the heap. In a fresh
+    # process: the test process's heap may hold a free block that glibc would reuse first.
+    out = subprocess.run(
+        [sys.executable, "-c", _OFF_HEAP_SCRIPT], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[True, False, True]", out.stdout

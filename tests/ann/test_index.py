@@ -186,8 +186,14 @@ def test_command_line_build_and_search(data, tmp_path, capsys):
 def test_entry_points_scale_with_the_index(built):
     from alijax.ann.index import default_num_entries
 
-    assert [default_num_entries(n) for n in (100, 2000, 100_000, 10**7)] == [256, 256, 8333, 16384]
-    assert len(built.entries) == default_num_entries(N) and len(set(built.entries.tolist())) == 256
+    assert [default_num_entries(n) for n in (100, 2000, 20_000, 100_000, 10**7)] == [
+        100,
+        2000,
+        8192,
+        8333,
+        16384,
+    ]
+    assert len(built.entries) == default_num_entries(N) and len(set(built.entries.tolist())) == N
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
