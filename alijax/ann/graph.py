@@ -1016,7 +1016,7 @@ def _executable(plan: _Plan, mesh, axis: str, stage: str):
     return jax.jit(mapped, donate_argnums=donate).lower(*args).compile()
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=None)
 def _libc(name: str):
     try:
         return getattr(ctypes.CDLL(None), name, None)
@@ -1037,17 +1037,18 @@ _DYNAMIC_MMAP_MAX = 32 << 20
 def large_buffers_off_heap(threshold: int = 1 << 20):
     """While open, glibc serves an allocation of `threshold` bytes or more that no free heap
     block can hold with its own mapping, returned to the OS when freed, instead of growing the
-    heap (a no-op where there is no mallopt).
+    heap (a no-op where there is no mallopt). The setting is the whole process's.
 
     glibc raises its mmap threshold to the size of each mapped block freed, up to 32 MB, so
     after a build's first large free its later buffers (XLA's temporaries, numpy chunks) came
-    from the heap and stayed there, fragmented: at 1M the process held 612 MB after a build
-    with the threshold left to glibc and 538 MB with it pinned at 1 MB, and the build's own
-    peak fell from 728 to 713 MB (VmRSS / VmHWM over the loaded data, 2 cores, 2026-11-26).
-    Searches must not run under it: their per-call buffers, mapped and unmapped on every
-    call, cost 25-35% of the QPS at 100k with a 1 or 16 MB threshold. On exit the threshold is
-    pinned at 32 MB (and the trim threshold at twice that), where glibc's own settles once a
-    large block has been freed; glibc cannot be put back to adjusting it itself."""
+    from the heap and stayed there, fragmented: at 1M the process held 612 MB after a
+    BinaryGraphIndex.build with the threshold left to glibc and 545 MB with the build under
+    this, and the build's own peak fell from 728 to 719 MB (VmRSS / VmHWM over the loaded
+    data, 2 cores, 2026-11-26). Searches must not run under it: their per-call buffers, mapped
+    and unmapped on every call, cost 25-35% of the QPS at 100k with a 1 or 16 MB threshold.
+    On exit the threshold is pinned at 32 MB (and the trim threshold at twice that), where
+    glibc's own settles once a large block has been freed; glibc cannot be put back to
+    adjusting it itself."""
     mallopt = _libc("mallopt")
     if mallopt is None:
         yield
