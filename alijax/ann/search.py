@@ -112,20 +112,36 @@ _SEED_GROUPS_PER_STEP = 8
 def beam_search(
     query_codes, codes, graph, entries, *, candidates: int, width: int = 1, iterations: int = 32
 ):
-    """Hamming beam search (traceable; jit it or call search_batch).
+    """Hamming beam search (traceable; jit it, or see search for batches of queries).
 
     query_codes uint32 [Q, W]; codes uint32 [N, W]; graph int32 [N, R] (-1 = no edge);
     entries int32 [E]. Returns (ids int32 [Q, L], dist int32 [Q, L]) sorted by (distance, id),
     -1 / BIG where fewer than L nodes were reached."""
-    q = query_codes.shape[0]
-    n, r = graph.shape
-    n_bits = codes.shape[1] * 32
+    top = seed_list(query_codes, codes, entries, candidates=candidates)
+    return walk(
+        query_codes, codes, graph, top, candidates=candidates, width=width, iterations=iterations
+    )
+
+
+def _layout(codes) -> KeyLayout:
+    n, n_bits = codes.shape[0], codes.shape[1] * 32
     if not KeyLayout.fits(n, n_bits, flag=True):
         raise ValueError(f"an index of {n} codes of {n_bits} bits does not fit the uint32 keys")
-    layout = KeyLayout.for_ids(n, flag=True)
-    size = bitonic.next_pow2(candidates)  # the list, padded to a power of two for the networks
+    return KeyLayout.for_ids(n, flag=True)
+
+
+def seed_list(query_codes, codes, entries, *, candidates: int):
+    """beam_search's start: the list as keys uint32 [next_pow2(candidates), Q] (see _seed)."""
+    return _seed(query_codes, codes, entries, _layout(codes), bitonic.next_pow2(candidates))
+
+
+def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterations: int):
+    """beam_search from the list `top` that seed_list made."""
+    q = query_codes.shape[0]
+    r = graph.shape[1]
+    layout = _layout(codes)
+    size = top.shape[0]  # the list, padded to a power of two for the networks
     fresh = width * r
-    top = _seed(query_codes, codes, entries, layout, size)  # [size, Q]
     triu = jnp.triu(jnp.ones((fresh, fresh), bool), 1)
 
     def unexpanded(top):
@@ -222,14 +238,20 @@ def _rerank(queries, cand, vectors, k: int, metric: str, deleted):
     return scores, idx
 
 
+@functools.partial(jax.jit, static_argnames=("candidates",))
+def seed_batch(query_codes, codes, entries, *, candidates):
+    """One batch's start lists (seed_list), a program of its own: see compiled_search_batch."""
+    return seed_list(query_codes, codes, entries, candidates=candidates)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "metric", "candidates", "width", "iterations"))
-def search_batch(
+def walk_batch(
     queries,
     query_codes,
     codes,
     graph,
     vectors,
-    entries,
+    top,
     deleted,
     *,
     k,
@@ -238,27 +260,29 @@ def search_batch(
     width,
     iterations,
 ):
-    """One batch: queries f32 [Q, D], query_codes uint32 [Q, W] -> (scores [Q, k], idx [Q, k])."""
-    cand, _ = beam_search(
-        query_codes,
-        codes,
-        graph,
-        entries,
-        candidates=candidates,
-        width=width,
-        iterations=iterations,
+    """One batch from its start lists: queries f32 [Q, D], query_codes uint32 [Q, W], top
+    (seed_batch) -> (scores [Q, k], idx [Q, k])."""
+    cand, _ = walk(
+        query_codes, codes, graph, top, candidates=candidates, width=width, iterations=iterations
     )
     return rerank(queries, vectors, cand, k, metric, deleted)
 
 
-def compiled_search_batch(*args, **static):
-    """search_batch compiled for these argument shapes (arrays or ShapeDtypeStructs) and
-    static parameters, from a cache that keeps the `SEARCH_PROGRAMS` most recently used.
+def compiled_search_batch(queries, query_codes, codes, graph, vectors, entries, deleted, **static):
+    """One batch's search, (queries, query_codes, codes, graph, vectors, entries, deleted) ->
+    (scores [Q, k], idx [Q, k]), compiled for these argument shapes (arrays or
+    ShapeDtypeStructs) and static parameters, from a cache that keeps the `SEARCH_PROGRAMS`
+    most recently used.
 
     jax.jit keeps every program it compiles, and a search program holds 10-20 MB once
     compiled (VmRSS after malloc_trim, 100k and 1M codes), so a sweep over seven list sizes
     kept about 100 MB that the next compilation's own ~100 MB peak then stood on (2 cores,
-    2026-11-26). An evicted program is freed; using it again compiles it again (1-2 s)."""
+    2026-11-26). An evicted program is freed; using it again compiles it again (1-2 s).
+
+    The seed and the walk are two programs: XLA:CPU's compilation peaks far above what it
+    keeps (its fusion emitters), and apart they peaked at ~41 and ~80 MB against ~110 as one
+    (100k codes, L=64)."""
+    args = (queries, query_codes, codes, graph, vectors, entries, deleted)
     key = (
         tuple((a.shape, jnp.dtype(a.dtype), getattr(a, "sharding", None)) for a in args),
         tuple(sorted(static.items())),
@@ -266,14 +290,37 @@ def compiled_search_batch(*args, **static):
     with _PROGRAMS_LOCK:
         program = _PROGRAMS.pop(key, None)
         if program is None:
-            program = search_batch.trace(*args, **static).lower().compile()
-            # jax's own caches (the trace, its lowering, the executable) would keep every
-            # program alive too; only this cache holds them.
-            search_batch.clear_cache()
+            program = _compile_search(*args, **static)
         _PROGRAMS[key] = program  # most recently used last
         while len(_PROGRAMS) > SEARCH_PROGRAMS:
             _PROGRAMS.popitem(last=False)
     return program
+
+
+def _compile_search(queries, query_codes, codes, graph, vectors, entries, deleted, **static):
+    seed = (
+        seed_batch.trace(query_codes, codes, entries, candidates=static["candidates"])
+        .lower()
+        .compile()
+    )
+    top = jax.ShapeDtypeStruct(
+        (bitonic.next_pow2(static["candidates"]), query_codes.shape[0]), jnp.uint32
+    )
+    walk_program = (
+        walk_batch.trace(queries, query_codes, codes, graph, vectors, top, deleted, **static)
+        .lower()
+        .compile()
+    )
+    # jax's own caches (the traces, their lowerings, the executables) would keep every
+    # program alive too; only compiled_search_batch's cache holds them.
+    seed_batch.clear_cache()
+    walk_batch.clear_cache()
+
+    def run(queries, query_codes, codes, graph, vectors, entries, deleted):
+        top = seed(query_codes, codes, entries)
+        return walk_program(queries, query_codes, codes, graph, vectors, top, deleted)
+
+    return run
 
 
 SEARCH_PROGRAMS = 2  # compiled search programs kept (see compiled_search_batch)
