@@ -352,6 +352,9 @@ class BinaryGraphIndex:
             width=1,
             iterations=big_l + 16,
         )
+        # The graph grows with every add, so its program never serves again; jax.jit would
+        # keep it (10-20 MB each, see search.compiled_search_batch) for as long as the process.
+        search_lib.beam_search_jit.clear_cache()
         kk = min(m, deg + 1)
         b_d, b_i = hamming_topk(jnp.asarray(new_codes), jnp.asarray(new_codes), kk)
         b_i = np.asarray(b_i) + n

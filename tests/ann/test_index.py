@@ -11,6 +11,7 @@ from alijax.ann import cli
 from alijax.ann import codes as codes_lib
 from alijax.ann import graph as graph_lib
 from alijax.ann import index as index_lib
+from alijax.ann import search as search_lib
 from alijax.ann.index import BinaryGraphIndex
 from alijax.data.files import FormatError
 from alijax.data.vecs import read_ivecs, write_fvecs, write_ivecs
@@ -65,6 +66,7 @@ def test_add_delete_compact_and_save_load(data, tmp_path):
     index = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x)
     new_ids = np.arange(len(xa)) + 10_000
     index.add(xa, new_ids)
+    assert search_lib.beam_search_jit._cache_size() == 0  # the add's program is not kept
     _, found = index.search(xa, 1)
     assert (found[:, 0] == new_ids).mean() >= 0.95  # measured 1.0
     all_x = np.concatenate([x, xa])
