@@ -45,8 +45,10 @@ shards of a table at a time, never an all-gathered copy), and a ring moves the s
 device as an all_gather would. We chose the ring over an all_to_all of requests because requests
 per destination vary with the data, and fixed-capacity all_to_all buckets would either drop
 requests (sharding-dependent results) or need O(N) buffers. The cost: the masked local lookups
-run once per ring step, and propagation rows are processed in chunks of `row_chunk` (each chunk
-runs its own code ring) to bound the gathered candidate codes. Cluster histograms
+run once per ring step, and rows are processed in chunks (`row_chunk` rows, and for propagation
+`row_chunk` / D rows a device, at least 1024; each chunk runs its own ring) to bound the gathered
+candidate codes, and the mesh's block table passes the ring in 8 slices (`_ring_take_sliced`).
+Cluster histograms
 ([D, n_clusters]) and the centroids with their graph are the only replicated arrays; the k-means
 sample is split over the devices and its vote counts summed with psum (`build_memory` gives
 XLA's per-device buffer sizes for any mesh).
@@ -121,7 +123,9 @@ class GraphConfig:
     # 62 s / 0.974 -> 82 s / 0.978; a 32M-element sort per round for the reverse lists costs
     # more than the rounds it saves on this data.
     reverse_samples: int = 0
-    row_chunk: int = 16384  # rows per propagation / pruning chunk (bounds their memory)
+    # Rows per propagation / pruning / merge chunk (bounds their memory); a mesh of D devices
+    # propagates row_chunk // D (at least 1024) at a time, so those buffers shrink with it.
+    row_chunk: int = 16384
     block_batch: int = 8  # blocks per step of the exact in-block kNN
     # Entries kept per (point, block) by the in-block kNN; None: K // 2 (at least K /
     # num_assign) in build_graph, K in knn_graph. A mesh's block table is N * num_assign of
@@ -157,7 +161,13 @@ class _Plan:
     blocks_per_shard: int
     sample_size: int
     layout: KeyLayout | None  # packed (distance, id) keys when they fit, else the sort path
+    chunk: int  # rows per propagation / merge chunk on a device (see _plan)
+    prune_chunk: int  # rows per pruning chunk on a device
     cfg: GraphConfig
+
+
+_PRUNE_CHUNK = 4096  # rows per pruning step: [64, 64, 4096] pair distances are 64 MB
+_MIN_CHUNK = 1024  # a mesh's propagation chunks are no smaller (each runs a ring)
 
 
 def auto_capacity(n: int, num_assign: int, fill: float) -> int:
@@ -184,7 +194,18 @@ def _plan(n_total: int, words: int, degree: int, shards: int, cfg: GraphConfig) 
     sample = min(n_total, max(nc, min(_MAX_KMEANS_SAMPLE, nc * cfg.kmeans_sample_per_cluster)))
     n_ids = -(-n_total // shards) * shards
     layout = KeyLayout.for_ids(n_ids) if KeyLayout.fits(n_ids, words * 32) else None
+    # Propagation's chunk buffers shrink with the mesh like every other per-device array
+    # (row_chunk is one device's budget): at 1M on 8 devices its candidate codes [128, chunk,
+    # 8] words were 61 MB a device with the single-device chunk. The price: each chunk runs
+    # its own ring over the codes (4 MB a device at 1M / 8), so a round moves D times the
+    # ring bytes. The pruning's pair distances [K, K, chunk] shrink alike, to 1024 rows at
+    # most (16 MB; 4096 rows on 8 devices were most of a 131k build's per-device peak). The
+    # block-table merge keeps one device's chunks: smaller ones saved no memory there (XLA
+    # buffer assignment) and would multiply its rings over the whole table.
+    prune = min(cfg.row_chunk, _PRUNE_CHUNK)
     return _Plan(
+        chunk=min(cfg.row_chunk, max(_MIN_CHUNK, cfg.row_chunk // shards)),
+        prune_chunk=min(prune, max(_MIN_CHUNK, prune // shards)),
         n_total=n_total,
         shards=shards,
         rows=-(-n_total // shards),
@@ -280,6 +301,33 @@ def _ring_take(table, gidx, fill, plan: _Plan, axis: str, table_axis: int = 0):
 
     buf, out = lax.fori_loop(0, plan.shards - 1, body, (table, out))
     return visit((me - (plan.shards - 1)) % plan.shards, buf, out)
+
+
+def _ring_take_sliced(table, gidx, fill, plan: _Plan, axis: str, slices: int):
+    """_ring_take of rows of `table` in `slices` passes, each over one slice of every shard's
+    rows, so only a slice travels the ring at a time: the ring's two buffers in flight are
+    1/slices of the table (same bytes moved, `slices` times the steps). Falls back to one pass
+    when the rows do not split evenly."""
+    rows = table.shape[0]
+    if plan.shards == 1 or slices <= 1 or rows % slices:
+        return _ring_take(table, gidx, fill, plan, axis)
+    per = rows // slices
+    valid = gidx >= 0
+    owner = jnp.where(valid, gidx // rows, 0)
+    local = gidx - owner * rows
+    part = jnp.where(valid, local // per, -1)
+    trail = (None,) * (table.ndim - 1)
+    out = jnp.full(gidx.shape + table.shape[1:], fill, table.dtype)
+
+    def one_slice(s, out):
+        piece = lax.dynamic_slice_in_dim(table, s * per, per)
+        here = part == s
+        got = _ring_take(
+            piece, jnp.where(here, owner * per + local - s * per, -1), fill, plan, axis
+        )
+        return jnp.where(here[(...,) + trail], got, out)
+
+    return lax.fori_loop(0, slices, one_slice, out)
 
 
 def _ring_scan(tables, step_fn, init, plan: _Plan, axis: str):
@@ -563,7 +611,7 @@ def _initial_knn_keys(codes, plan: _Plan, axis: str):
     # fusing the row gather into the transpose (that fusion ran as one scalar loop, 2.4 s of a
     # 100k build, measured).
     def merge_rows(lists_c, pos_c):
-        got = _ring_take(table, pos_c, bitonic.SENTINEL, plan, axis)  # [r, K]
+        got = _ring_take_sliced(table, pos_c, bitonic.SENTINEL, plan, axis, _TABLE_SLICES)
         got = lax.optimization_barrier(got).T
         return bitonic.unique_smallest((lists_c, got), plan.k)
 
@@ -572,6 +620,10 @@ def _initial_knn_keys(codes, plan: _Plan, axis: str):
 
     empty = jnp.full((plan.k, plan.rows), bitonic.SENTINEL)
     return lax.fori_loop(0, plan.num_assign, add, empty)
+
+
+# The block table passes the mesh's ring in this many slices (see _ring_take_sliced).
+_TABLE_SLICES = 8
 
 
 def _merge_blocks_in_place(codes, pos, plan: _Plan):
@@ -643,7 +695,7 @@ def _propagate(codes, ids, dist, plan: _Plan, axis: str):
     def one_round(_, lists):  # a loop, not unrolled: the round is compiled once
         ids, dist = lists
         nn = _ring_take(ids[:, :s2], ids[:, :s1], -1, plan, axis).reshape(plan.rows, s1 * s2)
-        return _chunked(step, (codes, ids, dist, gid, nn), plan.cfg.row_chunk)
+        return _chunked(step, (codes, ids, dist, gid, nn), plan.chunk)
 
     return lax.fori_loop(0, plan.cfg.rounds, one_round, (ids, dist))
 
@@ -692,7 +744,7 @@ def _propagate_keys(codes, codes_t, keys, plan: _Plan, axis: str):
         # new lists beside the old were 244 MB of a 1M round's 655 MB peak (XLA buffers), and
         # with the block table gone they were the build's peak. No slower (1M, 2 cores).
         upd = lambda keys_c, codes_c, gid_c, rev_c: step(codes_c, keys_c, gid_c, rev_c)  # noqa: E731
-        return bitonic.slice_update(upd, keys, (codes_t, gid, rev), plan.cfg.row_chunk)
+        return bitonic.slice_update(upd, keys, (codes_t, gid, rev), plan.chunk)
 
     return lax.fori_loop(0, plan.cfg.rounds, one_round, keys)
 
@@ -884,14 +936,11 @@ def _merge_forward_reverse_t(fwd_t, rev_t, degree: int, id_bits: int):
     return jnp.where(out == bitonic.SENTINEL, -1, (out & ((1 << id_bits) - 1)).astype(jnp.int32))
 
 
-_PRUNE_CHUNK = 4096  # rows per pruning step: [64, 64, 4096] pair distances are 64 MB
-
-
 def _finalize(codes, ids, dist, plan: _Plan, axis: str):
     """Stages 4-5 on [n, K] rows (the sort path) -> the graph int32 [n, degree]."""
     if plan.cfg.prune:
         step = functools.partial(_prune_chunk, codes=codes, plan=plan, axis=axis)
-        fwd, kept = _chunked(step, (ids, dist), min(plan.cfg.row_chunk, _PRUNE_CHUNK))
+        fwd, kept = _chunked(step, (ids, dist), plan.prune_chunk)
     else:
         fwd, kept = ids, ids >= 0
     if not plan.cfg.reverse:
@@ -900,7 +949,7 @@ def _finalize(codes, ids, dist, plan: _Plan, axis: str):
     sources = min(plan.degree, plan.cfg.reverse_sources or plan.degree)
     rev = _reverse_edges(jnp.where(kept, fwd, -1)[:, :sources].T, plan, axis, plan.degree).T
     merge = functools.partial(merge_forward_reverse, degree=plan.degree)
-    return _chunked(merge, (fwd, rev), plan.cfg.row_chunk)  # [n, K + R] only a chunk at a time
+    return _chunked(merge, (fwd, rev), plan.chunk)  # [n, K + R] only a chunk at a time
 
 
 def _finalize_keys(keys, codes_t, plan: _Plan, axis: str):
@@ -913,7 +962,7 @@ def _finalize_keys(keys, codes_t, plan: _Plan, axis: str):
     if plan.cfg.prune:
         step = functools.partial(_prune_keys_chunk, codes_t=codes_t, plan=plan, axis=axis)
         # Smaller chunks than propagation's: the pair distances are [K, K, r].
-        chunk = min(plan.cfg.row_chunk, _PRUNE_CHUNK)
+        chunk = plan.prune_chunk
         edges = bitonic.slice_update(step, keys, (), chunk)
     else:
         ids = layout.ids(keys)
@@ -931,7 +980,7 @@ def _finalize_keys(keys, codes_t, plan: _Plan, axis: str):
         row = merge_forward_reverse(_edge_ids(edges_c).T, rev_c.T, plan.degree, layout.id_bits)
         return edges_c.at[: plan.degree].set(row.T.astype(jnp.uint32))  # -1 -> SENTINEL
 
-    return bitonic.slice_update(merge, edges, (rev_t,), plan.cfg.row_chunk)
+    return bitonic.slice_update(merge, edges, (rev_t,), plan.chunk)
 
 
 # ------------------------------------------------------------------------------- entry points

@@ -145,19 +145,19 @@ def test_eight_device_build_equals_single_device(data_codes, reverse_samples):
 
 def test_per_device_build_memory_shrinks_with_the_mesh():
     # XLA's own buffer analysis of the compiled build stages (compiled, not run). Each device's
-    # share of the data shrinks 8x; the chunk buffers (row_chunk points), ring copies and
-    # centroids do not. Measured 2026-11-26 with row_chunk=4096: at 131k points a device needs
-    # 0.69 of the single-device peak (80 of 115 MiB), at 262k 0.55 (85 of 156 MiB); with the
-    # default row_chunk at 1M 0.40 (169 of 424 MiB). The single-device build merges its
-    # blocks into the lists in place, which the mesh's ring cannot, so the ratio is above 1/8.
-    cfg = graph.GraphConfig(row_chunk=4096)
-    one = graph.build_memory(131072, 8, 32, config=cfg)
-    eight = graph.build_memory(131072, 8, 32, mesh=make_mesh(), config=cfg)
+    # share of the data shrinks 8x, and so do the chunks (row_chunk / devices) and the block
+    # table's slices on the ring; the centroids do not, and the mesh keeps a block table that
+    # one device does without (it merges its blocks into the lists in place). Measured
+    # 2026-11-26, a device's peak against one device's: 131k points 0.41 (47 of 115 MiB),
+    # 262k 0.38, 1M 0.28 (120 of 423 MiB); before the slices and the mesh's chunks 0.69,
+    # 0.55 and 0.40.
+    one = graph.build_memory(131072, 8, 32)
+    eight = graph.build_memory(131072, 8, 32, mesh=make_mesh())
     for stage in graph.STAGES:
         assert eight[stage]["argument"] * 8 == one[stage]["argument"], stage
         assert eight[stage]["output"] * 8 == one[stage]["output"], stage
     assert one["peak"] == max(one[stage]["peak"] for stage in graph.STAGES)
-    assert eight["peak"] < 0.8 * one["peak"], (eight, one)
+    assert eight["peak"] < 0.5 * one["peak"], (eight, one)
 
 
 def test_single_device_build_memory_at_1m():
