@@ -69,8 +69,6 @@ The 8-device build returns exactly the single-device graph.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import functools
 import math
@@ -85,6 +83,7 @@ from alijax.ann import bitonic
 from alijax.ann import search as search_lib
 from alijax.ann.bitonic import KeyLayout
 from alijax.ann.hamming import hamming_pairs, hamming_pairs_word_major, hamming_topk, unpack_bits
+from alijax.ann.heap import release_free_heap
 from alijax.parallel import make_mesh
 
 BIG = bitonic.BIG  # distance of an empty slot; exact in float32, so top_k on float keys is exact
@@ -1063,61 +1062,6 @@ def _executable(plan: _Plan, mesh, axis: str, stage: str):
     packed = plan.layout is not None
     donate = (1,) if stage == "propagate" or (stage == "finalize" and packed) else ()
     return jax.jit(mapped, donate_argnums=donate).lower(*args).compile()
-
-
-@functools.lru_cache(maxsize=None)
-def _libc(name: str):
-    try:
-        return getattr(ctypes.CDLL(None), name, None)
-    except OSError:
-        return None
-
-
-def _malloc_trim():
-    return _libc("malloc_trim")
-
-
-# glibc's mallopt parameters (malloc.h) and the ceiling of its dynamic mmap threshold on 64-bit.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_DYNAMIC_MMAP_MAX = 32 << 20
-
-
-@contextlib.contextmanager
-def large_buffers_off_heap(threshold: int = 1 << 20):
-    """While open, glibc serves an allocation of `threshold` bytes or more that no free heap
-    block can hold with its own mapping, returned to the OS when freed, instead of growing the
-    heap (a no-op where there is no mallopt). The setting is the whole process's.
-
-    glibc raises its mmap threshold to the size of each mapped block freed, up to 32 MB, so
-    after a build's first large free its later buffers (XLA's temporaries, numpy chunks) came
-    from the heap and stayed there, fragmented: at 1M the process held 612 MB after a
-    BinaryGraphIndex.build with the threshold left to glibc and 545 MB with the build under
-    this, and the build's own peak fell from 728 to 719 MB (VmRSS / VmHWM over the loaded
-    data, 2 cores, 2026-11-26). Searches must not run under it: their per-call buffers, mapped
-    and unmapped on every call, cost 25-35% of the QPS at 100k with a 1 or 16 MB threshold.
-    On exit the threshold is pinned at 32 MB (and the trim threshold at twice that), where
-    glibc's own settles once a large block has been freed; glibc cannot be put back to
-    adjusting it itself."""
-    mallopt = _libc("mallopt")
-    if mallopt is None:
-        yield
-        return
-    mallopt(_M_MMAP_THRESHOLD, int(threshold))
-    try:
-        yield
-    finally:
-        mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_MMAP_MAX)
-        mallopt(_M_TRIM_THRESHOLD, 2 * _DYNAMIC_MMAP_MAX)
-
-
-def release_free_heap():
-    """Hands the heap that Python and XLA have freed back to the OS (glibc's malloc_trim; a
-    no-op elsewhere). Freed heap stays resident, and a stage's buffers come from fresh pages,
-    not from it: compiling the 1M build left 0.25 GB freed but resident, and each stage about
-    0.55 GB, which the next stage's peak then stood on (VmRSS, 2 cores)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def release_build_programs():

@@ -48,6 +48,7 @@ import numpy as np
 
 from alijax.ann import codes as codes_lib
 from alijax.ann import graph as graph_lib
+from alijax.ann import heap
 from alijax.ann import search as search_lib
 from alijax.ann.hamming import hamming_pairs, hamming_topk
 from alijax.data.files import FormatError, atomic_write
@@ -187,7 +188,6 @@ class BinaryGraphIndex:
         self.binarizer: codes_lib.Binarizer | None = None
         self.vectors = self.codes = self.graph = self.ids = self.deleted = self.entries = None
         self._device_cache: dict = {}  # name -> (host array, its device copy)
-        self._searched: set = set()  # search shapes run so far (see search)
 
     # ------------------------------------------------------------------ properties
 
@@ -218,7 +218,7 @@ class BinaryGraphIndex:
     def build(self, vectors, ids=None, mesh=None) -> "BinaryGraphIndex":
         """Fits the binarizer and builds the graph over vectors float [N, D] (N >= 2); ids int
         [N] (default 0..N-1) are what search returns. mesh shards the graph build."""
-        with graph_lib.large_buffers_off_heap():  # see there: 67 MB less resident at 1M
+        with heap.large_buffers_off_heap():  # see there: 67 MB less resident at 1M
             return self._build(vectors, ids, mesh)
 
     def _build(self, vectors, ids, mesh) -> "BinaryGraphIndex":
@@ -254,7 +254,7 @@ class BinaryGraphIndex:
             # and there recompiling would be most of the build time.
             graph_lib.release_build_programs()
             codes_lib.release_fit_programs()
-        graph_lib.release_free_heap()  # the build's freed buffers, before searches allocate
+        heap.release_free_heap()  # the build's freed buffers, before searches allocate
         return self
 
     # ------------------------------------------------------------------ search
@@ -272,9 +272,6 @@ class BinaryGraphIndex:
         )
         qc = codes_lib.encode(self.binarizer, q)
         codes, graph, vectors, entries, deleted = self._on_device()
-        shape = (int(k), len(q), cfg)  # what decides search_lib.search's compiled programs
-        first = shape not in self._searched
-        self._searched.add(shape)
         scores, idx = search_lib.search(
             q,
             qc,
@@ -287,10 +284,6 @@ class BinaryGraphIndex:
             config=cfg,
             deleted=deleted,
         )
-        if first:
-            # A compilation's freed heap stays resident otherwise: 40-80 MB per new search
-            # shape at 1M, which the next search's peak then stands on (VmRSS, measured).
-            graph_lib.release_free_heap()
         return scores, np.where(idx >= 0, self.ids[np.maximum(idx, 0)], -1)
 
     def _on_device(self) -> tuple:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alijax.ann import codes, graph
+from alijax.ann import codes, graph, heap
 from alijax.parallel import make_mesh
 from tests.ann.test_codes import clustered
 
@@ -179,7 +179,7 @@ def test_bad_arguments():
 
 _OFF_HEAP_SCRIPT = """
 import numpy as np
-from alijax.ann import graph
+from alijax.ann import heap
 
 def on_heap(array):  # in the main malloc arena ([heap] in /proc/self/maps)?
     ptr = array.ctypes.data
@@ -190,10 +190,10 @@ def on_heap(array):  # in the main malloc arena ([heap] in /proc/self/maps)?
                 return True
     return False
 
-with graph.large_buffers_off_heap():
+with heap.large_buffers_off_heap():
     pass  # leaves the threshold at 32 MB
 kept = [np.ones(2 << 20, np.uint8)]  # all kept: a freed block would be reused in place
-with graph.large_buffers_off_heap():
+with heap.large_buffers_off_heap():
     kept.append(np.ones(2 << 20, np.uint8))
 kept.append(np.ones(2 << 20, np.uint8))
 print([on_heap(a) for a in kept])
@@ -201,7 +201,7 @@ print([on_heap(a) for a in kept])
 
 
 @pytest.mark.skipif(
-    graph._libc("mallopt") is None or not os.path.exists("/proc/self/maps"), reason="glibc only"
+    heap._libc("mallopt") is None or not os.path.exists("/proc/self/maps"), reason="glibc only"
 )
 def test_large_buffers_off_heap_maps_them():
     # Inside, a 2 MB buffer that no free heap block can hold gets its own mapping (returned to

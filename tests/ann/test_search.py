@@ -36,13 +36,17 @@ def setup():
     return x, q, c, qc, g, entries
 
 
-def test_beam_search_walks_a_path_graph():
-    # Nodes 0..63 on a line (code of node i = i ones), graph = path; entry 0, query = node 50.
-    n = 64
+def _path_graph(n=64):
+    """Nodes 0..n-1 on a line: codes uint32 [n, 2] (node i = i ones), graph int32 [n, 2]."""
     bits = np.arange(64)[None, :] < np.arange(n)[:, None]
     c = np.packbits(bits, axis=1, bitorder="little").view("<u4")
     g = np.stack([np.arange(n) - 1, np.arange(n) + 1], axis=1)
-    g = np.where((g >= 0) & (g < n), g, -1).astype(np.int32)
+    return c, np.where((g >= 0) & (g < n), g, -1).astype(np.int32)
+
+
+def test_beam_search_walks_a_path_graph():
+    # Nodes 0..63 on a line (code of node i = i ones), graph = path; entry 0, query = node 50.
+    c, g = _path_graph()
     ids, dist = search.beam_search(
         jnp.asarray(c[50:51]),
         jnp.asarray(c),
@@ -58,11 +62,7 @@ def test_beam_search_walks_a_path_graph():
 def test_iteration_cap_stops_the_walk():
     # The path graph again: from entry 0 the walk gains about one node an iteration, so a cap
     # of 10 cannot reach node 50, and the default cap for L is L // (4 * width) + 4.
-    n = 64
-    bits = np.arange(64)[None, :] < np.arange(n)[:, None]
-    c = np.packbits(bits, axis=1, bitorder="little").view("<u4")
-    g = np.stack([np.arange(n) - 1, np.arange(n) + 1], axis=1)
-    g = np.where((g >= 0) & (g < n), g, -1).astype(np.int32)
+    c, g = _path_graph()
     args = (jnp.asarray(c[50:51]), jnp.asarray(c), jnp.asarray(g), jnp.asarray([0], jnp.int32))
     ids, _ = search.beam_search(*args, candidates=4, iterations=10)
     assert 0 < ids.max() < 20, ids
