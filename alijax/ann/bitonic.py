@@ -157,30 +157,45 @@ def slice_map(fn, arrays, size: int, axis: int = -1):
     return lax.fori_loop(0, count, body, jax.tree.map(full, shapes))
 
 
-def slice_update(fn, x, others, size: int, axis: int = -1):
+def slice_update(fn, x, others, size: int, axis: int = -1, *, other_axes=None, carry=None):
     """x with each slice of `size` along `axis` replaced by fn(x slice, *the same slice of each
     array in `others`), which has the x slice's shape and dtype; returns the updated x.
 
     The loop carries x itself, so XLA updates its buffer in place instead of allocating an
     output beside it (a donated argument is updated where it lies). As in slice_map, fn must
     be position-wise and the last slice is moved back to end at n; its overlap with the slice
-    before keeps the values already written there (so fn is compiled once, for one shape)."""
-    n, at = x.shape[axis], axis % x.ndim
-    if n <= size:
-        return fn(x, *others)
-    count, size = _even_slices(n, size)
-    take = functools.partial(_take, size=size, axis=axis)
+    before keeps the values already written there (so fn is compiled once, for one shape).
 
-    def body(i, x):
+    other_axes: the axis each of `others` is sliced along (default: `axis` for all).
+    carry: state threaded through the slices in order (a table that travels a ring and comes
+    back, say): fn takes it last and returns (new slice, carry), and the result is (x, carry).
+    """
+    n, at = x.shape[axis], axis % x.ndim
+    axes = (axis,) * len(others) if other_axes is None else tuple(other_axes)
+    threaded = carry is not None
+
+    def apply(old, parts, state):
+        return fn(old, *parts, state) if threaded else (fn(old, *parts), state)
+
+    if n <= size:
+        new, carry = apply(x, others, carry)
+        return (new, carry) if threaded else new
+    count, size = _even_slices(n, size)
+
+    def body(i, loop):
+        x, state = loop
         start = jnp.minimum(i * size, n - size)
-        old = take(x, start)
-        new = fn(old, *(take(o, start) for o in others))
+        old = _take(x, start, size, axis)
+        parts = [_take(o, start, size, ax) for o, ax in zip(others, axes)]
+        new, state = apply(old, parts, state)
         shape = [1] * x.ndim
         shape[at] = size
         done = (start + jnp.arange(size) < i * size).reshape(shape)  # written by slice i - 1
-        return lax.dynamic_update_slice_in_dim(x, jnp.where(done, old, new), start, axis=at)
+        x = lax.dynamic_update_slice_in_dim(x, jnp.where(done, old, new), start, axis=at)
+        return x, state
 
-    return lax.fori_loop(0, count, body, x)
+    x, carry = lax.fori_loop(0, count, body, (x, carry))
+    return (x, carry) if threaded else x
 
 
 def by_tiles(fn, x, tile: int = TILE):

@@ -15,9 +15,10 @@ below are ours.
    an average cluster fills half a block; the capacity defaults to about 6 sqrt(N) clusters.
 2. Sub-graphs. The N * num_assign (cluster, point) assignments are laid out in (cluster, point id)
    order and cut into blocks of `cluster_capacity` consecutive slots; exact kNN runs inside each
-   block and keeps `block_degree` neighbours a slot. A cluster larger than a block spans several blocks, small neighbouring clusters share
-   one: no assignment is ever dropped, and the layout depends only on the data, never on the
-   sharding. A point's lists from its blocks are merged (deduplicated, top K).
+   block and keeps `block_degree` neighbours a slot. A cluster larger than a block spans several
+   blocks, small neighbouring clusters share one: no assignment is ever dropped, and the layout
+   depends only on the data, never on the sharding. A point's lists from its blocks are merged
+   (deduplicated, top K).
 3. Propagation (`rounds` rounds, breadth-first as in the paper): the candidates of p are the
    first `sample_width` neighbours of each of its first `sample_neighbors` neighbours. The
    paper's filter: a candidate farther than p's current K-th neighbour, or already a neighbour,
@@ -39,18 +40,21 @@ across lists; beyond that the same stages run on [n, K] rows with lax.sort and t
 
 Distribution. Points are sharded by rows over the mesh axis `config.axis` (n = ceil(N / D) rows a
 device, padded). Every exchange is a ring of D - 1 `ppermute` steps that passes one shard-sized
-table around (codes [n, W], neighbour lists [n, S], or block results): each device keeps the rows
-it asked for as the shard that owns them passes by. Per-device memory is therefore O(N / D) (two
-shards of a table at a time, never an all-gathered copy), and a ring moves the same bytes per
-device as an all_gather would. We chose the ring over an all_to_all of requests because requests
-per destination vary with the data, and fixed-capacity all_to_all buckets would either drop
-requests (sharding-dependent results) or need O(N) buffers. The cost: the masked local lookups
-run once per ring step, and rows are processed in chunks (`row_chunk` rows, and for propagation
-`row_chunk` / D rows a device, at least 1024; each chunk runs its own ring) to bound the gathered
-candidate codes, and the mesh's block table passes the ring in 8 slices (`_ring_take_sliced`).
-Cluster histograms
-([D, n_clusters]) and the centroids with their graph are the only replicated arrays; the k-means
-sample is split over the devices and its vote counts summed with psum (`build_memory` gives
+table around (codes [n, W], neighbour lists [n, S], or block results): each device keeps the rows it
+asked for as the shard that owns them passes by. Per-device memory is therefore O(N / D) (two shards
+of a table at a time, never an all-gathered copy; a table read by every chunk of rows travels a full
+circle back home and is threaded on to the next chunk, so no third copy stays behind, and candidate
+codes are reduced to distances as they are taken), and a ring moves the same bytes per device as an
+all_gather would. We chose the ring over an all_to_all of requests because requests per destination
+vary with the data, and fixed-capacity all_to_all buckets would either drop requests
+(sharding-dependent results) or need O(N) buffers. The cost: the masked local lookups run once per
+ring step, and rows are processed in chunks (`row_chunk` rows, and for propagation `row_chunk` / D
+rows a device, at least 1024; each chunk runs its own ring) to bound the gathered candidate codes.
+Stage 2 on a mesh makes its blocks in 8 groups a shard, and each group's kNN rows travel the ring
+into a buffer that becomes the lists (`_merge_blocks_by_group`). Stage 5 counts each shard's
+in-edges per node in a first ring, so the second places every source at its slot in place. Cluster
+histograms ([D, n_clusters]) and the centroids with their graph are the only replicated arrays; the
+k-means sample is split over the devices and its vote counts summed with psum (`build_memory` gives
 XLA's per-device buffer sizes for any mesh).
 
 Memory. The build is three compiled programs (stages 1-2, 3, 4-5) that pass only the lists
@@ -60,7 +64,8 @@ slice by slice), and every large working set is cut into chunks of points (`row_
 blocks (`block_batch`), of edge ranks (the reverse edges) or of centroids. At 1M 256-bit codes
 on one device XLA's buffers peak at 0.42 GB (`build_memory`, stages 4-5: the lists 0.24 GB and
 the in-edges 0.12 GB), against 0.79 GB with a block table beside the lists and out-of-place
-propagation, and 2.0 GB as one program.
+propagation, and 2.0 GB as one program. On 8 devices each one's peak is 58 MB, 0.137 of that
+(1/7.3; the lists' share is 31 MB, the rest chunk buffers and the in-edges, 15 MB).
 
 Determinism. Every result is a function of the codes only: block layout by (cluster, point id),
 kNN ties to the lower slot, merges sorted by (distance, index), reverse edges by (rank, source).
@@ -127,9 +132,10 @@ class GraphConfig:
     row_chunk: int = 16384
     block_batch: int = 8  # blocks per step of the exact in-block kNN
     # Entries kept per (point, block) by the in-block kNN; None: K // 2 (at least K /
-    # num_assign) in build_graph, K in knn_graph. A mesh's block table is N * num_assign of
-    # these lists (0.5 GB at 1M with K entries; one device merges them into the lists as they
-    # are made); K // 2 halves it and the merge work, and changed no search recall (1M:
+    # num_assign) in build_graph, K in knn_graph. The block rows are N * num_assign of these
+    # lists (0.5 GB at 1M with K entries; they are merged into the lists as they are made, a
+    # group of blocks at a time on a mesh); K // 2 halves them and the merge work, and changed
+    # no search recall (1M:
     # recall@10 0.9562 at L=64 either way; 100k: 0.9766 at L=32), though some of the K-lists
     # then stay short of K until the pruning cuts them to `degree`, which is why knn_graph,
     # whose lists are its result, keeps K.
@@ -158,6 +164,7 @@ class _Plan:
     num_assign: int
     capacity: int
     blocks_per_shard: int
+    groups: int  # a mesh's blocks are made in this many groups a shard (1 on one device)
     sample_size: int
     layout: KeyLayout | None  # packed (distance, id) keys when they fit, else the sort path
     chunk: int  # rows per propagation / merge chunk on a device (see _plan)
@@ -167,6 +174,9 @@ class _Plan:
 
 _PRUNE_CHUNK = 4096  # rows per pruning step: [64, 64, 4096] pair distances are 64 MB
 _MIN_CHUNK = 1024  # a mesh's propagation chunks are no smaller (each runs a ring)
+# A mesh makes its blocks in this many groups a shard, and only one group's kNN rows exist at a
+# time (_merge_blocks_by_group): the whole shard's were 31 MB a device at 1M on 8 devices.
+_TABLE_GROUPS = 8
 
 
 def auto_capacity(n: int, num_assign: int, fill: float) -> int:
@@ -189,7 +199,8 @@ def _plan(n_total: int, words: int, degree: int, shards: int, cfg: GraphConfig) 
     # A whole number of block batches a shard (empty blocks change nothing): a ragged last
     # batch makes lax.map concatenate, a copy of the whole block table (0.7 GB at 1M).
     batch = max(1, min(cfg.block_batch, per_shard))
-    per_shard = -(-per_shard // batch) * batch
+    groups = 1 if shards == 1 else min(_TABLE_GROUPS, -(-per_shard // batch))
+    per_shard = -(-per_shard // (batch * groups)) * batch * groups
     sample = min(n_total, max(nc, min(_MAX_KMEANS_SAMPLE, nc * cfg.kmeans_sample_per_cluster)))
     n_ids = -(-n_total // shards) * shards
     layout = KeyLayout.for_ids(n_ids) if KeyLayout.fits(n_ids, words * 32) else None
@@ -199,8 +210,8 @@ def _plan(n_total: int, words: int, degree: int, shards: int, cfg: GraphConfig) 
     # its own ring over the codes (4 MB a device at 1M / 8), so a round moves D times the
     # ring bytes. The pruning's pair distances [K, K, chunk] shrink alike, to 1024 rows at
     # most (16 MB; 4096 rows on 8 devices were most of a 131k build's per-device peak). The
-    # block-table merge keeps one device's chunks: smaller ones saved no memory there (XLA
-    # buffer assignment) and would multiply its rings over the whole table.
+    # block rows' ring (stage 2) keeps one device's chunks: smaller ones would multiply its
+    # rings, and its buffers are a group's table, 4 MB a device at 1M on 8 devices.
     prune = min(cfg.row_chunk, _PRUNE_CHUNK)
     return _Plan(
         chunk=min(cfg.row_chunk, max(_MIN_CHUNK, cfg.row_chunk // shards)),
@@ -216,6 +227,7 @@ def _plan(n_total: int, words: int, degree: int, shards: int, cfg: GraphConfig) 
         num_assign=a,
         capacity=capacity,
         blocks_per_shard=per_shard,
+        groups=groups,
         sample_size=sample,
         layout=layout,
         cfg=cfg,
@@ -271,25 +283,38 @@ def _segment_rank(keys):
 # ------------------------------------------------------------------------------- ring exchange
 
 
-def _ring_take(table, gidx, fill, plan: _Plan, axis: str, table_axis: int = 0):
+def _ring_take(
+    table, gidx, fill, plan: _Plan, axis: str, table_axis: int = 0, home=False, reduce=None
+):
     """Entries of a table sharded along `table_axis` over the mesh axis `axis` (each shard holds
     table.shape[table_axis] entries, global index = shard * size + local). gidx int32 [...]
     (< 0 or out of range: `fill`). Returns table.shape[:table_axis] + gidx.shape +
-    table.shape[table_axis + 1:]. D - 1 ppermute steps; per-device memory O(table shard)."""
+    table.shape[table_axis + 1:]. D - 1 ppermute steps; per-device memory O(table shard).
+
+    home=True: one more step brings each shard's table back, returned as (result, table). A
+    caller that threads the table from one ring to the next (bitonic.slice_update's carry)
+    then keeps no copy of it beside the one on the ring (a table read by later rings is
+    copied into the loop: three copies live instead of two).
+
+    reduce: applied to the entries as each ring step takes them, so only its result is kept
+    (table_axis 0 only): e.g. the distances of candidate codes [S, r, W] -> [S, r], a W-th of
+    the bytes held through the ring."""
     rows = table.shape[table_axis]
     owner = jnp.where(gidx >= 0, gidx // rows, -1)
     local = jnp.clip(gidx - owner * rows, 0, rows - 1)
+    reduce = reduce or (lambda x: x)  # noqa: E731
     lead = (None,) * table_axis
-    trail = (None,) * (table.ndim - 1 - table_axis)
-    out_shape = table.shape[:table_axis] + gidx.shape + table.shape[table_axis + 1 :]
-    out = jnp.full(out_shape, fill, table.dtype)
+    taken = jax.eval_shape(lambda b: reduce(jnp.take(b, local, axis=table_axis)), table)
+    trail = (None,) * (len(taken.shape) - gidx.ndim - table_axis)
+    out = jnp.full(taken.shape, fill, taken.dtype)
 
     def visit(shard, buf, out):
         ok = (owner == shard)[lead + (...,) + trail]
-        return jnp.where(ok, jnp.take(buf, local, axis=table_axis), out)
+        return jnp.where(ok, reduce(jnp.take(buf, local, axis=table_axis)), out)
 
     if plan.shards == 1:
-        return visit(0, table, out)
+        out = visit(0, table, out)
+        return (out, table) if home else out
     me = lax.axis_index(axis)
     perm = [(i, (i + 1) % plan.shards) for i in range(plan.shards)]
 
@@ -299,34 +324,8 @@ def _ring_take(table, gidx, fill, plan: _Plan, axis: str, table_axis: int = 0):
         return lax.ppermute(buf, axis, perm), out
 
     buf, out = lax.fori_loop(0, plan.shards - 1, body, (table, out))
-    return visit((me - (plan.shards - 1)) % plan.shards, buf, out)
-
-
-def _ring_take_sliced(table, gidx, fill, plan: _Plan, axis: str, slices: int):
-    """_ring_take of rows of `table` in `slices` passes, each over one slice of every shard's
-    rows, so only a slice travels the ring at a time: the ring's two buffers in flight are
-    1/slices of the table (same bytes moved, `slices` times the steps). Falls back to one pass
-    when the rows do not split evenly."""
-    rows = table.shape[0]
-    if plan.shards == 1 or slices <= 1 or rows % slices:
-        return _ring_take(table, gidx, fill, plan, axis)
-    per = rows // slices
-    valid = gidx >= 0
-    owner = jnp.where(valid, gidx // rows, 0)
-    local = gidx - owner * rows
-    part = jnp.where(valid, local // per, -1)
-    trail = (None,) * (table.ndim - 1)
-    out = jnp.full(gidx.shape + table.shape[1:], fill, table.dtype)
-
-    def one_slice(s, out):
-        piece = lax.dynamic_slice_in_dim(table, s * per, per)
-        here = part == s
-        got = _ring_take(
-            piece, jnp.where(here, owner * per + local - s * per, -1), fill, plan, axis
-        )
-        return jnp.where(here[(...,) + trail], got, out)
-
-    return lax.fori_loop(0, slices, one_slice, out)
+    out = visit((me - (plan.shards - 1)) % plan.shards, buf, out)
+    return (out, lax.ppermute(buf, axis, perm)) if home else out
 
 
 def _ring_scan(tables, step_fn, init, plan: _Plan, axis: str):
@@ -393,8 +392,9 @@ def _pack(bits):
 # (a list of 16 and 32 iterations: 28.7 s, 89%). The propagation rounds repair the rest.
 _EXACT_ASSIGN_MAX = 4096
 _CENTROID_DEGREE = 16
-_ASSIGN_CHUNK = 16384
-_CENTROID_CHUNK = 1024
+_ASSIGN_CHUNK = 4096
+_ASSIGN_TILE = 256
+_CENTROID_CHUNK = 256
 
 
 def nearest_centroids(points, cent, a: int):
@@ -403,9 +403,10 @@ def nearest_centroids(points, cent, a: int):
     max(8, 2a)) over the exact 16-NN graph of the centroids."""
     c = cent.shape[0]
     if c <= _EXACT_ASSIGN_MAX:
-        # In chunks of points: hamming_topk's tiles are [P, >= 256] distances, 128 MB for the
-        # 131k points of one device (XLA buffer assignment), most of that build's peak.
-        exact = lambda p: hamming_topk(p, cent, a)[1]  # noqa: E731
+        # In chunks of points and of centroids: hamming_topk's tiles are [P, chunk] distances;
+        # its default chunk (tiles up to 32 MB) was most of an 8-device 131k build's
+        # per-device peak (XLA buffer assignment), [4096, 256] is 4 MB.
+        exact = lambda p: hamming_topk(p, cent, a, chunk_size=_ASSIGN_TILE)[1]  # noqa: E731
         return _chunked(exact, (points,), _ASSIGN_CHUNK)
     # In chunks of centroids: the Q x chunk distance tiles of all C at once were 5 x 31 MB
     # at 1M (7812 centroids), most of an 8-device build's per-device peak (XLA buffers).
@@ -510,12 +511,14 @@ def _partition(codes, plan: _Plan, axis: str):
 # ------------------------------------------------------------------------------- 2. sub-graphs
 
 
-def _scatter_blocks(codes, pos, plan: _Plan, axis: str, with_codes: bool = True):
+def _scatter_blocks(codes, pos, plan: _Plan, axis: str, with_codes: bool = True, part=None):
     """This shard's blocks: (ids int32 [B, C] global point ids or -1, codes uint32 [B, C, W]);
-    with_codes=False: the ids only."""
+    with_codes=False: the ids only. part=(first, count): blocks first .. first + count - 1 of
+    the shard only (first may be traced), B = count."""
     n, a, c, w = plan.rows, plan.num_assign, plan.capacity, plan.words
-    slots = plan.blocks_per_shard * c
-    base = _shard_index(plan, axis) * slots
+    first, count = part or (0, plan.blocks_per_shard)
+    slots = count * c
+    base = _shard_index(plan, axis) * plan.blocks_per_shard * c + first * c
 
     def step(acc, v, codes_v, pos_v):
         ids_acc, codes_acc = acc
@@ -597,32 +600,64 @@ def _initial_knn_keys(codes, plan: _Plan, axis: str):
     pos = _partition(codes, plan, axis)
     if plan.shards == 1:
         return _merge_blocks_in_place(codes, pos, plan)
-    blocks = _scatter_blocks(codes, pos, plan, axis)
-    knn = functools.partial(_block_knn_keys, k=plan.block_k, layout=plan.layout)
-    batch = min(plan.cfg.block_batch, plan.blocks_per_shard)
-    table = lax.map(lambda x: knn(*x), blocks, batch_size=batch)  # [B, C, block_k]
-    table = table.reshape(-1, plan.block_k)  # one row per slot: no transposed copy of the table
-
-    # Each point's rows, one assignment at a time, merged into a running list, in chunks of
-    # points so the gathered rows are never a whole [n, K] table (with its transpose, 0.5 GB
-    # at 1M). On a mesh each chunk runs its own ring over the block table, so the ring traffic
-    # grows with n / row_chunk: the price of that memory bound. The barrier keeps XLA:CPU from
-    # fusing the row gather into the transpose (that fusion ran as one scalar loop, 2.4 s of a
-    # 100k build, measured).
-    def merge_rows(lists_c, pos_c):
-        got = _ring_take_sliced(table, pos_c, bitonic.SENTINEL, plan, axis, _TABLE_SLICES)
-        got = lax.optimization_barrier(got).T
-        return bitonic.unique_smallest((lists_c, got), plan.k)
-
-    def add(j, lists):
-        return _chunked(merge_rows, (lists, pos[:, j]), plan.cfg.row_chunk, axis=-1)
-
-    empty = jnp.full((plan.k, plan.rows), bitonic.SENTINEL)
-    return lax.fori_loop(0, plan.num_assign, add, empty)
+    return _merge_blocks_by_group(codes, pos, plan, axis)
 
 
-# The block table passes the mesh's ring in this many slices (see _ring_take_sliced).
-_TABLE_SLICES = 8
+def _merge_blocks_by_group(codes, pos, plan: _Plan, axis: str):
+    """Stage 2 on a mesh: the blocks' kNN rows, gathered over the ring into each point's
+    columns, then merged in place into its list.
+
+    A block's slots hold points of any shard, so a shard cannot merge its blocks into its own
+    lists as one device does (_merge_blocks_in_place). Instead every shard's blocks are cut
+    into `plan.groups` groups; each group's rows (a table of 1/groups of the shard's slots)
+    are made, passed around the ring, and each point takes its own rows from it into a buffer
+    rows [num_assign * block_k, n]: assignment j's row in rows j * block_k onwards. So the
+    whole block table never exists (31 MB a device at 1M on 8 devices, as large as the lists),
+    only one group's. Once every group is in, each column is merged into its K smallest
+    distinct keys where it lies, and the buffer's first K rows are the lists (num_assign *
+    block_k = K by default, so the buffer is the lists' own)."""
+    a, bk, c = plan.num_assign, plan.block_k, plan.capacity
+    group_blocks = plan.blocks_per_shard // plan.groups
+    per_group = group_blocks * c  # slots of one group on one shard
+    slots = plan.blocks_per_shard * c
+    valid = pos >= 0
+    owner = jnp.where(valid, pos // slots, 0)
+    local = pos - owner * slots
+    # Each (point, assignment): the group holding its slot, and the slot's index in the ring
+    # of that group's tables (shard-major, as _ring_take indexes).
+    group = jnp.where(valid, local // per_group, -1).T  # [a, n]
+    index = (owner * per_group + local % per_group).T
+    knn = functools.partial(_block_knn_keys, k=bk, layout=plan.layout)
+    batch = min(plan.cfg.block_batch, group_blocks)
+
+    def take(rows_c, group_c, index_c, table, g):  # [a * bk, r], [a, r], [a, r]
+        got, table = _ring_take(
+            table, jnp.where(group_c == g, index_c, -1), bitonic.SENTINEL, plan, axis, home=True
+        )  # [a, r, bk], SENTINEL where not in this group
+        # The barrier keeps XLA:CPU from fusing the row gather into the transpose (that
+        # fusion ran as one scalar loop, 2.4 s of a 100k build, measured).
+        got = jnp.swapaxes(lax.optimization_barrier(got), 1, 2).reshape(rows_c.shape)
+        # A row is filled by exactly one group and SENTINEL before: the minimum is a select
+        # of whichever of the two is filled.
+        return jnp.minimum(rows_c, got), table
+
+    def one_group(g, rows):
+        # The group's blocks with their codes (gathered over the ring per group: the codes of
+        # all the shard's slots were 8 MB a device at 1M on 8 devices).
+        blocks = _scatter_blocks(codes, pos, plan, axis, part=(g * group_blocks, group_blocks))
+        table = lax.map(lambda x: knn(*x), blocks, batch_size=batch).reshape(per_group, bk)
+        # The table goes round the ring and home again in every chunk, threaded from chunk
+        # to chunk, so no copy of it stays behind.
+        step = functools.partial(take, g=g)
+        return bitonic.slice_update(step, rows, (group, index), plan.cfg.row_chunk, carry=table)[0]
+
+    rows = jnp.full((a * bk, plan.rows), bitonic.SENTINEL)
+    rows = lax.fori_loop(0, plan.groups, one_group, rows)
+
+    def merge(rows_c):  # [a * bk, r] -> its K smallest distinct keys, then SENTINEL rows
+        return bitonic.pad_rows(bitonic.unique_smallest(rows_c, plan.k), a * bk)
+
+    return bitonic.slice_update(merge, rows, (), plan.cfg.row_chunk)[: plan.k]
 
 
 def _merge_blocks_in_place(codes, pos, plan: _Plan):
@@ -699,31 +734,33 @@ def _propagate(codes, ids, dist, plan: _Plan, axis: str):
     return lax.fori_loop(0, plan.cfg.rounds, one_round, (ids, dist))
 
 
-def _propagate_keys_chunk(codes_c, keys_c, gid_c, rev_c, codes, lists, plan: _Plan, axis: str):
-    """Packed-key propagation of one chunk of columns: codes_c uint32 [W, r], keys_c [K, r],
-    gid_c [r], reverse neighbours rev_c int32 [R, r] (R may be 0); codes [n, W] and lists int32
-    [S2, n] (every point's first S2 neighbours) are the shard's tables -> merged keys [K, r]."""
+def _propagate_keys_chunk(keys_c, codes_c, gid_c, rev_c, lists, codes, plan: _Plan, axis: str):
+    """Packed-key propagation of one chunk of columns: keys_c [K, r], codes_c uint32 [r, W],
+    gid_c [r], reverse neighbours rev_c int32 [R, r] (R may be 0); lists int32 [S2, n] (every
+    point's first S2 neighbours) and codes [n, W] are the shard's tables -> (merged keys [K, r],
+    lists back from the ring)."""
     layout = plan.layout
     s1 = min(plan.cfg.sample_neighbors, plan.k)
     # The candidates: the first S2 neighbours of each of the first S1 neighbours and of the
     # reverse neighbours (NN-descent's "neighbours of reverse neighbours"), and the reverse
     # neighbours themselves.
     parents = jnp.concatenate([layout.ids(keys_c[:s1]), rev_c], axis=0)
-    nn = _ring_take(lists, parents, -1, plan, axis, table_axis=1)
+    nn, lists = _ring_take(lists, parents, -1, plan, axis, table_axis=1, home=True)
     nn = jnp.concatenate([nn.reshape(-1, keys_c.shape[1]), rev_c], axis=0)  # [S, r]
     # Candidate codes gathered as rows (one cache line each; word-major rows would cost W
-    # misses per candidate), reduced over words.
-    cand = _ring_take(codes, nn, 0, plan, axis)  # [S, r, W]
-    cd = hamming_pairs(cand, codes_c.T[None, :, :])
+    # misses per candidate) and reduced to distances as the ring passes: the codes [S, r, W]
+    # were 7.9 MB a device at 1M on 8 devices, the distances are a W-th of that.
+    distance = lambda cand: hamming_pairs(cand, codes_c[None, :, :])  # noqa: E731
+    cd = _ring_take(codes, nn, BIG, plan, axis, reduce=distance)  # [S, r]
     kth = layout.dist(keys_c[-1:])
     # The paper's filter: only candidates that could enter the list reach the merge. A known
     # neighbour packs to the same key as its list entry, so the dedup drops it.
     drop = (nn < 0) | (nn == gid_c[None, :]) | (cd > kth)
     cand_keys = layout.pack(cd, jnp.where(drop, -1, nn))
-    return bitonic.unique_smallest((keys_c, cand_keys), plan.k)
+    return bitonic.unique_smallest((keys_c, cand_keys), plan.k), lists
 
 
-def _propagate_keys(codes, codes_t, keys, plan: _Plan, axis: str):
+def _propagate_keys(codes, keys, plan: _Plan, axis: str):
     """Propagation rounds on packed lists keys uint32 [K, n] (column p: p's list, sorted).
     Candidates are gathered per chunk of columns, so no [S, n] array is ever live."""
     s2 = min(plan.cfg.sample_width, plan.k)
@@ -736,29 +773,36 @@ def _propagate_keys(codes, codes_t, keys, plan: _Plan, axis: str):
             rev = _reverse_edges(ids[:n_rev], plan, axis, n_rev)  # [R, n]
         else:
             rev = jnp.zeros((0, plan.rows), jnp.int32)
-        step = functools.partial(
-            _propagate_keys_chunk, codes=codes, lists=ids[:s2], plan=plan, axis=axis
-        )
+        step = functools.partial(_propagate_keys_chunk, codes=codes, plan=plan, axis=axis)
         # In place (the round reads its neighbours' lists from the ids[:s2] snapshot): the
         # new lists beside the old were 244 MB of a 1M round's 655 MB peak (XLA buffers), and
-        # with the block table gone they were the build's peak. No slower (1M, 2 cores).
-        upd = lambda keys_c, codes_c, gid_c, rev_c: step(codes_c, keys_c, gid_c, rev_c)  # noqa: E731
-        return bitonic.slice_update(upd, keys, (codes_t, gid, rev), plan.chunk)
+        # with the block table gone they were the build's peak. No slower (1M, 2 cores). The
+        # snapshot goes round the ring and home again in every chunk, threaded from chunk to
+        # chunk, so no third copy of it stays behind (7.6 MB a device at 1M on 8 devices).
+        keys, _ = bitonic.slice_update(
+            step, keys, (codes, gid, rev), plan.chunk, other_axes=(0, 0, 1), carry=ids[:s2]
+        )
+        return keys
 
     return lax.fori_loop(0, plan.cfg.rounds, one_round, keys)
 
 
 def _prune_keys_chunk(keys_c, codes_t, plan: _Plan, axis: str):
-    """rng pruning of packed lists keys_c [K, r] -> edges uint32 [K, r] in the lists' place:
+    """rng pruning of packed lists keys_c [K, r] -> (edges uint32 [K, r] in the lists' place:
     kept edges first, then the pruned ones, each in rank order, packed as id << 1 | kept
-    (SENTINEL: none), so the pruning writes over the lists instead of beside them."""
+    (SENTINEL: none), so the pruning writes over the lists instead of beside them; the
+    word-major codes codes_t [W, n] back from the ring)."""
     layout = plan.layout
     ids = layout.ids(keys_c)
-    nb = _ring_take(codes_t, ids, 0, plan, axis, table_axis=1)  # [W, K, r]
-    d_nn = hamming_pairs_word_major(nb[:, :, None], nb[:, None, :])  # [K, K, r]
+    nb, codes_t = _ring_take(codes_t, ids, 0, plan, axis, table_axis=1, home=True)  # [W, K, r]
+    # int16 where every distance fits: the [K, K, r] pairs are the pruning's largest buffer,
+    # 16 MB a device at 1M on 8 devices as int32.
+    small = plan.words * 32 <= jnp.iinfo(jnp.int16).max
+    d_nn = hamming_pairs_word_major(nb[:, :, None], nb[:, None, :])
+    d_nn = d_nn.astype(jnp.int16) if small else d_nn
     valid = ids >= 0
     ids, kept = _kept_first(ids, _rng_prune_t(layout.dist(keys_c), d_nn, valid), valid)
-    return _pack_edges(ids, kept)
+    return _pack_edges(ids, kept), codes_t
 
 
 def _pack_edges(ids, kept):
@@ -826,65 +870,60 @@ def _reverse_edges(fwd_t, plan: _Plan, axis: str, width: int, ranks=None, target
     a caller passes its own array instead of a decoded copy of its first rows.
 
     One rank at a time: the rank's n edges are sorted by target (stably, so sources stay in id
-    order) and appended after each target's sources so far. A sort of all E * n edges at once
-    held 16M entries at 1M points and its scratch was half the peak of the build's last stage
-    (VmHWM); a rank's sort is n entries."""
+    order) and each lands at its slot among its target's sources, written in place. A sort of
+    all E * n edges at once held 16M entries at 1M points and its scratch was half the peak of
+    the build's last stage (VmHWM); a rank's sort is n entries.
+
+    On a mesh the rank's edges of every shard pass this shard on the ring in rotated order,
+    so a first ring counts each shard's edges into each of this shard's nodes ([D, n]), and
+    the second places shard v's sources after those of the shards before v: the slots of the
+    single device, with nothing beside the result but the counts (merging each visit into
+    running [width, n] lists took four such arrays, 61 MB a device at 1M on 8 devices, XLA
+    buffer assignment)."""
     e, n = fwd_t.shape
     e = e if ranks is None else ranks
     row = (lambda r: fwd_t[r]) if targets is None else (lambda r: targets(fwd_t[r]))  # noqa: E731
     base = _shard_index(plan, axis) * n
-    lanes = bitonic.next_pow2(width)
 
-    def by_target(v, targets):
-        """This shard's in-edges among the visiting shard v's edges targets [n]: (target column
-        or n, source id, slot among the target's edges in source order)."""
+    def local_targets(targets):
+        """Column of each edge's target on this shard, or n where it is elsewhere or none."""
         local = targets - base
-        mine = (targets >= 0) & (local >= 0) & (local < n)
-        src = v * n + jnp.arange(n, dtype=jnp.int32)
-        key, src = lax.sort((jnp.where(mine, local, n), src), num_keys=1, is_stable=True)
-        return key, src, _segment_rank(key)
+        return jnp.where((targets >= 0) & (local >= 0) & (local < n), local, n)
 
-    def one_rank_single(r, state):
-        rev, count = state
-        key, src, slot = by_target(0, row(r))
-        slot = slot + count[jnp.minimum(key, n - 1)]
-        col = jnp.where((key < n) & (slot < width), key, n)  # out of range: dropped
-        rev = rev.at[slot, col].set(src, mode="drop")
-        return rev, count + jax.ops.segment_sum(jnp.ones_like(key), key, n)
+    def count(hist, v, targets):
+        got = jax.ops.segment_sum(jnp.ones_like(targets), local_targets(targets), n + 1)[:n]
+        # Capped at width (past it nothing is placed), so int16: half the bytes.
+        return hist.at[v].set(jnp.minimum(got, width).astype(jnp.int16))
 
-    def one_rank_ring(r, state):
-        # The ring visits the shards in rotated order, so each visit's sources (ascending in
-        # their slot rows) are merged into the rank's running lists by source id, and the
-        # rank's lists are appended once the ring is done.
-        rev, count = state
+    def capped_sum(x, y):  # associative on counts >= 0, and never overflows int16
+        return jnp.minimum(x + y, width)
 
-        def visit(acc, v, targets):
-            key, src, slot = by_target(v, targets)
-            col = jnp.where((key < n) & (slot < lanes), key, n)
-            new = (
-                jnp.full((lanes, n), bitonic.SENTINEL)
-                .at[slot, col]
-                .set(src.astype(jnp.uint32), mode="drop")
-            )
-            return bitonic.merge_smallest(acc, new)
+    def one_rank(r, state):
+        rev, filled = state
+        hist = _ring_scan((row(r),), count, jnp.zeros((plan.shards, n), jnp.int16), plan, axis)
+        # upto[v]: sources of shards 0..v per node (capped), so shard v's go after upto[v - 1].
+        upto = lax.associative_scan(capped_sum, hist, axis=0)
 
-        got = _ring_scan((row(r),), visit, jnp.full((lanes, n), bitonic.SENTINEL), plan, axis)
-        j = jnp.arange(width, dtype=jnp.int32)[:, None]
-        pick = jnp.take_along_axis(got, jnp.clip(j - count[None, :], 0, lanes - 1), axis=0)
-        pick = jnp.where(pick == bitonic.SENTINEL, -1, pick.astype(jnp.int32))
-        rev = jnp.where(j < count[None, :], rev, pick)
-        return rev, count + jnp.sum(got != bitonic.SENTINEL, axis=0, dtype=jnp.int32)
+        def place(rev, v, targets):
+            key = local_targets(targets)
+            src = v * n + jnp.arange(n, dtype=jnp.int32)
+            key, src = lax.sort((key, src), num_keys=1, is_stable=True)
+            col = jnp.minimum(key, n - 1)
+            before = jnp.where(v > 0, upto[jnp.maximum(v - 1, 0), col], 0)
+            slot = _segment_rank(key) + filled[col] + before
+            col = jnp.where((key < n) & (slot < width), key, n)  # out of range: dropped
+            return rev.at[slot, col].set(src, mode="drop")
 
-    # One device needs no merge of visits: placing each edge straight at its slot took 4.2 s
-    # for 1M x 16 edges against 6.1 s through the ring body (same result, measured).
-    body = one_rank_single if plan.shards == 1 else one_rank_ring
+        rev = _ring_scan((row(r),), place, rev, plan, axis)
+        return rev, filled + upto[-1]
+
     # The fill value is read from fwd_t (targets are >= -1, so it is always -1) so that the
     # [width, n] lists are allocated only once fwd_t exists: as a constant broadcast XLA
     # scheduled them first, beside the pruning that makes fwd_t (finalize's XLA temp at 1M:
     # 231 MB, 122 + 105 of the two phases; an optimization_barrier was folded away).
     fill = jnp.minimum(row(0)[0], -1)
     init = (jnp.full((width, n), fill, jnp.int32), jnp.zeros((n,), jnp.int32))
-    return lax.fori_loop(0, e, body, init)[0]
+    return lax.fori_loop(0, e, one_rank, init)[0]
 
 
 def merge_forward_reverse(fwd, rev, degree: int, id_bits: int | None = None):
@@ -959,10 +998,10 @@ def _finalize_keys(keys, codes_t, plan: _Plan, axis: str):
     (as separate arrays the edges, kept flags and rows were 0.4 GB of a 1M build)."""
     layout = plan.layout
     if plan.cfg.prune:
-        step = functools.partial(_prune_keys_chunk, codes_t=codes_t, plan=plan, axis=axis)
-        # Smaller chunks than propagation's: the pair distances are [K, K, r].
-        chunk = plan.prune_chunk
-        edges = bitonic.slice_update(step, keys, (), chunk)
+        step = functools.partial(_prune_keys_chunk, plan=plan, axis=axis)
+        # Smaller chunks than propagation's: the pair distances are [K, K, r]. The codes go
+        # round the ring and home in every chunk, threaded on (no copy stays behind).
+        edges, _ = bitonic.slice_update(step, keys, (), plan.prune_chunk, carry=codes_t)
     else:
         ids = layout.ids(keys)
         edges = _pack_edges(ids, ids >= 0)
@@ -1001,7 +1040,7 @@ def _initial_stage(codes, plan: _Plan, axis: str):
 def _propagate_stage(codes, lists, plan: _Plan, axis: str):
     """Stage 3: lists -> refined lists, same layout."""
     if plan.layout is not None:
-        return _propagate_keys(codes, codes.T, lists, plan, axis)
+        return _propagate_keys(codes, lists, plan, axis)
     return _propagate(codes, *lists, plan, axis)
 
 

@@ -87,3 +87,26 @@ def test_slice_update_is_fn_of_the_original_at_every_position(axis):
     got = bitonic.slice_update(fn, x, (other,), 10, axis=axis)  # 4 slices, the last overlapping
     np.testing.assert_array_equal(got, fn(x, other))
     np.testing.assert_array_equal(bitonic.slice_update(fn, x, (other,), 64, axis), fn(x, other))
+
+
+def test_slice_update_threads_a_carry_and_slices_others_along_their_own_axis():
+    # Columns of x [2, 37] in slices of 10; the other array is [37, 2] (sliced along axis 0),
+    # and the carry counts the slices fn saw and the columns it wrote (the last slice
+    # overlaps the one before: 4 slices of 10 over 37 columns).
+    x = jnp.arange(2 * 37).reshape(2, 37)
+    rows = (jnp.arange(37 * 2).reshape(37, 2) % 7).astype(x.dtype)
+
+    def fn(t, o, carry):
+        calls, width = carry
+        return t * 3 + o.T, (calls + 1, width + t.shape[1])
+
+    got, (calls, width) = bitonic.slice_update(
+        fn, x, (rows,), 10, other_axes=(0,), carry=(jnp.int32(0), jnp.int32(0))
+    )
+    np.testing.assert_array_equal(got, x * 3 + rows.T)
+    assert (int(calls), int(width)) == (4, 40)
+    whole, (calls, _) = bitonic.slice_update(
+        fn, x, (rows,), 64, other_axes=(0,), carry=(jnp.int32(0), jnp.int32(0))
+    )
+    np.testing.assert_array_equal(whole, x * 3 + rows.T)
+    assert int(calls) == 1
