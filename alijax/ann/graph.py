@@ -14,8 +14,8 @@ below are ours.
    of O(N C)). `n_clusters` defaults to N * num_assign / (cluster_capacity * cluster_fill), so
    an average cluster fills half a block; the capacity defaults to about 6 sqrt(N) clusters,
    and below ~145k points, where the capacity stops at 256, the clusters stay 6 sqrt(N) and
-   several share a block. The centroids are numbered in the order of their codes, so the
-   clusters that share a block are near each other.
+   several share a block. Where 4 or more share one on average the centroids are numbered in
+   the order of their codes, so the clusters that share a block are near each other.
 2. Sub-graphs. The N * num_assign (cluster, point) assignments are laid out in (cluster, point id)
    order and cut into blocks of `cluster_capacity` consecutive slots; exact kNN runs inside each
    block and keeps `block_degree` neighbours a slot. A cluster larger than a block spans several
@@ -171,6 +171,7 @@ class _Plan:
     groups: int  # a mesh's blocks are made in this many groups a shard (1 on one device)
     sample_size: int
     layout: KeyLayout | None  # packed (distance, id) keys when they fit, else the sort path
+    code_order: bool  # centroids numbered in code order (_in_code_order)
     chunk: int  # rows per propagation / merge chunk on a device (see _plan)
     prune_chunk: int  # rows per pruning chunk on a device
     cfg: GraphConfig
@@ -246,6 +247,7 @@ def _plan(n_total: int, words: int, degree: int, shards: int, cfg: GraphConfig) 
         groups=groups,
         sample_size=sample,
         layout=layout,
+        code_order=n_total * a <= nc * capacity // 4,  # 4 or more clusters a block
         cfg=cfg,
     )
 
@@ -501,8 +503,10 @@ def _in_code_order(cent):
     order of a tree of random hyperplane splits (the bits), and leaves next to each other share
     their leading splits. A natural cluster cut into several k-means clusters then mostly lands
     in one block again: 2000 points of 20 clusters in 268 k-means clusters, true 10-NN in a
-    shared block 0.82 -> 0.91 (kNN-graph recall 0.963 -> 0.984); 100k benchmark points 0.905
-    -> 0.913 (measured)."""
+    shared block 0.82 -> 0.91 (kNN-graph recall 0.963 -> 0.984). Only where a block holds 4
+    clusters or more on average (_Plan.code_order): with about 2 a block (1M points, 512
+    slots) a point's two clusters, next to each other in code order, then often share a block
+    and the second assignment adds nothing (search recall@10 at L=128 0.977 -> 0.971)."""
     words = [cent[:, w] for w in range(cent.shape[1])]
     *_, order = lax.sort((*words, jnp.arange(cent.shape[0], dtype=jnp.int32)), num_keys=len(words))
     return cent[order]
@@ -515,7 +519,8 @@ def _partition(codes, plan: _Plan, axis: str):
     n, a, nc = plan.rows, plan.num_assign, plan.n_clusters
     me = _shard_index(plan, axis)
     gid = me * n + jnp.arange(n, dtype=jnp.int32)
-    cent = _in_code_order(_kmeans(codes, plan, axis))
+    cent = _kmeans(codes, plan, axis)
+    cent = _in_code_order(cent) if plan.code_order else cent
     cl = nearest_centroids(codes, cent, a)  # [n, a]
     valid = (gid < plan.n_total)[:, None]
     cl = jnp.where(valid, cl, nc)  # padding goes to a dummy cluster past the end
