@@ -77,8 +77,8 @@ def default_num_entries(n: int) -> int:
     68k (hnswlib: 0.949 at 109k, 0.990 at 64k; 2 cores, 2026-11-26). All nodes as entries
     make the seed nearly an exact Hamming top-L, which hid the real gap: that graph's 64-NN
     lists held only 68% of each point's true 10 nearest (its 312 clusters cut through the
-    data's 1000). With 6 sqrt(N) clusters (graph.auto_clusters) 8192 entries give 0.956 at
-    L = 32 and 0.951 at L = 24, 99k QPS (hnswlib 0.958 at 103k)."""
+    data's 1000). With 6 sqrt(N) clusters (graph.auto_clusters) 8192 entries give 0.958 at
+    L = 32 and 0.953 at L = 24, 103k QPS (hnswlib 0.951 at 106k; benchmarks/RESULTS.md)."""
     return min(n, max(8192, min(16384, n // 12)))
 
 
