@@ -315,8 +315,8 @@ def _ring_take(
     copied into the loop: three copies live instead of two).
 
     reduce: applied to the entries as each ring step takes them, so only its result is kept
-    (table_axis 0 only): e.g. the distances of candidate codes [S, r, W] -> [S, r], a W-th of
-    the bytes held through the ring."""
+    (it keeps the leading table_axis and gidx dimensions): e.g. the distances of candidate
+    codes [S, r, W] -> [S, r], a W-th of the bytes held through the ring."""
     rows = table.shape[table_axis]
     owner = jnp.where(gidx >= 0, gidx // rows, -1)
     local = jnp.clip(gidx - owner * rows, 0, rows - 1)
@@ -427,7 +427,8 @@ def nearest_centroids(points, cent, a: int):
         exact = lambda p: hamming_topk(p, cent, a, chunk_size=_ASSIGN_TILE)[1]  # noqa: E731
         return _chunked(exact, (points,), _ASSIGN_CHUNK)
     # In chunks of centroids: the Q x chunk distance tiles of all C at once were 5 x 31 MB
-    # at 1M (7812 centroids), most of an 8-device build's per-device peak (XLA buffers).
+    # at 1M (7812 centroids), most of an 8-device build's per-device peak (XLA buffers);
+    # chunks of 1024 still left 29 MB float tiles, chunks of 256 leave 7.5 MB.
     knn = lambda rows: hamming_topk(rows, cent, _CENTROID_DEGREE + 1)[1]  # noqa: E731
     nbrs = _chunked(knn, (cent,), _CENTROID_CHUNK)
     graph = nbrs[:, 1:]  # drop self (or a duplicate centroid: either way a valid edge)
