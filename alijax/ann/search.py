@@ -303,9 +303,7 @@ def _compile_search(queries, query_codes, codes, graph, vectors, entries, delete
         .lower()
         .compile()
     )
-    top = jax.ShapeDtypeStruct(
-        (bitonic.next_pow2(static["candidates"]), query_codes.shape[0]), jnp.uint32
-    )
+    top = seed.out_info  # the start lists' shape, as the seed program makes them
     walk_program = (
         walk_batch.trace(queries, query_codes, codes, graph, vectors, top, deleted, **static)
         .lower()
