@@ -39,7 +39,8 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
     build.add_argument(
         "--sharded",
         action="store_true",
-        help="shard the graph build over all devices (a data mesh)",
+        help="shard the graph build over all devices (a data mesh); on several hosts, run the "
+        "same command on each with ALIJAX_COORDINATOR, ALIJAX_NUM_PROCESSES, ALIJAX_PROCESS_ID",
     )
     build.set_defaults(run=_build)
 
@@ -67,6 +68,9 @@ def _build(args) -> int:
     from alijax import parallel
     from alijax.ann.index import BinaryGraphIndex
 
+    # Before jax starts a backend: with a coordinator in the environment the mesh spans the
+    # devices of every process. Each reads the whole input and keeps the whole graph.
+    parallel.maybe_initialize_distributed()
     x = _read(args.input)
     mesh = parallel.make_mesh() if args.sharded else None
     t0 = time.perf_counter()
@@ -75,8 +79,15 @@ def _build(args) -> int:
         bits=args.bits, degree=args.degree, metric=args.metric, binarizer=args.binarizer, **dtype
     ).build(x, mesh=mesh)
     seconds = time.perf_counter() - t0
-    index.save(args.out)
-    print(f"built {len(index)} x {x.shape[1]} in {seconds:.1f} s -> {args.out}")
+    import jax
+
+    if jax.process_index() == 0:  # every process holds the same index; one writes it
+        index.save(args.out)
+        print(f"built {len(index)} x {x.shape[1]} in {seconds:.1f} s -> {args.out}")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("alijax index build: saved")
     return 0
 
 

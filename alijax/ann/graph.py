@@ -85,6 +85,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from alijax.ann import bitonic
@@ -1181,8 +1182,7 @@ def _run(codes, degree: int, mesh, config: GraphConfig, stages: tuple[str, ...])
     if plan.rows * plan.shards != plan.n_total:  # rows for every shard: pad with zero codes
         padded = np.zeros((plan.rows * plan.shards, plan.words), np.uint32)
         padded[: plan.n_total] = codes
-    # Unpadded, a CPU device shares the array's memory instead of copying it (30 MB at 1M).
-    device_codes = jax.device_put(padded, jax.sharding.NamedSharding(mesh, P(config.axis)))
+    device_codes = _put_global(padded, jax.sharding.NamedSharding(mesh, P(config.axis)))
     del padded
     out = programs[0](device_codes)
     for program in programs[1:]:
@@ -1195,7 +1195,24 @@ def _run(codes, degree: int, mesh, config: GraphConfig, stages: tuple[str, ...])
         return out[: plan.n_total]
     if plan.layout is not None:
         out = (plan.layout.ids(out).T, plan.layout.dist(out).T)
-    return tuple(np.asarray(x)[: plan.n_total] for x in out)
+    return tuple(to_host(x)[: plan.n_total] for x in out)
+
+
+def _put_global(host: np.ndarray, sharding):
+    """host (the same full array in every process) as a global array with this sharding."""
+    if sharding.is_fully_addressable:
+        # One process: a CPU device shares the unpadded array's memory (30 MB at 1M).
+        return jax.device_put(host, sharding)
+    # Many processes (jax.distributed): each places only the rows of its own devices.
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(x) -> np.ndarray:
+    """A build's output as one numpy array in this process; across processes (a mesh over
+    several hosts) every process gathers the whole of it, since each keeps the full index."""
+    if x.is_fully_addressable:
+        return np.asarray(x)  # on one CPU device a view, not a copy
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def build_memory(n: int, words: int, degree: int, *, mesh=None, config=GraphConfig()) -> dict:
@@ -1233,7 +1250,7 @@ def build_graph(codes, degree: int, *, mesh=None, config: GraphConfig = GraphCon
     """Search graph over codes uint32 [N, W] -> int32 [N, degree] (numpy; -1 pads tiny graphs).
 
     mesh: a Mesh whose axis config.axis shards the points (None: one device)."""
-    return np.asarray(build_graph_device(codes, degree, mesh=mesh, config=config))
+    return to_host(build_graph_device(codes, degree, mesh=mesh, config=config))
 
 
 def build_graph_device(codes, degree: int, *, mesh=None, config: GraphConfig = GraphConfig()):

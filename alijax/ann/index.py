@@ -238,7 +238,7 @@ class BinaryGraphIndex:
         graph = graph_lib.build_graph_device(
             self.codes, self.degree, mesh=mesh, config=self.graph_config
         )
-        self.graph = np.asarray(graph)  # on one CPU device a view, not a copy
+        self.graph = graph_lib.to_host(graph)  # on one CPU device a view, not a copy
         if len(graph.devices()) == 1:  # a sharded graph is put on one device by _on_device
             self._device_cache["graph"] = (self.graph, graph)
         # The index's own copy of the vectors is made only now, so the graph build's buffers

@@ -3,6 +3,9 @@ the command line."""
 
 import argparse
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -183,6 +186,50 @@ def test_command_line_build_and_search(data, tmp_path, capsys):
     assert "QPS" in out and "recall@10" in out
     assert float(out.split("recall@10 ")[1].split()[0]) >= 0.9
     assert read_ivecs(tmp_path / "r.ivecs").shape == (200, 10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_build_across_two_processes_gives_the_single_process_index(data, tmp_path):
+    # jax.distributed for real: two processes of 4 CPU devices each (gloo collectives between
+    # them) run `index build --sharded` as two hosts would, one graph over a mesh of all 8;
+    # process 0 saves the index. It must be the index one process builds alone.
+    x, q, _ = data
+    write_fvecs(tmp_path / "base.fvecs", x)
+    port = _free_port()
+    command = [sys.executable, "-m", "alijax", "index", "build", "--sharded", "--degree", "16"]
+    command += ["--input", str(tmp_path / "base.fvecs"), "--out", str(tmp_path / "ix")]
+    procs = []
+    for rank in range(2):
+        env = dict(
+            os.environ,
+            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            JAX_PLATFORMS="cpu",
+            ALIJAX_COORDINATOR=f"localhost:{port}",
+            ALIJAX_NUM_PROCESSES="2",
+            ALIJAX_PROCESS_ID=str(rank),
+        )
+        procs.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
+    try:
+        logs = [p.communicate(timeout=400)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    assert "built 2000 x 64" in logs[0] and "built" not in logs[1]
+    # The codes come from the processes' own ITQ fit, which can differ from this process's in
+    # float rounding (XLA:CPU splits matmuls by its thread count); the graph over them must be
+    # the one a single device builds, and it must serve searches.
+    both = BinaryGraphIndex.load(tmp_path / "ix")
+    np.testing.assert_array_equal(both.graph, graph_lib.build_graph(both.codes, 16))
+    assert recall(both.search(q, 10)[1], exact_topk(x, q, 10)) >= 0.95
 
 
 def test_entry_points_scale_with_the_index(built):

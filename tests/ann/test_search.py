@@ -160,14 +160,25 @@ def test_beam_search_refuses_an_index_too_large_for_its_keys():
         )
 
 
-def test_threads_give_the_same_results(setup):
+def test_threads_give_the_same_results(setup, monkeypatch):
     x, q, c, qc, g, entries = setup
+    monkeypatch.setattr(search, "_THREAD_MIN_SLOTS", 1)  # split even these 200 queries
+    assert search.thread_count(len(q), search.SearchConfig(32, threads=2), cpu=True) == 2
     one = search.search(q, qc, c, g, x, entries, 10, config=search.SearchConfig(32, threads=1))
     two = search.search(
         q, qc, c, g, x, entries, 10, config=search.SearchConfig(32, threads=2, batch_size=64)
     )
     np.testing.assert_array_equal(one[1], two[1])
     np.testing.assert_array_equal(one[0], two[0])
+
+
+def test_small_searches_run_on_one_thread_and_accelerators_always_do():
+    count = search.thread_count
+    assert count(200, search.SearchConfig(32, threads=2), cpu=True) == 1  # 6400 slots
+    assert count(1000, search.SearchConfig(32, threads=2), cpu=True) == 2
+    assert count(100, search.SearchConfig(128, threads=4), cpu=True) == 1
+    assert count(10_000, search.SearchConfig(128, threads=4), cpu=True) == 4
+    assert count(10_000, search.SearchConfig(128, threads=4), cpu=False) == 1
 
 
 def test_search_keeps_only_the_latest_compiled_programs(setup):
