@@ -194,15 +194,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_build_across_two_processes_gives_the_single_process_index(data, tmp_path):
-    # jax.distributed for real: two processes of 4 CPU devices each (gloo collectives between
-    # them) run `index build --sharded` as two hosts would, one graph over a mesh of all 8;
-    # process 0 saves the index. It must be the index one process builds alone.
-    x, q, _ = data
-    write_fvecs(tmp_path / "base.fvecs", x)
+def _two_processes(command: list[str], timeout: int = 400) -> list[str]:
+    """Runs command as two jax.distributed processes of 4 CPU devices each (gloo collectives
+    between them), as two hosts would; returns their outputs after both succeed."""
     port = _free_port()
-    command = [sys.executable, "-m", "alijax", "index", "build", "--sharded", "--degree", "16"]
-    command += ["--input", str(tmp_path / "base.fvecs"), "--out", str(tmp_path / "ix")]
     procs = []
     for rank in range(2):
         env = dict(
@@ -217,19 +212,53 @@ def test_build_across_two_processes_gives_the_single_process_index(data, tmp_pat
             subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         )
     try:
-        logs = [p.communicate(timeout=400)[0].decode() for p in procs]
+        logs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
     finally:
         for p in procs:
             p.kill()
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
+    return logs
+
+
+def test_build_across_two_processes_gives_the_single_process_index(data, tmp_path):
+    # One graph over a mesh of both processes' 8 devices (`index build --sharded`); process 0
+    # saves the index. It must be the index one process builds alone.
+    x, q, _ = data
+    write_fvecs(tmp_path / "base.fvecs", x)
+    command = [sys.executable, "-m", "alijax", "index", "build", "--sharded", "--degree", "16"]
+    command += ["--input", str(tmp_path / "base.fvecs"), "--out", str(tmp_path / "ix")]
+    logs = _two_processes(command)
     assert "built 2000 x 64" in logs[0] and "built" not in logs[1]
-    # The codes come from the processes' own ITQ fit, which can differ from this process's in
-    # float rounding (XLA:CPU splits matmuls by its thread count); the graph over them must be
-    # the one a single device builds, and it must serve searches.
+    # The codes are process 0's ITQ fit, which can differ from this process's in float
+    # rounding (XLA:CPU splits matmuls by its thread count): the graph over them must be the
+    # one a single device builds, and it must serve searches.
     both = BinaryGraphIndex.load(tmp_path / "ix")
     np.testing.assert_array_equal(both.graph, graph_lib.build_graph(both.codes, 16))
     assert recall(both.search(q, 10)[1], exact_topk(x, q, 10)) >= 0.95
+
+
+_AGREE_SCRIPT = """
+import jax, numpy as np
+from alijax import parallel
+from alijax.ann import index
+parallel.maybe_initialize_distributed()
+rank = jax.process_index()
+mesh = parallel.make_mesh()
+assert index._spans_processes(mesh) and not index._spans_processes(None)
+codes = np.full((5, 2), 7 + rank, np.uint32)  # what each process computed alone
+mean = np.full((3,), 0.5 + rank, np.float32)
+got_mean, got_codes = index._from_process_zero((mean, codes))
+print("AGREED", rank, got_mean.tolist(), got_codes[0].tolist(), got_codes.dtype)
+"""
+
+
+def test_processes_take_process_zeros_codes():
+    # The build makes every process use process 0's binarizer and codes, so the graph's rows
+    # and the saved codes agree even where hosts round differently.
+    logs = _two_processes([sys.executable, "-c", _AGREE_SCRIPT])
+    for rank, log in enumerate(logs):
+        assert f"AGREED {rank} [0.5, 0.5, 0.5] [7, 7] uint32" in log, log[-2000:]
 
 
 def test_entry_points_scale_with_the_index(built):
