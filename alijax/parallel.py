@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import subprocess
 from collections.abc import Sequence
 
 import jax
@@ -51,6 +53,39 @@ def maybe_initialize_distributed() -> bool:
         coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
     )
     return True
+
+
+def run_local_processes(
+    command: Sequence[str], num_processes: int, devices_per_process: int, timeout: float
+) -> list[tuple[int, str]]:
+    """Runs `command` as the num_processes processes of one multi-host job on this machine:
+    each gets devices_per_process simulated CPU devices and, when there are several, the
+    ALIJAX_* variables that maybe_initialize_distributed reads (a coordinator on a free local
+    port), so their collectives cross process boundaries as between hosts. For tests and
+    benchmarks of multi-host code on one machine. Returns each process's (exit status, output:
+    stdout and stderr together), in rank order."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(num_processes):
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+        if num_processes > 1:
+            env[_COORDINATOR_ENV] = f"localhost:{port}"
+            env[_NUM_PROCESSES_ENV] = str(num_processes)
+            env[_PROCESS_ID_ENV] = str(rank)
+        procs.append(
+            subprocess.Popen(
+                list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        )
+    try:
+        outputs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
+    finally:
+        for p in procs:  # one that failed leaves the others waiting on its collectives
+            p.kill()
+    return [(p.returncode, out) for p, out in zip(procs, outputs)]
 
 
 def make_mesh(

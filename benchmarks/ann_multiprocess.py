@@ -19,8 +19,6 @@ import datetime
 import hashlib
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -54,36 +52,15 @@ def child(args) -> None:
         print("RESULT " + json.dumps(record), flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def run_layout(n: int, processes: int, devices: int, timeout: int) -> dict:
-    port = _free_port()
+    from alijax.parallel import run_local_processes
+
     command = [sys.executable, os.path.abspath(__file__), "--child", "--n", str(n)]
-    procs = []
-    for rank in range(processes):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-        env["JAX_PLATFORMS"] = "cpu"
-        if processes > 1:
-            env.update(
-                ALIJAX_COORDINATOR=f"localhost:{port}",
-                ALIJAX_NUM_PROCESSES=str(processes),
-                ALIJAX_PROCESS_ID=str(rank),
-            )
-        procs.append(
-            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        )
-    try:
-        logs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    lines = [line for line in logs[0].splitlines() if line.startswith("RESULT ")]
-    if any(p.returncode for p in procs) or not lines:
-        raise SystemExit(f"layout {processes}x{devices} failed:\n{logs[0][-3000:]}")
+    runs = run_local_processes(command, processes, devices, timeout)
+    _, log = runs[0]
+    lines = [line for line in log.splitlines() if line.startswith("RESULT ")]
+    if any(code for code, _ in runs) or not lines:
+        raise SystemExit(f"layout {processes}x{devices} failed:\n{log[-3000:]}")
     return {"processes": processes, "devices": devices, **json.loads(lines[-1][7:])}
 
 

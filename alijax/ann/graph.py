@@ -53,7 +53,13 @@ vary with the data, and fixed-capacity all_to_all buckets would either drop requ
 (sharding-dependent results) or need O(N) buffers. The cost: the masked local lookups run once per
 ring step (entries of other shards read row 0, so only the visiting shard's rows miss the cache),
 and rows are processed in chunks (`row_chunk` rows, and for propagation `row_chunk` / D rows a
-device, at least 1024; each chunk runs its own ring) to bound the gathered candidate codes.
+device, at least 1024; each chunk runs its own ring) to bound the gathered candidate codes. So a
+ring's bytes are paid once per chunk: a propagation round moves about (n / chunk) * D * 96 n
+bytes a device (16 neighbour ids and a 256-bit code a row: 5.7 GB at 1M on 8 devices, where the
+neighbour lists' ring brings each chunk ~60x the rows it asks for). Fine for a few hosts, not for
+hundreds: there the exchange would have to send requests and answers (all_to_all in rounds of
+fixed capacity until every request is served, which keeps results independent of the
+sharding).
 Stage 2 on a mesh makes its blocks in 8 groups a shard, and each group's kNN rows travel the ring
 into a buffer that becomes the lists (`_merge_blocks_by_group`). Stage 5 counts each shard's
 in-edges per node in a first ring, so the second places every source at its slot in place. Cluster
@@ -62,7 +68,7 @@ k-means sample is split over the devices and its vote counts summed with psum (`
 XLA's per-device buffer sizes for any mesh). A mesh may span processes (`jax.distributed`, one
 per host): each passes the same codes and places only its own devices' rows, the rings cross
 hosts through JAX's collectives, and every process gets the whole graph back (`to_host`). At 1M
-on 2 cores, 2 processes of 4 devices built the same graph as one process of 8, in 1.39x its time
+on 2 cores, 2 processes of 4 devices built the same graph as one process of 8, in 1.5x its time
 (benchmarks/ann_multiprocess.py, gloo over loopback TCP).
 
 Memory. The build is three compiled programs (stages 1-2, 3, 4-5) that pass only the lists

@@ -3,8 +3,6 @@ the command line."""
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -18,6 +16,7 @@ from alijax.ann import search as search_lib
 from alijax.ann.index import BinaryGraphIndex
 from alijax.data.files import FormatError
 from alijax.data.vecs import read_ivecs, write_fvecs, write_ivecs
+from alijax.parallel import run_local_processes
 from tests.ann.test_codes import clustered
 from tests.ann.test_search import exact_topk, recall
 
@@ -188,37 +187,13 @@ def test_command_line_build_and_search(data, tmp_path, capsys):
     assert read_ivecs(tmp_path / "r.ivecs").shape == (200, 10)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _two_processes(command: list[str], timeout: int = 400) -> list[str]:
+def _two_processes(command: list[str]) -> list[str]:
     """Runs command as two jax.distributed processes of 4 CPU devices each (gloo collectives
     between them), as two hosts would; returns their outputs after both succeed."""
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            XLA_FLAGS="--xla_force_host_platform_device_count=4",
-            JAX_PLATFORMS="cpu",
-            ALIJAX_COORDINATOR=f"localhost:{port}",
-            ALIJAX_NUM_PROCESSES="2",
-            ALIJAX_PROCESS_ID=str(rank),
-        )
-        procs.append(
-            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        )
-    try:
-        logs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
-    return logs
+    runs = run_local_processes(command, 2, 4, timeout=400)
+    for status, log in runs:
+        assert status == 0, log[-3000:]
+    return [log for _, log in runs]
 
 
 def test_build_across_two_processes_gives_the_single_process_index(data, tmp_path):
