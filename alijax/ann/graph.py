@@ -42,24 +42,26 @@ across lists; beyond that the same stages run on [n, K] rows with lax.sort and t
    `degree` (-1 pads rows of tiny graphs).
 
 Distribution. Points are sharded by rows over the mesh axis `config.axis` (n = ceil(N / D) rows a
-device, padded). Every exchange is a ring of D - 1 `ppermute` steps that passes one shard-sized
-table around (codes [n, W], neighbour lists [n, S], or block results): each device keeps the rows it
-asked for as the shard that owns them passes by. Per-device memory is therefore O(N / D) (two shards
-of a table at a time, never an all-gathered copy; a table read by every chunk of rows travels a full
-circle back home and is threaded on to the next chunk, so no third copy stays behind, and candidate
-codes are reduced to distances as they are taken), and a ring moves the same bytes per device as an
-all_gather would. We chose the ring over an all_to_all of requests because requests per destination
-vary with the data, and fixed-capacity all_to_all buckets would either drop requests
-(sharding-dependent results) or need O(N) buffers. The cost: the masked local lookups run once per
-ring step (entries of other shards read row 0, so only the visiting shard's rows miss the cache),
-and rows are processed in chunks (`row_chunk` rows, and for propagation `row_chunk` / D rows a
-device, at least 1024; each chunk runs its own ring) to bound the gathered candidate codes. So a
-ring's bytes are paid once per chunk: a propagation round moves about (n / chunk) * D * 96 n
-bytes a device (16 neighbour ids and a 256-bit code a row: 5.7 GB at 1M on 8 devices, where the
-neighbour lists' ring brings each chunk ~60x the rows it asks for). Fine for a few hosts, not for
-hundreds: there the exchange would have to send requests and answers (all_to_all in rounds of
-fixed capacity until every request is served, which keeps results independent of the
-sharding).
+device, padded). Rows are processed in chunks (`row_chunk` rows, and for propagation `row_chunk`
+/ D rows a device, at least 1024) to bound the gathered candidates, and a chunk gets the rows of
+other shards it needs in one of two ways:
+- Requests and answers (`_exchange_take`), where a chunk asks for few rows of a large table
+  (propagation's neighbour lists, the pruning's codes): all_to_all rounds of a fixed capacity
+  per destination (twice the even share) until every request is answered; the round count is
+  the same on every device, so no request is dropped and results never depend on the sharding.
+  The table stays home; bytes moved are the requests' and answers'.
+- A ring (`_ring_take`, `_ring_scan`) of D - 1 `ppermute` steps that passes one shard-sized table
+  around (codes [n, W], block results), where a chunk asks for about as many entries as the
+  table holds (propagation's candidate codes, S = 128 a point) or every shard visits every
+  other (k-means, the blocks' rows, the reverse edges): each device keeps the rows it asked for
+  as the shard that owns them passes by (entries of other shards read row 0, so only the
+  visiting shard's rows miss the cache). A table read by every chunk travels a full circle back
+  home and is threaded on to the next chunk, so no third copy stays behind, and candidate codes
+  are reduced to distances as they are taken.
+Per-device memory is O(N / D) either way (never an all-gathered copy). What the rings cost is
+bytes: each chunk runs its own, so propagation's candidate codes move about (n / chunk) * (D - 1)
+* 32 n bytes a device a round (1.7 GB at 1M on 8 devices). Across many hosts those rings would become
+request rounds too, at the price of [2 * chunk * S, W] answer buffers.
 Stage 2 on a mesh makes its blocks in 8 groups a shard, and each group's kNN rows travel the ring
 into a buffer that becomes the lists (`_merge_blocks_by_group`). Stage 5 counts each shard's
 in-edges per node in a first ring, so the second places every source at its slot in place. Cluster
@@ -78,8 +80,8 @@ slice by slice), and every large working set is cut into chunks of points (`row_
 blocks (`block_batch`), of edge ranks (the reverse edges) or of centroids. At 1M 256-bit codes
 on one device XLA's buffers peak at 0.42 GB (`build_memory`, stages 4-5: the lists 0.24 GB and
 the in-edges 0.12 GB), against 0.79 GB with a block table beside the lists and out-of-place
-propagation, and 2.0 GB as one program. On 8 devices each one's peak is 58 MB, 0.137 of that
-(1/7.3; the lists' share is 31 MB, the rest chunk buffers and the in-edges, 15 MB).
+propagation, and 2.0 GB as one program. On 8 devices each one's peak is 58 MB, 0.136 of that
+(1/7.3, stages 4-5; the lists' share is 31 MB, the in-edges 15 MB, the rest chunk buffers).
 
 Determinism. Every result is a function of the codes only: block layout by (cluster, point id),
 kNN ties to the lower slot, merges sorted by (distance, index), reverse edges by (rank, source).
@@ -361,6 +363,57 @@ def _ring_take(
     buf, out = lax.fori_loop(0, plan.shards - 1, body, (table, out))
     out = visit((me - (plan.shards - 1)) % plan.shards, buf, out)
     return (out, lax.ppermute(buf, axis, perm)) if home else out
+
+
+def _exchange_take(table, gidx, fill, plan: _Plan, axis: str, table_axis: int = 0):
+    """_ring_take's result (without reduce) by sending requests and answers instead of
+    tables: each device sends every owner the local indices it asks of it, the owner answers
+    with those entries, in all_to_all rounds of a fixed capacity until every request is
+    answered (the round count is the same on every device, so results never depend on how
+    requests fall). The table stays home. Bytes moved are the requests' and answers', not D
+    tables': for propagation's neighbour lists [16, n] at 1M on 8 devices, ~2 MB a chunk
+    against the ring's 64 MB."""
+    if plan.shards == 1:
+        return _ring_take(table, gidx, fill, plan, axis, table_axis)
+    d, rows = plan.shards, table.shape[table_axis]
+    flat = gidx.reshape(-1)
+    m = flat.shape[0]
+    valid = (flat >= 0) & (flat < d * rows)
+    owner = jnp.where(valid, flat // rows, 0)
+    local = flat - owner * rows
+    rank = _rank_by_owner(owner, valid, d)  # among this device's requests of the same owner
+    count = jax.ops.segment_sum(valid.astype(jnp.int32), owner, d)
+    cap = max(8, -(-2 * m // d))  # twice the even share: uniform requests need one round
+    rounds = lax.pmax(jnp.max(-(-count // cap)), axis)
+    lead, trail = table.shape[:table_axis], table.shape[table_axis + 1 :]
+    at = len(lead)  # where the request axes sit in taken entries
+
+    def one_round(k, out):
+        slot = rank - k * cap
+        here = valid & (slot >= 0) & (slot < cap)
+        slot = jnp.where(here, slot, cap)  # cap: not sent this round (dropped)
+        ask = jnp.full((d, cap), -1, jnp.int32).at[owner, slot].set(local, mode="drop")
+        asked = lax.all_to_all(ask, axis, 0, 0)  # row s: what device s asks of this one
+        answer = jnp.take(table, jnp.maximum(asked, 0), axis=table_axis)  # [..., d, cap, ...]
+        back = lax.all_to_all(answer, axis, at, at)  # block o: device o's answers to us
+        got = back[(slice(None),) * at + (owner, jnp.minimum(slot, cap - 1))]
+        return jnp.where(here[(None,) * at + (...,) + (None,) * len(trail)], got, out)
+
+    out = jnp.full(lead + (m,) + trail, fill, table.dtype)
+    out = lax.fori_loop(0, rounds, one_round, out)
+    return out.reshape(lead + gidx.shape + trail)
+
+
+def _rank_by_owner(owner, valid, shards: int):
+    """Each valid request's rank among the valid requests of its owner, in request order."""
+    if shards <= 64:  # a running count per owner: [M, D] small ints, no sort
+        hits = (owner[:, None] == jnp.arange(shards)[None, :]) & valid[:, None]
+        before = jnp.cumsum(hits.astype(jnp.int32), axis=0) - 1
+        return jnp.take_along_axis(before, owner[:, None], axis=1)[:, 0]
+    pos = jnp.arange(owner.shape[0], dtype=jnp.int32)
+    key = jnp.where(valid, owner, shards)
+    key, pos = lax.sort((key, pos), num_keys=1, is_stable=True)
+    return jnp.zeros_like(pos).at[pos].set(_segment_rank(key))
 
 
 def _ring_scan(tables, step_fn, init, plan: _Plan, axis: str):
@@ -792,14 +845,15 @@ def _propagate_keys_chunk(keys_c, codes_c, gid_c, rev_c, lists, codes, plan: _Pl
     """Packed-key propagation of one chunk of columns: keys_c [K, r], codes_c uint32 [r, W],
     gid_c [r], reverse neighbours rev_c int32 [R, r] (R may be 0); lists int32 [S2, n] (every
     point's first S2 neighbours) and codes [n, W] are the shard's tables -> (merged keys [K, r],
-    lists back from the ring)."""
+    lists as they came)."""
     layout = plan.layout
     s1 = min(plan.cfg.sample_neighbors, plan.k)
     # The candidates: the first S2 neighbours of each of the first S1 neighbours and of the
     # reverse neighbours (NN-descent's "neighbours of reverse neighbours"), and the reverse
     # neighbours themselves.
     parents = jnp.concatenate([layout.ids(keys_c[:s1]), rev_c], axis=0)
-    nn, lists = _ring_take(lists, parents, -1, plan, axis, table_axis=1, home=True)
+    # Requests and answers, not the lists' ring: a chunk asks for r * S1 of the n * D rows.
+    nn = _exchange_take(lists, parents, -1, plan, axis, table_axis=1)
     nn = jnp.concatenate([nn.reshape(-1, keys_c.shape[1]), rev_c], axis=0)  # [S, r]
     # Candidate codes gathered as rows (one cache line each; word-major rows would cost W
     # misses per candidate) and reduced to distances as the ring passes: the codes [S, r, W]
@@ -831,8 +885,8 @@ def _propagate_keys(codes, keys, plan: _Plan, axis: str):
         # In place (the round reads its neighbours' lists from the ids[:s2] snapshot): the
         # new lists beside the old were 244 MB of a 1M round's 655 MB peak (XLA buffers), and
         # with the block table gone they were the build's peak. No slower (1M, 2 cores). The
-        # snapshot goes round the ring and home again in every chunk, threaded from chunk to
-        # chunk, so no third copy of it stays behind (7.6 MB a device at 1M on 8 devices).
+        # snapshot stays home (chunks ask it for rows, _exchange_take), threaded from chunk to
+        # chunk, so no copy of it is made for the loop (7.6 MB a device at 1M on 8 devices).
         keys, _ = bitonic.slice_update(
             step, keys, (codes, gid, rev), plan.chunk, other_axes=(0, 0, 1), carry=ids[:s2]
         )
@@ -845,10 +899,11 @@ def _prune_keys_chunk(keys_c, codes_t, plan: _Plan, axis: str):
     """rng pruning of packed lists keys_c [K, r] -> (edges uint32 [K, r] in the lists' place:
     kept edges first, then the pruned ones, each in rank order, packed as id << 1 | kept
     (SENTINEL: none), so the pruning writes over the lists instead of beside them; the
-    word-major codes codes_t [W, n] back from the ring)."""
+    word-major codes codes_t [W, n] as they came)."""
     layout = plan.layout
     ids = layout.ids(keys_c)
-    nb, codes_t = _ring_take(codes_t, ids, 0, plan, axis, table_axis=1, home=True)  # [W, K, r]
+    nb = _exchange_take(codes_t, ids, 0, plan, axis, table_axis=1)  # [W, K, r]
+    # (stages 4-5 at 1M on 8 simulated devices, 2 cores: 11.3 s with the ring, 9.1 s so)
     # int16 where every distance fits: the [K, K, r] pairs are the pruning's largest buffer,
     # 16 MB a device at 1M on 8 devices as int32.
     small = plan.words * 32 <= jnp.iinfo(jnp.int16).max
@@ -1060,8 +1115,8 @@ def _finalize_keys(keys, codes_t, plan: _Plan, axis: str):
     layout = plan.layout
     if plan.cfg.prune:
         step = functools.partial(_prune_keys_chunk, plan=plan, axis=axis)
-        # Smaller chunks than propagation's: the pair distances are [K, K, r]. The codes go
-        # round the ring and home in every chunk, threaded on (no copy stays behind).
+        # Smaller chunks than propagation's: the pair distances are [K, K, r]. The codes
+        # stay home (chunks ask for rows, _exchange_take), threaded on unchanged.
         edges, _ = bitonic.slice_update(step, keys, (), plan.prune_chunk, carry=codes_t)
     else:
         ids = layout.ids(keys)

@@ -133,6 +133,41 @@ def test_eight_device_lists_equal_single_device(data_codes):
         np.testing.assert_array_equal(single[1], sharded[1])
 
 
+@pytest.mark.parametrize("table_axis", [0, 1])
+def test_exchange_take_answers_what_the_ring_does(table_axis):
+    # Requests and answers in all_to_all rounds give what the ring gives: skewed requests (most
+    # to one shard, so several rounds), invalid ones (-1, past the end) get the fill.
+    from jax.sharding import PartitionSpec as P
+
+    mesh = make_mesh()
+    plan = graph._plan(8 * 50, 8, 4, 8, graph.GraphConfig())
+    rng = np.random.default_rng(0)
+    table = rng.integers(0, 1 << 30, (8 * 50, 3)).astype(np.int32)  # 50 rows a shard
+    gidx = rng.integers(0, 8 * 50, (8, 6, 40)).astype(np.int32)  # [shard, 6, 40]
+    gidx[:, :4] = rng.integers(100, 150, (8, 4, 40))  # most of them owned by shard 2
+    gidx[:, 5, :3] = [-1, 8 * 50, 8 * 50 + 7]
+    if table_axis == 1:
+        table = table.T.copy()
+    spec = P(None, "data") if table_axis == 1 else P("data")
+
+    def both(table, gidx):
+        ring = graph._ring_take(table, gidx[0], -5, plan, "data", table_axis=table_axis)
+        ask = graph._exchange_take(table, gidx[0], -5, plan, "data", table_axis=table_axis)
+        return ring[None], ask[None]
+
+    run = jax.jit(
+        jax.shard_map(  # check_vma=False as in the build (see graph._executable)
+            both, mesh=mesh, in_specs=(spec, P("data")), out_specs=P("data"), check_vma=False
+        )
+    )
+    ring, ask = run(table, gidx)
+    np.testing.assert_array_equal(ask, ring)
+    flat = table if table_axis == 0 else table.T
+    assert ring[0, 0, 0, 0].tolist() == flat[gidx[0, 0, 0]][0]
+    rows = np.moveaxis(np.asarray(ring), 1, -1) if table_axis == 1 else np.asarray(ring)
+    assert (rows[:, 5, :3] == -5).all() and (rows[:, 5, 3:] != -5).all()
+
+
 @pytest.mark.parametrize("reverse_samples", [0, 4])
 def test_eight_device_build_equals_single_device(data_codes, reverse_samples):
     mesh = make_mesh()
