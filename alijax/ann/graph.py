@@ -70,7 +70,7 @@ k-means sample is split over the devices and its vote counts summed with psum (`
 XLA's per-device buffer sizes for any mesh). A mesh may span processes (`jax.distributed`, one
 per host): each passes the same codes and places only its own devices' rows, the rings cross
 hosts through JAX's collectives, and every process gets the whole graph back (`to_host`). At 1M
-on 2 cores, 2 processes of 4 devices built the same graph as one process of 8, in 1.5x its time
+on 2 cores, 2 processes of 4 devices built the same graph as one process of 8, in 1.23x its time
 (benchmarks/ann_multiprocess.py, gloo over loopback TCP).
 
 Memory. The build is three compiled programs (stages 1-2, 3, 4-5) that pass only the lists
