@@ -6,9 +6,10 @@ The issue's one-GPU targets: a 1M-vector build in <= 10 s, and search at recall@
 >= 10x the throughput of exact brute-force search on the same card. The baseline is exact float
 L2 top-10 by matmul (chunks of the base, a running lax.top_k), which is also the ground truth.
 Build time is reported twice: the first build (JIT compilation included) and a second build of
-the same shapes (compiled). Search is swept over L, the query batch size and the beam width: on a GPU
-each beam-search iteration is a handful of small kernels, so a batch of 1024 queries (the CPU
-default) leaves the card mostly idle; larger batches amortise that per-iteration latency, and wider beams need fewer iterations.
+the same shapes (compiled). Search is swept over L, the query batch size and the beam width: on
+a GPU each beam-search iteration is a handful of small kernels, so a batch of 1024 queries (the
+CPU default) leaves the card mostly idle; larger batches amortise that per-iteration latency,
+and wider beams need fewer iterations.
 Runs anywhere (CPU: use a small --n); needs no faiss.
 """
 

@@ -59,9 +59,10 @@ other shards it needs in one of two ways:
   home and is threaded on to the next chunk, so no third copy stays behind, and candidate codes
   are reduced to distances as they are taken.
 Per-device memory is O(N / D) either way (never an all-gathered copy). What the rings cost is
-bytes: each chunk runs its own, so propagation's candidate codes move about (n / chunk) * (D - 1)
-* 32 n bytes a device a round (1.7 GB at 1M on 8 devices). Across many hosts those rings would become
-request rounds too, at the price of [2 * chunk * S, W] answer buffers.
+bytes: each chunk runs its own, so propagation's candidate codes move about
+(n / chunk) * (D - 1) * 32 n bytes a device a round (1.7 GB at 1M on 8 devices). Across many
+hosts those rings would become request rounds too, at the price of [2 * chunk * S, W] answer
+buffers.
 Stage 2 on a mesh makes its blocks in 8 groups a shard, and each group's kNN rows travel the ring
 into a buffer that becomes the lists (`_merge_blocks_by_group`). Stage 5 counts each shard's
 in-edges per node in a first ring, so the second places every source at its slot in place. Cluster
