@@ -405,9 +405,15 @@ def _exchange_take(table, gidx, fill, plan: _Plan, axis: str, table_axis: int = 
     return out.reshape(lead + gidx.shape + trail)
 
 
+# _rank_by_owner counts with a one-hot [M, D] cumsum up to this many shards (no sort; 2 MB for
+# the pruning's 65k requests on 8 devices) and sorts beyond, where [M, D] would outgrow the
+# per-device arrays it serves.
+_ONE_HOT_RANK_SHARDS = 16
+
+
 def _rank_by_owner(owner, valid, shards: int):
     """Each valid request's rank among the valid requests of its owner, in request order."""
-    if shards <= 64:  # a running count per owner: [M, D] small ints, no sort
+    if shards <= _ONE_HOT_RANK_SHARDS:
         hits = (owner[:, None] == jnp.arange(shards)[None, :]) & valid[:, None]
         before = jnp.cumsum(hits.astype(jnp.int32), axis=0) - 1
         return jnp.take_along_axis(before, owner[:, None], axis=1)[:, 0]

@@ -134,10 +134,14 @@ def test_eight_device_lists_equal_single_device(data_codes):
 
 
 @pytest.mark.parametrize("table_axis", [0, 1])
-def test_exchange_take_answers_what_the_ring_does(table_axis):
+@pytest.mark.parametrize("rank_by", ["one-hot", "sort"])
+def test_exchange_take_answers_what_the_ring_does(table_axis, rank_by, monkeypatch):
     # Requests and answers in all_to_all rounds give what the ring gives: skewed requests (most
     # to one shard, so several rounds), invalid ones (-1, past the end) get the fill.
     from jax.sharding import PartitionSpec as P
+
+    if rank_by == "sort":  # the ranking larger meshes use
+        monkeypatch.setattr(graph, "_ONE_HOT_RANK_SHARDS", 0)
 
     mesh = make_mesh()
     plan = graph._plan(8 * 50, 8, 4, 8, graph.GraphConfig())
