@@ -851,8 +851,7 @@ def _propagate(codes, ids, dist, plan: _Plan, axis: str):
 def _propagate_keys_chunk(keys_c, codes_c, gid_c, rev_c, lists, codes, plan: _Plan, axis: str):
     """Packed-key propagation of one chunk of columns: keys_c [K, r], codes_c uint32 [r, W],
     gid_c [r], reverse neighbours rev_c int32 [R, r] (R may be 0); lists int32 [S2, n] (every
-    point's first S2 neighbours) and codes [n, W] are the shard's tables -> (merged keys [K, r],
-    lists as they came)."""
+    point's first S2 neighbours) and codes [n, W] are the shard's tables -> merged keys [K, r]."""
     layout = plan.layout
     s1 = min(plan.cfg.sample_neighbors, plan.k)
     # The candidates: the first S2 neighbours of each of the first S1 neighbours and of the
@@ -872,7 +871,7 @@ def _propagate_keys_chunk(keys_c, codes_c, gid_c, rev_c, lists, codes, plan: _Pl
     # neighbour packs to the same key as its list entry, so the dedup drops it.
     drop = (nn < 0) | (nn == gid_c[None, :]) | (cd > kth)
     cand_keys = layout.pack(cd, jnp.where(drop, -1, nn))
-    return bitonic.unique_smallest((keys_c, cand_keys), plan.k), lists
+    return bitonic.unique_smallest((keys_c, cand_keys), plan.k)
 
 
 def _propagate_keys(codes, keys, plan: _Plan, axis: str):
@@ -888,25 +887,23 @@ def _propagate_keys(codes, keys, plan: _Plan, axis: str):
             rev = _reverse_edges(ids[:n_rev], plan, axis, n_rev)  # [R, n]
         else:
             rev = jnp.zeros((0, plan.rows), jnp.int32)
-        step = functools.partial(_propagate_keys_chunk, codes=codes, plan=plan, axis=axis)
         # In place (the round reads its neighbours' lists from the ids[:s2] snapshot): the
         # new lists beside the old were 244 MB of a 1M round's 655 MB peak (XLA buffers), and
         # with the block table gone they were the build's peak. No slower (1M, 2 cores). The
-        # snapshot stays home (chunks ask it for rows, _exchange_take), threaded from chunk to
-        # chunk, so no copy of it is made for the loop (7.6 MB a device at 1M on 8 devices).
-        keys, _ = bitonic.slice_update(
-            step, keys, (codes, gid, rev), plan.chunk, other_axes=(0, 0, 1), carry=ids[:s2]
+        # snapshot stays home: chunks ask it for rows (_exchange_take).
+        step = functools.partial(
+            _propagate_keys_chunk, lists=ids[:s2], codes=codes, plan=plan, axis=axis
         )
-        return keys
+        return bitonic.slice_update(step, keys, (codes, gid, rev), plan.chunk, other_axes=(0, 0, 1))
 
     return lax.fori_loop(0, plan.cfg.rounds, one_round, keys)
 
 
 def _prune_keys_chunk(keys_c, codes_t, plan: _Plan, axis: str):
-    """rng pruning of packed lists keys_c [K, r] -> (edges uint32 [K, r] in the lists' place:
+    """rng pruning of packed lists keys_c [K, r] -> edges uint32 [K, r] in the lists' place:
     kept edges first, then the pruned ones, each in rank order, packed as id << 1 | kept
-    (SENTINEL: none), so the pruning writes over the lists instead of beside them; the
-    word-major codes codes_t [W, n] as they came)."""
+    (SENTINEL: none), so the pruning writes over the lists instead of beside them; codes_t
+    [W, n] is the shard's word-major codes."""
     layout = plan.layout
     ids = layout.ids(keys_c)
     nb = _exchange_take(codes_t, ids, 0, plan, axis, table_axis=1)  # [W, K, r]
@@ -918,7 +915,7 @@ def _prune_keys_chunk(keys_c, codes_t, plan: _Plan, axis: str):
     d_nn = d_nn.astype(jnp.int16) if small else d_nn
     valid = ids >= 0
     ids, kept = _kept_first(ids, _rng_prune_t(layout.dist(keys_c), d_nn, valid), valid)
-    return _pack_edges(ids, kept), codes_t
+    return _pack_edges(ids, kept)
 
 
 def _pack_edges(ids, kept):
@@ -991,9 +988,8 @@ def _reverse_edges(fwd_t, plan: _Plan, axis: str, width: int, ranks=None, target
     the build's last stage (VmHWM); a rank's sort is n entries.
 
     On a mesh each shard sorts its own edges of the rank once, and they pass every shard on
-    the ring in rotated order,
-    so a first ring counts each shard's edges into each of this shard's nodes ([D, n]), and
-    the second places shard v's sources after those of the shards before v: the slots of the
+    the ring in rotated order, so a first ring counts each shard's edges into each of this
+    shard's nodes ([D, n]), and the second places shard v's sources after those of the shards before v: the slots of the
     single device, with nothing beside the result but the counts (merging each visit into
     running [width, n] lists took four such arrays, 61 MB a device at 1M on 8 devices, XLA
     buffer assignment)."""
@@ -1121,10 +1117,10 @@ def _finalize_keys(keys, codes_t, plan: _Plan, axis: str):
     (as separate arrays the edges, kept flags and rows were 0.4 GB of a 1M build)."""
     layout = plan.layout
     if plan.cfg.prune:
-        step = functools.partial(_prune_keys_chunk, plan=plan, axis=axis)
+        step = functools.partial(_prune_keys_chunk, codes_t=codes_t, plan=plan, axis=axis)
         # Smaller chunks than propagation's: the pair distances are [K, K, r]. The codes
-        # stay home (chunks ask for rows, _exchange_take), threaded on unchanged.
-        edges, _ = bitonic.slice_update(step, keys, (), plan.prune_chunk, carry=codes_t)
+        # stay home: chunks ask them for rows (_exchange_take).
+        edges = bitonic.slice_update(step, keys, (), plan.prune_chunk)
     else:
         ids = layout.ids(keys)
         edges = _pack_edges(ids, ids >= 0)

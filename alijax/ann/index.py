@@ -45,6 +45,7 @@ import uuid
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from alijax.ann import codes as codes_lib
 from alijax.ann import graph as graph_lib
@@ -147,8 +148,6 @@ def _spans_processes(mesh) -> bool:
 
 def _from_process_zero(arrays: tuple) -> tuple:
     """Each array as process 0 holds it, as numpy, in every process (all must call this)."""
-    from jax.experimental import multihost_utils
-
     return tuple(np.asarray(a) for a in multihost_utils.broadcast_one_to_all(arrays))
 
 
