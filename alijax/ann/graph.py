@@ -45,24 +45,23 @@ Distribution. Points are sharded by rows over the mesh axis `config.axis` (n = c
 device, padded). Rows are processed in chunks (`row_chunk` rows, and for propagation `row_chunk`
 / D rows a device, at least 1024) to bound the gathered candidates, and a chunk gets the rows of
 other shards it needs in one of two ways:
-- Requests and answers (`_exchange_take`), where a chunk asks for few rows of a large table
-  (propagation's neighbour lists, the pruning's codes): all_to_all rounds of a fixed capacity
-  per destination (twice the even share) until every request is answered; the round count is
-  the same on every device, so no request is dropped and results never depend on the sharding.
-  The table stays home; bytes moved are the requests' and answers'.
+- Requests and answers (`_exchange_take`) wherever a chunk asks for rows of a table
+  (propagation's neighbour lists and its candidates' codes, the pruning's codes): all_to_all
+  rounds of a fixed capacity per destination (twice the even share) until every request is
+  answered; the round count is the same on every device, so no request is dropped and results
+  never depend on the sharding. The table stays home; bytes moved are the requests' and
+  answers', O(n) a device a round. Candidate codes (S = 128 a point) are asked 32768 at a time,
+  so their answer buffers stay at 2 MiB.
 - A ring (`_ring_take`, `_ring_scan`) of D - 1 `ppermute` steps that passes one shard-sized table
-  around (codes [n, W], block results), where a chunk asks for about as many entries as the
-  table holds (propagation's candidate codes, S = 128 a point) or every shard visits every
-  other (k-means, the blocks' rows, the reverse edges): each device keeps the rows it asked for
-  as the shard that owns them passes by (entries of other shards read row 0, so only the
-  visiting shard's rows miss the cache). A table read by every chunk travels a full circle back
-  home and is threaded on to the next chunk, so no third copy stays behind, and candidate codes
-  are reduced to distances as they are taken.
-Per-device memory is O(N / D) either way (never an all-gathered copy). What the rings cost is
-bytes: each chunk runs its own, so propagation's candidate codes move about
-(n / chunk) * (D - 1) * 32 n bytes a device a round (1.7 GB at 1M on 8 devices). Across many
-hosts those rings would become request rounds too, at the price of [2 * chunk * S, W] answer
-buffers.
+  around (codes [n, W], block results), where every shard visits every other (k-means, the
+  blocks' rows, the reverse edges): each device keeps the rows it asked for as the shard that
+  owns them passes by (entries of other shards read row 0, so only the visiting shard's rows
+  miss the cache). A table read by every chunk travels a full circle back home and is threaded
+  on to the next chunk, so no third copy stays behind.
+Per-device memory is O(N / D) either way (never an all-gathered copy). A ring run per chunk
+costs bytes that grow with N whatever D: propagation's candidate codes on the ring moved
+(n / chunk) * (D - 1) * 32 n bytes a device a round (1.7 GB at 1M on 8 devices), as requests
+about 2 * 36 * S * n (1.1 GB, falling as 1 / D).
 Stage 2 on a mesh makes its blocks in 8 groups a shard, and each group's kNN rows travel the ring
 into a buffer that becomes the lists (`_merge_blocks_by_group`). Stage 5 counts each shard's
 in-edges per node in a first ring, so the second places every source at its slot in place. Cluster
@@ -193,7 +192,7 @@ class _Plan:
 
 
 _PRUNE_CHUNK = 4096  # rows per pruning step: [64, 64, 4096] pair distances are 64 MB
-_MIN_CHUNK = 1024  # a mesh's propagation chunks are no smaller (each runs a ring)
+_MIN_CHUNK = 1024  # a mesh's propagation chunks are no smaller (each runs its exchanges)
 # A mesh makes its blocks in this many groups a shard, and only one group's kNN rows exist at a
 # time (_merge_blocks_by_group): the whole shard's were 31 MB a device at 1M on 8 devices.
 _TABLE_GROUPS = 8
@@ -238,10 +237,10 @@ def _plan(n_total: int, words: int, degree: int, shards: int, cfg: GraphConfig) 
     layout = KeyLayout.for_ids(n_ids) if KeyLayout.fits(n_ids, words * 32) else None
     # Propagation's chunk buffers shrink with the mesh like every other per-device array
     # (row_chunk is one device's budget): at 1M on 8 devices its candidate codes [128, chunk,
-    # 8] words were 61 MB a device with the single-device chunk. The price: each chunk runs
-    # its own ring over the codes (4 MB a device at 1M / 8), so a round moves D times the
-    # ring bytes. The pruning's pair distances [K, K, chunk] shrink alike, to 1024 rows at
-    # most (16 MB; 4096 rows on 8 devices were most of a 131k build's per-device peak). The
+    # 8] words were 61 MB a device with the single-device chunk (chunks ask for the rows
+    # they need, so their count does not change the bytes moved). The pruning's pair
+    # distances [K, K, chunk] shrink alike, to 1024 rows at most (16 MB; 4096 rows on 8
+    # devices were most of a 131k build's per-device peak). The
     # block rows' ring (stage 2) keeps one device's chunks: smaller ones would multiply its
     # rings, and its buffers are a group's table, 4 MB a device at 1M on 8 devices.
     prune = min(cfg.row_chunk, _PRUNE_CHUNK)
@@ -818,8 +817,7 @@ def _merge_blocks_in_place(codes, pos, plan: _Plan):
 
 def _propagate_chunk(codes_c, ids_c, d_c, gid_c, nn_c, codes, plan: _Plan, axis: str):
     """One chunk of rows: candidates nn_c int32 [r, S1 * S2] -> merged (ids, dist) [r, K]."""
-    cand_codes = _ring_take(codes, nn_c, 0, plan, axis)  # [r, S, W]
-    cd = hamming_pairs(codes_c[:, None, :], cand_codes)
+    cd = _candidate_distances(codes, nn_c.T, codes_c, plan, axis).T  # [r, S]
     kth = d_c[:, -1:]
     # The paper's filter: only candidates that could enter the list reach the merge.
     drop = (nn_c < 0) | (nn_c == gid_c[:, None]) | (cd > kth)
@@ -861,17 +859,44 @@ def _propagate_keys_chunk(keys_c, codes_c, gid_c, rev_c, lists, codes, plan: _Pl
     # Requests and answers, not the lists' ring: a chunk asks for r * S1 of the n * D rows.
     nn = _exchange_take(lists, parents, -1, plan, axis, table_axis=1)
     nn = jnp.concatenate([nn.reshape(-1, keys_c.shape[1]), rev_c], axis=0)  # [S, r]
-    # Candidate codes gathered as rows (one cache line each; word-major rows would cost W
-    # misses per candidate) and reduced to distances as the ring passes: the codes [S, r, W]
-    # were 7.9 MB a device at 1M on 8 devices, the distances are a W-th of that.
-    distance = lambda cand: hamming_pairs(cand, codes_c[None, :, :])  # noqa: E731
-    cd = _ring_take(codes, nn, BIG, plan, axis, reduce=distance)  # [S, r]
+    cd = _candidate_distances(codes, nn, codes_c, plan, axis)  # [S, r]
     kth = layout.dist(keys_c[-1:])
     # The paper's filter: only candidates that could enter the list reach the merge. A known
     # neighbour packs to the same key as its list entry, so the dedup drops it.
     drop = (nn < 0) | (nn == gid_c[None, :]) | (cd > kth)
     cand_keys = layout.pack(cd, jnp.where(drop, -1, nn))
     return bitonic.unique_smallest((keys_c, cand_keys), plan.k)
+
+
+# Requests per exchange of candidate codes on a mesh: its answer buffers [2 * requests, W]
+# words are 2 MiB for 256-bit codes, against the 8 MiB of one chunk's candidates at once.
+_CODE_REQUESTS = 32768
+
+
+def _candidate_distances(codes, nn, codes_c, plan: _Plan, axis: str):
+    """Hamming distances int32 [S, r] from the chunk's codes codes_c uint32 [r, W] to their
+    candidates nn int32 [S, r] (global ids, < 0: BIG), codes [n, W] the shard's table.
+
+    Candidate codes are gathered as rows (one cache line each; word-major rows would cost W
+    misses a candidate) and reduced to distances at once. On a mesh they are asked of their
+    owners (_exchange_take) a few candidate rows at a time, so the bytes a device moves are
+    its requests' and their answers', O(N / D) a round. The codes' ring moved every shard's
+    table past every chunk, O(N) a chunk whatever D (1.7 GB a device a round at 1M on 8
+    devices), and computed the distances of all S x r candidates at every step."""
+    distance = lambda cand: hamming_pairs(cand, codes_c[None, :, :])  # noqa: E731
+    if plan.shards == 1:
+        return _ring_take(codes, nn, BIG, plan, axis, reduce=distance)
+    s, r = nn.shape
+    step = max(1, min(s, _CODE_REQUESTS // r))
+    parts = -(-s // step)
+    nn_parts = jnp.pad(nn, ((0, parts * step - s), (0, 0)), constant_values=-1)
+
+    def part_distances(nn_p):  # [step, r] -> [step, r]
+        cand = _exchange_take(codes, nn_p, 0, plan, axis)  # [step, r, W]
+        return jnp.where(nn_p >= 0, distance(cand), BIG)
+
+    cd = lax.map(part_distances, nn_parts.reshape(parts, step, r))
+    return cd.reshape(parts * step, r)[:s]
 
 
 def _propagate_keys(codes, keys, plan: _Plan, axis: str):
@@ -989,10 +1014,10 @@ def _reverse_edges(fwd_t, plan: _Plan, axis: str, width: int, ranks=None, target
 
     On a mesh each shard sorts its own edges of the rank once, and they pass every shard on
     the ring in rotated order, so a first ring counts each shard's edges into each of this
-    shard's nodes ([D, n]), and the second places shard v's sources after those of the shards before v: the slots of the
-    single device, with nothing beside the result but the counts (merging each visit into
-    running [width, n] lists took four such arrays, 61 MB a device at 1M on 8 devices, XLA
-    buffer assignment)."""
+    shard's nodes ([D, n]), and the second places shard v's sources after those of the shards
+    before v: the slots of the single device, with nothing beside the result but the counts
+    (merging each visit into running [width, n] lists took four such arrays, 61 MB a device
+    at 1M on 8 devices, XLA buffer assignment)."""
     e, n = fwd_t.shape
     e = e if ranks is None else ranks
     row = (lambda r: fwd_t[r]) if targets is None else (lambda r: targets(fwd_t[r]))  # noqa: E731
@@ -1023,7 +1048,12 @@ def _reverse_edges(fwd_t, plan: _Plan, axis: str, width: int, ranks=None, target
         edges = lax.sort((order, edge_sources), num_keys=1, is_stable=True)
         hist = _ring_scan(edges[:1], count, jnp.zeros((plan.shards, n), jnp.int16), plan, axis)
         # upto[v]: sources of shards 0..v per node (capped), so shard v's go after upto[v - 1].
-        upto = lax.associative_scan(capped_sum, hist, axis=0)
+        # Summed row by row in the counts' buffer, not by associative_scan, whose padded
+        # halves and result sat beside the counts (stage 5's XLA temp at 1M on 8 devices:
+        # 24.5 -> 24.0 MB).
+        upto = lax.fori_loop(
+            1, plan.shards, lambda v, h: h.at[v].set(capped_sum(h[v - 1], h[v])), hist
+        )
 
         def place(rev, v, edge_targets, edge_sources):
             key = local_targets(edge_targets)  # this shard's targets: runs, ascending

@@ -172,11 +172,23 @@ def test_exchange_take_answers_what_the_ring_does(table_axis, rank_by, monkeypat
     assert (rows[:, 5, :3] == -5).all() and (rows[:, 5, 3:] != -5).all()
 
 
+def test_eight_device_sort_path_equals_single_device(data_codes, monkeypatch):
+    # The path of builds beyond packed keys (over 2^23 codes of 256 bits), which are the
+    # builds that need a mesh.
+    monkeypatch.setattr(graph.KeyLayout, "fits", staticmethod(lambda *a, **k: False))
+    cfg = graph.GraphConfig(row_chunk=200)
+    single = graph.build_graph(data_codes[:1999], 16, config=cfg)
+    sharded = graph.build_graph(data_codes[:1999], 16, mesh=make_mesh(), config=cfg)
+    np.testing.assert_array_equal(single, sharded)
+
+
 @pytest.mark.parametrize("reverse_samples", [0, 4])
-def test_eight_device_build_equals_single_device(data_codes, reverse_samples):
+def test_eight_device_build_equals_single_device(data_codes, reverse_samples, monkeypatch):
     mesh = make_mesh()
     assert mesh.shape["data"] == 8
-    # row_chunk=200: two chunks a shard, a ring inside each chunk
+    if reverse_samples:  # candidate codes asked for a few rows at a time (padded last part)
+        monkeypatch.setattr(graph, "_CODE_REQUESTS", 1000)
+    # row_chunk=200: two chunks a shard, exchanges inside each chunk
     cfg = graph.GraphConfig(row_chunk=200, reverse_samples=reverse_samples)
     single = graph.build_graph(data_codes[:1999], 16, config=cfg)  # 1999: padded shards
     sharded = graph.build_graph(data_codes[:1999], 16, mesh=mesh, config=cfg)
