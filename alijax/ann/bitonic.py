@@ -159,7 +159,9 @@ def slice_map(fn, arrays, size: int, axis: int = -1):
 
 def slice_update(fn, x, others, size: int, axis: int = -1, *, other_axes=None, carry=None):
     """x with each slice of `size` along `axis` replaced by fn(x slice, *the same slice of each
-    array in `others`), which has the x slice's shape and dtype; returns the updated x.
+    array in `others`), which has the x slice's shape and dtype; returns the updated x. x may
+    be a pytree of arrays of one length n along `axis` (a tuple of lists, say): fn then takes
+    and returns the same pytree of slices.
 
     The loop carries x itself, so XLA updates its buffer in place instead of allocating an
     output beside it (a donated argument is updated where it lies). As in slice_map, fn must
@@ -170,7 +172,7 @@ def slice_update(fn, x, others, size: int, axis: int = -1, *, other_axes=None, c
     carry: state threaded through the slices in order (a table that travels a ring and comes
     back, say): fn takes it last and returns (new slice, carry), and the result is (x, carry).
     """
-    n, at = x.shape[axis], axis % x.ndim
+    n = jax.tree.leaves(x)[0].shape[axis]
     axes = (axis,) * len(others) if other_axes is None else tuple(other_axes)
     threaded = carry is not None
 
@@ -185,14 +187,17 @@ def slice_update(fn, x, others, size: int, axis: int = -1, *, other_axes=None, c
     def body(i, loop):
         x, state = loop
         start = jnp.minimum(i * size, n - size)
-        old = _take(x, start, size, axis)
+        old = jax.tree.map(lambda a: _take(a, start, size, axis), x)
         parts = [_take(o, start, size, ax) for o, ax in zip(others, axes)]
         new, state = apply(old, parts, state)
-        shape = [1] * x.ndim
-        shape[at] = size
-        done = (start + jnp.arange(size) < i * size).reshape(shape)  # written by slice i - 1
-        x = lax.dynamic_update_slice_in_dim(x, jnp.where(done, old, new), start, axis=at)
-        return x, state
+        written = start + jnp.arange(size) < i * size  # by slice i - 1
+
+        def put(a, old_a, new_a):
+            at = axis % a.ndim
+            done = written.reshape([size if d == at else 1 for d in range(a.ndim)])
+            return lax.dynamic_update_slice_in_dim(a, jnp.where(done, old_a, new_a), start, at)
+
+        return jax.tree.map(put, x, old, new), state
 
     x, carry = lax.fori_loop(0, count, body, (x, carry))
     return (x, carry) if threaded else x

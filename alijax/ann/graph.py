@@ -46,18 +46,18 @@ device, padded). Rows are processed in chunks (`row_chunk` rows, and for propaga
 / D rows a device, at least 1024) to bound the gathered candidates, and a chunk gets the rows of
 other shards it needs in one of two ways:
 - Requests and answers (`_exchange_take`) wherever a chunk asks for rows of a table
-  (propagation's neighbour lists and its candidates' codes, the pruning's codes): all_to_all
-  rounds of a fixed capacity per destination (twice the even share) until every request is
-  answered; the round count is the same on every device, so no request is dropped and results
-  never depend on the sharding. The table stays home; bytes moved are the requests' and
-  answers', O(n) a device a round. Candidate codes (S = 128 a point) are asked 32768 at a time,
-  so their answer buffers stay at 2 MiB.
+  (propagation's neighbour lists and its candidates' codes, the pruning's codes, the sort
+  path's block rows): all_to_all rounds of a fixed capacity per destination (twice the even
+  share) until every request is answered; the round count is the same on every device, so no
+  request is dropped and results never depend on the sharding. The table stays home; bytes
+  moved are the requests' and answers', O(n) a device a round. Candidate codes (S = 128 a
+  point) are asked 32768 at a time, so their answer buffers stay at 2 MiB.
 - A ring (`_ring_take`, `_ring_scan`) of D - 1 `ppermute` steps that passes one shard-sized table
   around (codes [n, W], block results), where every shard visits every other (k-means, the
-  blocks' rows, the reverse edges): each device keeps the rows it asked for as the shard that
-  owns them passes by (entries of other shards read row 0, so only the visiting shard's rows
-  miss the cache). A table read by every chunk travels a full circle back home and is threaded
-  on to the next chunk, so no third copy stays behind.
+  blocks' slots, the keys path's block rows, the reverse edges): each device keeps the rows it
+  asked for as the shard that owns them passes by (entries of other shards read row 0, so
+  only the visiting shard's rows miss the cache). A table read by every chunk travels a full
+  circle back home and is threaded on to the next chunk, so no third copy stays behind.
 Per-device memory is O(N / D) either way (never an all-gathered copy). A ring run per chunk
 costs bytes that grow with N whatever D: propagation's candidate codes on the ring moved
 (n / chunk) * (D - 1) * 32 n bytes a device a round (1.7 GB at 1M on 8 devices), as requests
@@ -80,8 +80,14 @@ slice by slice), and every large working set is cut into chunks of points (`row_
 blocks (`block_batch`), of edge ranks (the reverse edges) or of centroids. At 1M 256-bit codes
 on one device XLA's buffers peak at 0.42 GB (`build_memory`, stages 4-5: the lists 0.24 GB and
 the in-edges 0.12 GB), against 0.79 GB with a block table beside the lists and out-of-place
-propagation, and 2.0 GB as one program. On 8 devices each one's peak is 58 MB, 0.136 of that
-(1/7.3, stages 4-5; the lists' share is 31 MB, the in-edges 15 MB, the rest chunk buffers).
+propagation, and 2.0 GB as one program. On 8 devices each one's peak is 57 MB, 0.135 of that
+(1/7.4, stages 4-5; the lists' share is 31 MB, the in-edges 15 MB, the rest chunk buffers).
+The sort path (distances and ids that do not fit uint32 keys, beyond 2^23 points at 256 bits)
+keeps (ids, dist) int32 [n, K] rows, asks for the blocks' rows a chunk at a time and
+propagates in place like the keys path; forced at 1M it peaks at 1.19 GB on one device
+(stages 4-5, whose pruning writes new [n, K] rows beside the lists; stages 1-2 1.14 GB with
+the block table) and 163 MB a device on 8 (0.137), against 1.80 GB and 260 MB when its block
+rows and neighbour lists travelled whole on rings.
 
 Determinism. Every result is a function of the codes only: block layout by (cluster, point id),
 kNN ties to the lower slot, merges sorted by (distance, index), reverse edges by (rank, source).
@@ -700,12 +706,24 @@ def _initial_knn(codes, plan: _Plan, axis: str):
     """Stages 1-2: (ids int32 [n, K], dist int32 [n, K]) for this shard's rows."""
     pos = _partition(codes, plan, axis)
     blocks = _scatter_blocks(codes, pos, plan, axis)
-    n, kk, bk = plan.rows, plan.k, plan.block_k
-    knn = functools.partial(_block_knn, k=bk)
-    nid, nd = lax.map(lambda x: knn(*x), blocks, batch_size=plan.cfg.block_batch)
-    got_id = _ring_take(nid.reshape(-1, bk), pos, -1, plan, axis)  # [n, a, block_k]
-    got_d = _ring_take(nd.reshape(-1, bk), pos, BIG, plan, axis)
-    return topk_unique(got_id.reshape(n, -1), got_d.reshape(n, -1), kk)
+    knn = functools.partial(_block_knn, k=plan.block_k)
+    # One table of slot rows (ids | distances) [slots, 2 * block_k], so a point's rows come in
+    # one request each.
+    table = lax.map(
+        lambda x: jnp.concatenate(knn(*x), axis=-1), blocks, batch_size=plan.cfg.block_batch
+    )
+    table = table.reshape(-1, 2 * plan.block_k)
+
+    def merge(pos_c):  # [r, a] slots -> the chunk's lists (ids, dist) [r, K]
+        # A chunk's rows asked of the slots' owners (_exchange_take): every point's rows at
+        # once, through two tables' rings, were [n, a, block_k] ids and distances beside the
+        # table, 0.5 GB at 1M on one device (XLA buffer assignment), and the rings moved D
+        # tables a device. A missing row reads -1 for both, which topk_unique drops.
+        r = pos_c.shape[0]
+        got = _exchange_take(table, pos_c, -1, plan, axis).reshape(r, -1, 2, plan.block_k)
+        return topk_unique(got[:, :, 0].reshape(r, -1), got[:, :, 1].reshape(r, -1), plan.k)
+
+    return _chunked(merge, (pos,), plan.chunk)
 
 
 def _initial_knn_keys(codes, plan: _Plan, axis: str):
@@ -815,33 +833,41 @@ def _merge_blocks_in_place(codes, pos, plan: _Plan):
 # ------------------------------------------------------------------------------- 3. propagation
 
 
-def _propagate_chunk(codes_c, ids_c, d_c, gid_c, nn_c, codes, plan: _Plan, axis: str):
-    """One chunk of rows: candidates nn_c int32 [r, S1 * S2] -> merged (ids, dist) [r, K]."""
+def _propagate_chunk(rows_c, codes_c, gid_c, lists, codes, plan: _Plan, axis: str):
+    """One chunk of rows of the sort path: rows_c = (ids, dist) int32 [r, K] -> merged (ids,
+    dist) [r, K]; lists int32 [n, S2] is the shard's snapshot of its lists' first S2 entries."""
+    ids_c, d_c = rows_c
+    s1 = min(plan.cfg.sample_neighbors, plan.k)
+    r, s2 = ids_c.shape[0], lists.shape[1]
+    # Neighbours of neighbours, asked of the lists' owners (_exchange_take) like the keys
+    # path, a chunk at a time: the whole shard's [n, S1 * S2] candidates at once, through the
+    # lists' ring, were 64 MB a device at 1M on 8 devices and grow with N / D.
+    nn_c = _exchange_take(lists, ids_c[:, :s1], -1, plan, axis).reshape(r, s1 * s2)
     cd = _candidate_distances(codes, nn_c.T, codes_c, plan, axis).T  # [r, S]
     kth = d_c[:, -1:]
     # The paper's filter: only candidates that could enter the list reach the merge.
     drop = (nn_c < 0) | (nn_c == gid_c[:, None]) | (cd > kth)
-    if plan.layout is None:
-        drop = drop | jnp.any(nn_c[:, :, None] == ids_c[:, None, :], axis=-1)  # known
-        window = 3 * plan.k
-    else:  # a known neighbour packs to the same key as its list entry: the dedup drops it
-        window = None
+    drop = drop | jnp.any(nn_c[:, :, None] == ids_c[:, None, :], axis=-1)  # known
     cd = jnp.where(drop, BIG, cd)
     cat_i = jnp.concatenate([ids_c, nn_c], axis=1)
     cat_d = jnp.concatenate([d_c, cd], axis=1)
-    return topk_unique(cat_i, cat_d, plan.k, window=window, layout=plan.layout)
+    return topk_unique(cat_i, cat_d, plan.k, window=3 * plan.k)
 
 
 def _propagate(codes, ids, dist, plan: _Plan, axis: str):
-    s1 = min(plan.cfg.sample_neighbors, plan.k)
+    """Propagation rounds on (ids, dist) int32 [n, K] rows: the path for ids and distances
+    that do not fit the packed keys (see _propagate_keys)."""
     s2 = min(plan.cfg.sample_width, plan.k)
     gid = _shard_index(plan, axis) * plan.rows + jnp.arange(plan.rows, dtype=jnp.int32)
-    step = functools.partial(_propagate_chunk, codes=codes, plan=plan, axis=axis)
 
-    def one_round(_, lists):  # a loop, not unrolled: the round is compiled once
-        ids, dist = lists
-        nn = _ring_take(ids[:, :s2], ids[:, :s1], -1, plan, axis).reshape(plan.rows, s1 * s2)
-        return _chunked(step, (codes, ids, dist, gid, nn), plan.chunk)
+    def one_round(_, rows):  # a loop, not unrolled: the round is compiled once
+        # In place, like the keys path: the round reads its neighbours' lists from the
+        # ids[:, :S2] snapshot, which stays home and answers the chunks' requests. New lists
+        # beside the old were 488 MB of a 1M round's 1250 MB peak on one device (XLA buffers).
+        step = functools.partial(
+            _propagate_chunk, lists=rows[0][:, :s2], codes=codes, plan=plan, axis=axis
+        )
+        return bitonic.slice_update(step, rows, (codes, gid), plan.chunk, axis=0)
 
     return lax.fori_loop(0, plan.cfg.rounds, one_round, (ids, dist))
 
@@ -993,7 +1019,10 @@ def _kept_first(ids, kept, valid):
 
 
 def _prune_chunk(ids_c, d_c, codes, plan: _Plan, axis: str):
-    nb = _ring_take(codes, ids_c.T, 0, plan, axis)  # [K, r, W]
+    """rng pruning of the sort path's rows (ids_c, d_c) int32 [r, K] -> (ids with kept edges
+    first, then the pruned ones; kept) [r, K]; the neighbours' codes are asked of their
+    owners (_exchange_take)."""
+    nb = _exchange_take(codes, ids_c.T, 0, plan, axis)  # [K, r, W]
     d_nn = hamming_pairs(nb[:, None], nb[None, :])  # [K, K, r]
     valid = ids_c.T >= 0
     out, kept = _kept_first(ids_c.T, _rng_prune_t(d_c.T, d_nn, valid), valid)

@@ -89,6 +89,17 @@ def test_slice_update_is_fn_of_the_original_at_every_position(axis):
     np.testing.assert_array_equal(bitonic.slice_update(fn, x, (other,), 64, axis), fn(x, other))
 
 
+def test_slice_update_updates_a_tuple_of_arrays_of_different_widths():
+    # The sort path's (ids, dist) rows: one slice of rows updates both, each in its own buffer;
+    # fn mixes them, so a slice applied twice or to the wrong rows shows.
+    ids = jnp.arange(37 * 4).reshape(37, 4)
+    dist = jnp.arange(37 * 2).reshape(37, 2) * 7
+    fn = lambda t: (t[0] * 3 + t[1][:, :1], t[1] + t[0][:, :2])  # noqa: E731
+    got = bitonic.slice_update(fn, (ids, dist), (), 10, axis=0)
+    for g, want in zip(got, fn((ids, dist))):
+        np.testing.assert_array_equal(g, want)
+
+
 def test_slice_update_threads_a_carry_and_slices_others_along_their_own_axis():
     # Columns of x [2, 37] in slices of 10; the other array is [37, 2] (sliced along axis 0),
     # and the carry counts the slices fn saw and the columns it wrote (the last slice
