@@ -62,8 +62,8 @@ Per-device memory is O(N / D) either way (never an all-gathered copy). A ring ru
 costs bytes that grow with N whatever D: propagation's candidate codes on the ring moved
 (n / chunk) * (D - 1) * 32 n bytes a device a round (1.7 GB at 1M on 8 devices), as requests
 about 2 * 36 * S * n (1.1 GB, falling as 1 / D).
-Stage 2 on a mesh makes its blocks in 8 groups a shard, and each group's kNN rows travel the ring
-into a buffer that becomes the lists (`_merge_blocks_by_group`). Stage 5 counts each shard's
+Stage 2 on a mesh (and on the sort path) makes its blocks in 8 groups a shard, and each group's
+kNN rows travel the ring into a buffer that becomes the lists (`_merge_blocks_by_group`). Stage 5 counts each shard's
 in-edges per node in a first ring, so the second places every source at its slot in place. Cluster
 histograms ([D, n_clusters]) and the centroids with their graph are the only replicated arrays; the
 k-means sample is split over the devices and its vote counts summed with psum (`build_memory` gives
@@ -83,11 +83,10 @@ the in-edges 0.12 GB), against 0.79 GB with a block table beside the lists and o
 propagation, and 2.0 GB as one program. On 8 devices each one's peak is 57 MB, 0.135 of that
 (1/7.4, stages 4-5; the lists' share is 31 MB, the in-edges 15 MB, the rest chunk buffers).
 The sort path (distances and ids that do not fit uint32 keys, beyond 2^23 points at 256 bits)
-keeps (ids, dist) int32 [n, K] rows, asks for the blocks' rows a chunk at a time and
-propagates in place like the keys path; forced at 1M it peaks at 1.19 GB on one device
-(stages 4-5, whose pruning writes new [n, K] rows beside the lists; stages 1-2 1.14 GB with
-the block table) and 163 MB a device on 8 (0.137), against 1.80 GB and 260 MB when its block
-rows and neighbour lists travelled whole on rings.
+keeps (ids, dist) int32 [n, K] rows (twice the keys' bytes) and works like the mesh's keys
+path, in place wherever the keys path is; forced at 1M it peaks at 767 MiB on one device
+(stages 4-5: the rows 488 MiB) and 99.7 MiB a device on 8 (0.130), against 1801 and 260 MiB
+with a block table, whole tables on rings and new arrays beside the rows (before 2026-12-05).
 
 Determinism. Every result is a function of the codes only: block layout by (cluster, point id),
 kNN ties to the lower slot, merges sorted by (distance, index), reverse edges by (rank, source).
@@ -188,7 +187,7 @@ class _Plan:
     num_assign: int
     capacity: int
     blocks_per_shard: int
-    groups: int  # a mesh's blocks are made in this many groups a shard (1 on one device)
+    groups: int  # blocks are made in this many groups a shard (1: merged in place, one device)
     sample_size: int
     layout: KeyLayout | None  # packed (distance, id) keys when they fit, else the sort path
     code_order: bool  # centroids numbered in code order (_in_code_order)
@@ -236,11 +235,14 @@ def _plan(n_total: int, words: int, degree: int, shards: int, cfg: GraphConfig) 
     # A whole number of block batches a shard (empty blocks change nothing): a ragged last
     # batch makes lax.map concatenate, a copy of the whole block table (0.7 GB at 1M).
     batch = max(1, min(cfg.block_batch, per_shard))
-    groups = 1 if shards == 1 else min(_TABLE_GROUPS, -(-per_shard // batch))
-    per_shard = -(-per_shard // (batch * groups)) * batch * groups
-    sample = min(n_total, max(nc, min(_MAX_KMEANS_SAMPLE, nc * cfg.kmeans_sample_per_cluster)))
     n_ids = -(-n_total // shards) * shards
     layout = KeyLayout.for_ids(n_ids) if KeyLayout.fits(n_ids, words * 32) else None
+    # Groups of blocks wherever the block rows are gathered (a mesh, and the sort path on one
+    # device): one device's packed keys merge each batch of blocks straight into the lists.
+    in_place = shards == 1 and layout is not None
+    groups = 1 if in_place else min(_TABLE_GROUPS, -(-per_shard // batch))
+    per_shard = -(-per_shard // (batch * groups)) * batch * groups
+    sample = min(n_total, max(nc, min(_MAX_KMEANS_SAMPLE, nc * cfg.kmeans_sample_per_cluster)))
     # Propagation's chunk buffers shrink with the mesh like every other per-device array
     # (row_chunk is one device's budget): at 1M on 8 devices its candidate codes [128, chunk,
     # 8] words were 61 MB a device with the single-device chunk (chunks ask for the rows
@@ -703,27 +705,69 @@ def _block_knn_keys(ids, codes, k: int, layout: KeyLayout):
 
 
 def _initial_knn(codes, plan: _Plan, axis: str):
-    """Stages 1-2: (ids int32 [n, K], dist int32 [n, K]) for this shard's rows."""
-    pos = _partition(codes, plan, axis)
-    blocks = _scatter_blocks(codes, pos, plan, axis)
-    knn = functools.partial(_block_knn, k=plan.block_k)
-    # One table of slot rows (ids | distances) [slots, 2 * block_k], so a point's rows come in
-    # one request each.
-    table = lax.map(
-        lambda x: jnp.concatenate(knn(*x), axis=-1), blocks, batch_size=plan.cfg.block_batch
-    )
-    table = table.reshape(-1, 2 * plan.block_k)
+    """Stages 1-2 on the sort path: (ids int32 [n, K], dist int32 [n, K]) for this shard's
+    rows, merged as the keys path merges its lists (no block table beside them: as a table
+    of slot rows, asked for a chunk at a time, stage 2 peaked at 1.14 GB at 1M on one device
+    and 163 MB a device on 8, XLA buffers)."""
+    return _merge_block_rows_by_group(codes, _partition(codes, plan, axis), plan, axis)
 
-    def merge(pos_c):  # [r, a] slots -> the chunk's lists (ids, dist) [r, K]
-        # A chunk's rows asked of the slots' owners (_exchange_take): every point's rows at
-        # once, through two tables' rings, were [n, a, block_k] ids and distances beside the
-        # table, 0.5 GB at 1M on one device (XLA buffer assignment), and the rings moved D
-        # tables a device. A missing row reads -1 for both, which topk_unique drops.
-        r = pos_c.shape[0]
-        got = _exchange_take(table, pos_c, -1, plan, axis).reshape(r, -1, 2, plan.block_k)
-        return topk_unique(got[:, :, 0].reshape(r, -1), got[:, :, 1].reshape(r, -1), plan.k)
 
-    return _chunked(merge, (pos,), plan.chunk)
+def _block_rows(ids, codes, k: int):
+    """_block_knn as one int32 row per slot, [C, 2 * k]: the ids, then the distances."""
+    return jnp.concatenate(_block_knn(ids, codes, k), axis=-1)
+
+
+def _group_slots(pos, plan: _Plan):
+    """For each (point, assignment) of pos int32 [n, a] (global slots, -1: none): the group
+    of blocks holding its slot (-1: none) and the slot's index in the ring of that group's
+    tables (shard-major, as _ring_take indexes), both [n, a]."""
+    per_group = plan.blocks_per_shard // plan.groups * plan.capacity  # slots a group a shard
+    slots = plan.blocks_per_shard * plan.capacity
+    valid = pos >= 0
+    owner = jnp.where(valid, pos // slots, 0)
+    local = pos - owner * slots
+    return jnp.where(valid, local // per_group, -1), owner * per_group + local % per_group
+
+
+def _merge_block_rows_by_group(codes, pos, plan: _Plan, axis: str):
+    """_merge_blocks_by_group for the sort path, on one device too: each group's slot rows
+    travel the ring into a buffer of rows (ids, dist) [n, num_assign * block_k] (assignment
+    j's in columns j * block_k onwards), whose first K columns become the lists once every
+    group is in. (Merging each batch of blocks into the lists in place, as the keys path
+    does on one device, sorted K + num_assign * block_k entries a slot: 12% slower at 200k.)"""
+    n, a, bk = plan.rows, plan.num_assign, plan.block_k
+    group_blocks = plan.blocks_per_shard // plan.groups
+    group, index = _group_slots(pos, plan)  # [n, a]
+    knn = functools.partial(_block_rows, k=bk)
+    batch = min(plan.cfg.block_batch, group_blocks)
+
+    def take(rows_c, group_c, index_c, table, g):  # rows_c (ids, dist) [r, a * bk]; [r, a]
+        mine = group_c == g
+        got, table = _ring_take(
+            table, jnp.where(mine, index_c, -1), -1, plan, axis, home=True
+        )  # [r, a, 2 * bk]
+        mine = jnp.repeat(mine, bk, axis=1)  # [r, a * bk]
+        got_i, got_d = (got[:, :, h * bk : (h + 1) * bk].reshape(mine.shape) for h in (0, 1))
+        return (jnp.where(mine, got_i, rows_c[0]), jnp.where(mine, got_d, rows_c[1])), table
+
+    def one_group(g, rows):
+        blocks = _scatter_blocks(codes, pos, plan, axis, part=(g * group_blocks, group_blocks))
+        table = lax.map(lambda x: knn(*x), blocks, batch_size=batch).reshape(-1, 2 * bk)
+        step = functools.partial(take, g=g)
+        return bitonic.slice_update(
+            step, rows, (group, index), plan.cfg.row_chunk, axis=0, carry=table
+        )[0]
+
+    rows = (jnp.full((n, a * bk), -1, jnp.int32), jnp.full((n, a * bk), BIG, jnp.int32))
+    rows = lax.fori_loop(0, plan.groups, one_group, rows)
+
+    def merge(rows_c):  # [r, a * bk] -> its K best distinct, then empty entries
+        pad = ((0, 0), (0, a * bk - plan.k))
+        ids, dist = topk_unique(*rows_c, plan.k)
+        return jnp.pad(ids, pad, constant_values=-1), jnp.pad(dist, pad, constant_values=BIG)
+
+    ids, dist = bitonic.slice_update(merge, rows, (), plan.chunk, axis=0)
+    return ids[:, : plan.k], dist[:, : plan.k]
 
 
 def _initial_knn_keys(codes, plan: _Plan, axis: str):
@@ -747,17 +791,10 @@ def _merge_blocks_by_group(codes, pos, plan: _Plan, axis: str):
     only one group's. Once every group is in, each column is merged into its K smallest
     distinct keys where it lies, and the buffer's first K rows are the lists (num_assign *
     block_k = K by default, so the buffer is the lists' own)."""
-    a, bk, c = plan.num_assign, plan.block_k, plan.capacity
+    a, bk = plan.num_assign, plan.block_k
     group_blocks = plan.blocks_per_shard // plan.groups
-    per_group = group_blocks * c  # slots of one group on one shard
-    slots = plan.blocks_per_shard * c
-    valid = pos >= 0
-    owner = jnp.where(valid, pos // slots, 0)
-    local = pos - owner * slots
-    # Each (point, assignment): the group holding its slot, and the slot's index in the ring
-    # of that group's tables (shard-major, as _ring_take indexes).
-    group = jnp.where(valid, local // per_group, -1).T  # [a, n]
-    index = (owner * per_group + local % per_group).T
+    per_group = group_blocks * plan.capacity  # slots of one group on one shard
+    group, index = (x.T for x in _group_slots(pos, plan))  # [a, n]
     knn = functools.partial(_block_knn_keys, k=bk, layout=plan.layout)
     batch = min(plan.cfg.block_batch, group_blocks)
 
