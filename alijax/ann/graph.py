@@ -62,16 +62,16 @@ Per-device memory is O(N / D) either way (never an all-gathered copy). A ring ru
 costs bytes that grow with N whatever D: propagation's candidate codes on the ring moved
 (n / chunk) * (D - 1) * 32 n bytes a device a round (1.7 GB at 1M on 8 devices), as requests
 about 2 * 36 * S * n (1.1 GB, falling as 1 / D).
-Stage 2 on a mesh (and on the sort path) makes its blocks in 8 groups a shard, and each group's
-kNN rows travel the ring into a buffer that becomes the lists (`_merge_blocks_by_group`). Stage 5 counts each shard's
-in-edges per node in a first ring, so the second places every source at its slot in place. Cluster
-histograms ([D, n_clusters]) and the centroids with their graph are the only replicated arrays; the
-k-means sample is split over the devices and its vote counts summed with psum (`build_memory` gives
-XLA's per-device buffer sizes for any mesh). A mesh may span processes (`jax.distributed`, one
-per host): each passes the same codes and places only its own devices' rows, the rings cross
-hosts through JAX's collectives, and every process gets the whole graph back (`to_host`). At 1M
-on 2 cores, 2 processes of 4 devices built the same graph as one process of 8, in 1.23x its time
-(benchmarks/ann_multiprocess.py, gloo over loopback TCP).
+Stage 2 on a mesh (and on the sort path) makes its blocks in 8 groups a shard, and each group's kNN
+rows travel the ring into a buffer that becomes the lists (`_merge_blocks_by_group`). Stage 5 counts
+each shard's in-edges per node in a first ring, so the second places every source at its slot in
+place. Cluster histograms ([D, n_clusters]) and the centroids with their graph are the only
+replicated arrays; the k-means sample is split over the devices and its vote counts summed with psum
+(`build_memory` gives XLA's per-device buffer sizes for any mesh). A mesh may span processes
+(`jax.distributed`, one per host): each passes the same codes and places only its own devices' rows,
+the rings and requests cross hosts through JAX's collectives, and every process gets the whole graph
+back (`to_host`). At 1M on 2 cores, 2 processes of 4 devices built the same graph as one process of
+8, in 1.29x its time (2026-12-05, benchmarks/ann_multiprocess.py, gloo over loopback TCP).
 
 Memory. The build is three compiled programs (stages 1-2, 3, 4-5) that pass only the lists
 between them (donated, and every stage updates them in their own buffer: on one device the
