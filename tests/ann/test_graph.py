@@ -195,18 +195,27 @@ def test_eight_device_build_equals_single_device(data_codes, reverse_samples, mo
     np.testing.assert_array_equal(single, sharded)
 
 
-def test_per_device_build_memory_shrinks_with_the_mesh():
+class _NoKeys(graph.KeyLayout):
+    fits = staticmethod(lambda *a, **k: False)
+
+
+@pytest.mark.parametrize("path", ["keys", "sort"])
+def test_per_device_build_memory_shrinks_with_the_mesh(path, monkeypatch):
     # XLA's own buffer analysis of the compiled build stages (compiled, not run). Each device's
     # share of the data shrinks 8x, and so do the chunks (row_chunk / devices), the groups of
     # block rows on the ring and the in-edges; the centroids do not, nor the fixed-size tiles.
     # Measured 2026-11-26, a device's peak against one device's: 131k points 0.22 (18 of 83
     # MiB), 1M 0.137 (58 of 424 MiB, test below); before the block rows went round in groups
-    # and the in-edges were placed in place, 0.41 and 0.28.
+    # and the in-edges were placed in place, 0.41 and 0.28. The sort path (2026-12-05): 131k
+    # 0.125 (31 of 249 MiB), 1M 0.130 (100 of 767 MiB); with a block table and whole tables on
+    # rings 1M was 0.144 (260 of 1801 MiB).
+    if path == "sort":  # the graph's own layout only: the k-means centroid search keeps keys
+        monkeypatch.setattr(graph, "KeyLayout", _NoKeys)
     one = graph.build_memory(131072, 8, 32)
     eight = graph.build_memory(131072, 8, 32, mesh=make_mesh())
-    for stage in graph.STAGES:
-        assert eight[stage]["argument"] * 8 == one[stage]["argument"], stage
-        assert eight[stage]["output"] * 8 == one[stage]["output"], stage
+    for stage in graph.STAGES:  # exactly an eighth, but for the sort path's tuple tables
+        for part in ("argument", "output"):
+            assert abs(eight[stage][part] * 8 - one[stage][part]) < 1024, (stage, part)
     assert one["peak"] == max(one[stage]["peak"] for stage in graph.STAGES)
     assert eight["peak"] < 0.3 * one["peak"], (eight, one)
 
