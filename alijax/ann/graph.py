@@ -80,8 +80,8 @@ slice by slice), and every large working set is cut into chunks of points (`row_
 blocks (`block_batch`), of edge ranks (the reverse edges) or of centroids. At 1M 256-bit codes
 on one device XLA's buffers peak at 0.42 GB (`build_memory`, stages 4-5: the lists 0.24 GB and
 the in-edges 0.12 GB), against 0.79 GB with a block table beside the lists and out-of-place
-propagation, and 2.0 GB as one program. On 8 devices each one's peak is 57 MB, 0.135 of that
-(1/7.4, stages 4-5; the lists' share is 31 MB, the in-edges 15 MB, the rest chunk buffers).
+propagation, and 2.0 GB as one program. On 8 devices each one's peak is 56 MiB, 0.133 of that
+(1/7.5, stages 4-5; the lists' share is 31 MB, the in-edges 15 MB, the rest chunk buffers).
 The sort path (distances and ids that do not fit uint32 keys, beyond 2^23 points at 256 bits)
 keeps (ids, dist) int32 [n, K] rows (twice the keys' bytes) and works like the mesh's keys
 path, in place wherever the keys path is; forced at 1M it peaks at 767 MiB on one device
@@ -1095,12 +1095,15 @@ def _reverse_edges(fwd_t, plan: _Plan, axis: str, width: int, ranks=None, target
         local = targets - base
         return jnp.where((targets >= 0) & (local >= 0) & (local < n), local, n)
 
+    count_dtype = jnp.int8 if 2 * width <= jnp.iinfo(jnp.int8).max else jnp.int16
+
     def count(hist, v, targets):
         got = jax.ops.segment_sum(jnp.ones_like(targets), local_targets(targets), n + 1)[:n]
-        # Capped at width (past it nothing is placed), so int16: half the bytes.
-        return hist.at[v].set(jnp.minimum(got, width).astype(jnp.int16))
+        # Capped at width (past it nothing is placed), so int8 or int16: a quarter or half
+        # the bytes ([D, n] int16 was 2 MB of stage 5's 24 MB temp at 1M on 8 devices).
+        return hist.at[v].set(jnp.minimum(got, width).astype(count_dtype))
 
-    def capped_sum(x, y):  # associative on counts >= 0, and never overflows int16
+    def capped_sum(x, y):  # associative on counts >= 0; x + y <= 2 * width never overflows
         return jnp.minimum(x + y, width)
 
     def one_rank(r, state):
@@ -1113,7 +1116,7 @@ def _reverse_edges(fwd_t, plan: _Plan, axis: str, width: int, ranks=None, target
         order = jnp.where(edge_targets >= 0, edge_targets, jnp.iinfo(jnp.int32).max)
         edge_sources = base + jnp.arange(n, dtype=jnp.int32)
         edges = lax.sort((order, edge_sources), num_keys=1, is_stable=True)
-        hist = _ring_scan(edges[:1], count, jnp.zeros((plan.shards, n), jnp.int16), plan, axis)
+        hist = _ring_scan(edges[:1], count, jnp.zeros((plan.shards, n), count_dtype), plan, axis)
         # upto[v]: sources of shards 0..v per node (capped), so shard v's go after upto[v - 1].
         # Summed row by row in the counts' buffer, not by associative_scan, whose padded
         # halves and result sat beside the counts (stage 5's XLA temp at 1M on 8 devices:
