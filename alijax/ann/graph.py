@@ -717,6 +717,16 @@ def _block_rows(ids, codes, k: int):
     return jnp.concatenate(_block_knn(ids, codes, k), axis=-1)
 
 
+def _after(x, value):
+    """The scalar `value` (of its own dtype) computed from x, so that an array filled with it
+    is allocated only once x exists: with a constant fill XLA schedules the broadcast first,
+    and stage 2's rows buffer [64, n] (32 MB a device at 1M on 8 devices) sat beside the
+    k-means and codes rings at the stage's peak (XLA live ranges). x is never -2 or less
+    (ids, slots and groups are >= -1), but XLA cannot know it."""
+    value = jnp.asarray(value)
+    return jnp.where(x.reshape(-1)[0] >= -1, value, value - 1)
+
+
 def _group_slots(pos, plan: _Plan):
     """For each (point, assignment) of pos int32 [n, a] (global slots, -1: none): the group
     of blocks holding its slot (-1: none) and the slot's index in the ring of that group's
@@ -758,7 +768,8 @@ def _merge_block_rows_by_group(codes, pos, plan: _Plan, axis: str):
             step, rows, (group, index), plan.cfg.row_chunk, axis=0, carry=table
         )[0]
 
-    rows = (jnp.full((n, a * bk), -1, jnp.int32), jnp.full((n, a * bk), BIG, jnp.int32))
+    none = _after(group, -1)  # allocated once the partition exists (see _after)
+    rows = (jnp.full((n, a * bk), none), jnp.full((n, a * bk), none + 1 + BIG))
     rows = lax.fori_loop(0, plan.groups, one_group, rows)
 
     def merge(rows_c):  # [r, a * bk] -> its K best distinct, then empty entries
@@ -819,7 +830,7 @@ def _merge_blocks_by_group(codes, pos, plan: _Plan, axis: str):
         step = functools.partial(take, g=g)
         return bitonic.slice_update(step, rows, (group, index), plan.cfg.row_chunk, carry=table)[0]
 
-    rows = jnp.full((a * bk, plan.rows), bitonic.SENTINEL)
+    rows = jnp.full((a * bk, plan.rows), _after(group, bitonic.SENTINEL))  # see _after
     rows = lax.fori_loop(0, plan.groups, one_group, rows)
 
     def merge(rows_c):  # [a * bk, r] -> its K smallest distinct keys, then SENTINEL rows
