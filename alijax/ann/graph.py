@@ -46,15 +46,15 @@ device, padded). Rows are processed in chunks (`row_chunk` rows, and for propaga
 / D rows a device, at least 1024) to bound the gathered candidates, and a chunk gets the rows of
 other shards it needs in one of two ways:
 - Requests and answers (`_exchange_take`) wherever a chunk asks for rows of a table
-  (propagation's neighbour lists and its candidates' codes, the pruning's codes, the sort
-  path's block rows): all_to_all rounds of a fixed capacity per destination (twice the even
-  share) until every request is answered; the round count is the same on every device, so no
-  request is dropped and results never depend on the sharding. The table stays home; bytes
-  moved are the requests' and answers', O(n) a device a round. Candidate codes (S = 128 a
-  point) are asked 32768 at a time, so their answer buffers stay at 2 MiB.
+  (propagation's neighbour lists and its candidates' codes, the pruning's codes): all_to_all
+  rounds of a fixed capacity per destination (twice the even share) until every request is
+  answered; the round count is the same on every device, so no request is dropped and
+  results never depend on the sharding. The table stays home; bytes moved are the requests'
+  and answers', O(n) a device a round. Candidate codes (S = 128 a point) are asked 32768 at
+  a time, so their answer buffers stay at 2 MiB.
 - A ring (`_ring_take`, `_ring_scan`) of D - 1 `ppermute` steps that passes one shard-sized table
   around (codes [n, W], block results), where every shard visits every other (k-means, the
-  blocks' slots, the keys path's block rows, the reverse edges): each device keeps the rows it
+  blocks' slots, both paths' block rows, the reverse edges): each device keeps the rows it
   asked for as the shard that owns them passes by (entries of other shards read row 0, so
   only the visiting shard's rows miss the cache). A table read by every chunk travels a full
   circle back home and is threaded on to the next chunk, so no third copy stays behind.
@@ -63,15 +63,16 @@ costs bytes that grow with N whatever D: propagation's candidate codes on the ri
 (n / chunk) * (D - 1) * 32 n bytes a device a round (1.7 GB at 1M on 8 devices), as requests
 about 2 * 36 * S * n (1.1 GB, falling as 1 / D).
 Stage 2 on a mesh (and on the sort path) makes its blocks in 8 groups a shard, and each group's kNN
-rows travel the ring into a buffer that becomes the lists (`_merge_blocks_by_group`). Stage 5 counts
-each shard's in-edges per node in a first ring, so the second places every source at its slot in
-place. Cluster histograms ([D, n_clusters]) and the centroids with their graph are the only
-replicated arrays; the k-means sample is split over the devices and its vote counts summed with psum
-(`build_memory` gives XLA's per-device buffer sizes for any mesh). A mesh may span processes
-(`jax.distributed`, one per host): each passes the same codes and places only its own devices' rows,
-the rings and requests cross hosts through JAX's collectives, and every process gets the whole graph
-back (`to_host`). At 1M on 2 cores, 2 processes of 4 devices built the same graph as one process of
-8, in 1.29x its time (2026-12-05, benchmarks/ann_multiprocess.py, gloo over loopback TCP).
+rows travel the ring into a buffer that becomes the lists (`_merge_blocks_by_group`,
+`_merge_block_rows_by_group`). Stage 5 counts each shard's in-edges per node in a first ring, so the
+second places every source at its slot in place. Cluster histograms ([D, n_clusters]) and the
+centroids with their graph are the only replicated arrays; the k-means sample is split over the
+devices and its vote counts summed with psum (`build_memory` gives XLA's per-device buffer sizes for
+any mesh). A mesh may span processes (`jax.distributed`, one per host): each passes the same codes
+and places only its own devices' rows, the rings and requests cross hosts through JAX's collectives,
+and every process gets the whole graph back (`to_host`). At 1M on 2 cores, 2 processes of 4 devices
+built the same graph as one process of 8, in 1.29x its time (2026-12-05,
+benchmarks/ann_multiprocess.py, gloo over loopback TCP).
 
 Memory. The build is three compiled programs (stages 1-2, 3, 4-5) that pass only the lists
 between them (donated, and every stage updates them in their own buffer: on one device the
@@ -187,7 +188,7 @@ class _Plan:
     num_assign: int
     capacity: int
     blocks_per_shard: int
-    groups: int  # blocks are made in this many groups a shard (1: merged in place, one device)
+    groups: int  # blocks are made in this many groups a shard (see _TABLE_GROUPS)
     sample_size: int
     layout: KeyLayout | None  # packed (distance, id) keys when they fit, else the sort path
     code_order: bool  # centroids numbered in code order (_in_code_order)
@@ -198,8 +199,9 @@ class _Plan:
 
 _PRUNE_CHUNK = 4096  # rows per pruning step: [64, 64, 4096] pair distances are 64 MB
 _MIN_CHUNK = 1024  # a mesh's propagation chunks are no smaller (each runs its exchanges)
-# A mesh makes its blocks in this many groups a shard, and only one group's kNN rows exist at a
-# time (_merge_blocks_by_group): the whole shard's were 31 MB a device at 1M on 8 devices.
+# A mesh (and the sort path on one device) makes its blocks in this many groups a shard, and
+# only one group's kNN rows exist at a time (_merge_blocks_by_group and
+# _merge_block_rows_by_group): the whole shard's were 31 MB a device at 1M on 8 devices.
 _TABLE_GROUPS = 8
 
 
@@ -281,20 +283,15 @@ def _take_along(x, idx):
     return jnp.take_along_axis(x, idx, axis=-1)
 
 
-def topk_unique(ids, dist, k: int, window: int | None = None, layout: KeyLayout | None = None):
+def topk_unique(ids, dist, k: int, window: int | None = None):
     """Best k distinct ids per row, sorted by (distance, id).
 
     ids int32 [R, M] (-1 = empty), dist int32 [R, M] -> (ids [R, k], dist [R, k]); empty slots
     come last as (-1, BIG). Only the best `window` entries (by distance, ties to the lower
     position) are deduplicated, so heavy duplication can push a candidate out of one call; it
-    is found again later and the lists stay distinct. With a `layout` (ids and distances that
-    fit bitonic.KeyLayout) the rows are packed into keys and run through bitonic networks, 5-10x
-    faster on XLA:CPU than the sort and top_k below (measured on 2 cores)."""
-    if layout is not None:
-        keys = layout.pack(jnp.where(dist >= BIG, -1, dist), ids).T  # [M, R]
-        win = None if window is None else bitonic.next_pow2(max(window, k))
-        out = bitonic.unique_smallest(keys, k, win).T
-        return layout.ids(out), layout.dist(out)
+    is found again later and the lists stay distinct. (Where ids and distances fit
+    bitonic.KeyLayout, packed keys through bitonic.unique_smallest are 5-10x faster on
+    XLA:CPU than this sort and top_k, measured on 2 cores: the build's keys path.)"""
     m = ids.shape[-1]
     window = m if window is None else max(k, min(window, m))
     dist = jnp.where(ids < 0, BIG, dist)
@@ -706,9 +703,9 @@ def _block_knn_keys(ids, codes, k: int, layout: KeyLayout):
 
 def _initial_knn(codes, plan: _Plan, axis: str):
     """Stages 1-2 on the sort path: (ids int32 [n, K], dist int32 [n, K]) for this shard's
-    rows, merged as the keys path merges its lists (no block table beside them: as a table
-    of slot rows, asked for a chunk at a time, stage 2 peaked at 1.14 GB at 1M on one device
-    and 163 MB a device on 8, XLA buffers)."""
+    rows, merged a group of blocks at a time as the mesh's keys path merges its lists (the
+    former block table of all the shard's slot rows, asked for a chunk at a time, made stage
+    2 peak at 1.14 GB at 1M on one device and 163 MB a device on 8, XLA buffers)."""
     return _merge_block_rows_by_group(codes, _partition(codes, plan, axis), plan, axis)
 
 
@@ -718,11 +715,11 @@ def _block_rows(ids, codes, k: int):
 
 
 def _after(x, value):
-    """The scalar `value` (of its own dtype) computed from x, so that an array filled with it
-    is allocated only once x exists: with a constant fill XLA schedules the broadcast first,
-    and stage 2's rows buffer [64, n] (32 MB a device at 1M on 8 devices) sat beside the
-    k-means and codes rings at the stage's peak (XLA live ranges). x is never -2 or less
-    (ids, slots and groups are >= -1), but XLA cannot know it."""
+    """The scalar `value` (typed: its dtype is the result's) computed from x, so that an array
+    filled with it is allocated only once x exists: with a constant fill XLA schedules the
+    broadcast first, and stage 2's rows buffer [64, n] (32 MB a device at 1M on 8 devices)
+    sat beside the k-means and codes rings at the stage's peak (XLA live ranges). x is never
+    -2 or less (ids, slots and groups are >= -1), but XLA cannot know it."""
     value = jnp.asarray(value)
     return jnp.where(x.reshape(-1)[0] >= -1, value, value - 1)
 
@@ -768,8 +765,11 @@ def _merge_block_rows_by_group(codes, pos, plan: _Plan, axis: str):
             step, rows, (group, index), plan.cfg.row_chunk, axis=0, carry=table
         )[0]
 
-    none = _after(group, -1)  # allocated once the partition exists (see _after)
-    rows = (jnp.full((n, a * bk), none), jnp.full((n, a * bk), none + 1 + BIG))
+    # allocated once the partition exists (see _after)
+    rows = (
+        jnp.full((n, a * bk), _after(group, jnp.int32(-1))),
+        jnp.full((n, a * bk), _after(group, jnp.int32(BIG))),
+    )
     rows = lax.fori_loop(0, plan.groups, one_group, rows)
 
     def merge(rows_c):  # [r, a * bk] -> its K best distinct, then empty entries

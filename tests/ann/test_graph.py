@@ -172,18 +172,46 @@ def test_exchange_take_answers_what_the_ring_does(table_axis, rank_by, monkeypat
     assert (rows[:, 5, :3] == -5).all() and (rows[:, 5, 3:] != -5).all()
 
 
-def test_eight_device_sort_path_equals_single_device(data_codes, monkeypatch):
+@pytest.fixture
+def fresh_programs():
+    """The build's compiled stages are cached per plan, and a test that patches what tracing
+    reads (a module constant, the key layout) must neither reuse nor leave such programs."""
+    graph.release_build_programs()
+    yield
+    graph.release_build_programs()
+
+
+class _NoKeys(graph.KeyLayout):
+    fits = staticmethod(lambda *a, **k: False)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(row_chunk=200),
+        # 3 assignments of 8-entry block rows, groups of 2-block batches, chunks overlapping
+        dict(row_chunk=128, block_batch=2, num_assign=3, block_degree=8),
+        dict(row_chunk=200, prune=False, reverse=False),
+    ],
+)
+def test_eight_device_sort_path_equals_single_device(
+    data_codes, config, monkeypatch, fresh_programs
+):
     # The path of builds beyond packed keys (over 2^23 codes of 256 bits), which are the
-    # builds that need a mesh.
-    monkeypatch.setattr(graph.KeyLayout, "fits", staticmethod(lambda *a, **k: False))
-    cfg = graph.GraphConfig(row_chunk=200)
+    # builds that need a mesh; the graph's own layout only (the k-means centroid search keeps
+    # its keys). The candidate codes are asked for in parts, the last one padded.
+    monkeypatch.setattr(graph, "KeyLayout", _NoKeys)
+    monkeypatch.setattr(graph, "_CODE_REQUESTS", 3000)
+    cfg = graph.GraphConfig(**config)
     single = graph.build_graph(data_codes[:1999], 16, config=cfg)
     sharded = graph.build_graph(data_codes[:1999], 16, mesh=make_mesh(), config=cfg)
     np.testing.assert_array_equal(single, sharded)
 
 
 @pytest.mark.parametrize("reverse_samples", [0, 4])
-def test_eight_device_build_equals_single_device(data_codes, reverse_samples, monkeypatch):
+def test_eight_device_build_equals_single_device(
+    data_codes, reverse_samples, monkeypatch, fresh_programs
+):
     mesh = make_mesh()
     assert mesh.shape["data"] == 8
     if reverse_samples:  # candidate codes asked for a few rows at a time (padded last part)
@@ -195,12 +223,8 @@ def test_eight_device_build_equals_single_device(data_codes, reverse_samples, mo
     np.testing.assert_array_equal(single, sharded)
 
 
-class _NoKeys(graph.KeyLayout):
-    fits = staticmethod(lambda *a, **k: False)
-
-
 @pytest.mark.parametrize("path", ["keys", "sort"])
-def test_per_device_build_memory_shrinks_with_the_mesh(path, monkeypatch):
+def test_per_device_build_memory_shrinks_with_the_mesh(path, monkeypatch, fresh_programs):
     # XLA's own buffer analysis of the compiled build stages (compiled, not run). Each device's
     # share of the data shrinks 8x, and so do the chunks (row_chunk / devices), the groups of
     # block rows on the ring and the in-edges; the centroids do not, nor the fixed-size tiles.
