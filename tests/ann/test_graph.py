@@ -229,8 +229,9 @@ def test_per_device_build_memory_shrinks_with_the_mesh(path, monkeypatch, fresh_
     # share of the data shrinks 8x, and so do the chunks (row_chunk / devices), the groups of
     # block rows on the ring and the in-edges; the centroids do not, nor the fixed-size tiles.
     # Measured 2026-11-26, a device's peak against one device's: 131k points 0.22 (18 of 83
-    # MiB), 1M 0.137 (58 of 424 MiB, test below); before the block rows went round in groups
-    # and the in-edges were placed in place, 0.41 and 0.28. The sort path (2026-12-05): 131k
+    # MiB), 1M 0.137 (58 of 424 MiB, test below; 0.133 on 2026-12-05); before the block rows
+    # went round in groups and the in-edges were placed in place, 0.41 and 0.28. The sort
+    # path (2026-12-05): 131k
     # 0.125 (31 of 249 MiB), 1M 0.130 (100 of 767 MiB); with a block table and whole tables on
     # rings 1M was 0.144 (260 of 1801 MiB).
     if path == "sort":  # the graph's own layout only: the k-means centroid search keeps keys
