@@ -966,17 +966,12 @@ def _candidate_distances(codes, nn, codes_c, plan: _Plan, axis: str):
     distance = lambda cand: hamming_pairs(cand, codes_c[None, :, :])  # noqa: E731
     if plan.shards == 1:
         return _ring_take(codes, nn, BIG, plan, axis, reduce=distance)
-    s, r = nn.shape
-    step = max(1, min(s, _CODE_REQUESTS // r))
-    parts = -(-s // step)
-    nn_parts = jnp.pad(nn, ((0, parts * step - s), (0, 0)), constant_values=-1)
 
     def part_distances(nn_p):  # [step, r] -> [step, r]
         cand = _exchange_take(codes, nn_p, 0, plan, axis)  # [step, r, W]
         return jnp.where(nn_p >= 0, distance(cand), BIG)
 
-    cd = lax.map(part_distances, nn_parts.reshape(parts, step, r))
-    return cd.reshape(parts * step, r)[:s]
+    return _chunked(part_distances, (nn,), max(1, _CODE_REQUESTS // nn.shape[1]))
 
 
 def _propagate_keys(codes, keys, plan: _Plan, axis: str):

@@ -199,7 +199,7 @@ def test_eight_device_sort_path_equals_single_device(
 ):
     # The path of builds beyond packed keys (over 2^23 codes of 256 bits), which are the
     # builds that need a mesh; the graph's own layout only (the k-means centroid search keeps
-    # its keys). The candidate codes are asked for in parts, the last one padded.
+    # its keys). The candidate codes are asked for in parts, the last one overlapping.
     monkeypatch.setattr(graph, "KeyLayout", _NoKeys)
     monkeypatch.setattr(graph, "_CODE_REQUESTS", 3000)
     cfg = graph.GraphConfig(**config)
@@ -214,7 +214,7 @@ def test_eight_device_build_equals_single_device(
 ):
     mesh = make_mesh()
     assert mesh.shape["data"] == 8
-    if reverse_samples:  # candidate codes asked for a few rows at a time (padded last part)
+    if reverse_samples:  # candidate codes asked for a few rows at a time (last part overlapping)
         monkeypatch.setattr(graph, "_CODE_REQUESTS", 1000)
     # row_chunk=200: two chunks a shard, exchanges inside each chunk
     cfg = graph.GraphConfig(row_chunk=200, reverse_samples=reverse_samples)
