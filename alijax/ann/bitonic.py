@@ -10,6 +10,11 @@ of 64 keys: 0.08 ms for a merge, against 0.44 ms for lax.top_k on [1000, 64] row
 Keys are uint32 with everything that orders an entry packed in (e.g. distance << b | id), so a
 network moves one array; `SENTINEL` (all ones) pads and sorts last. Lengths along axis 0 are
 powers of two where noted (pad with `pad_rows`).
+
+Where an entry does not fit 32 bits (more than 2**22 ids beside 256-bit distances, say), the
+networks take `Pairs` of two uint32 words instead, ordered by (hi, lo): each compare-exchange
+is then a lexicographic compare and four selects instead of one min and one max, and the same
+entries sort to the same order as their packed keys would (`PairLayout` against `KeyLayout`).
 """
 
 from __future__ import annotations
@@ -66,26 +71,134 @@ class KeyLayout:
         d = (key >> (self.id_bits + self.flag_bits)).astype(jnp.int32)
         return jnp.where(key == SENTINEL, BIG, d)
 
+    def empty(self, shape):
+        return jnp.full(shape, SENTINEL)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Pairs:
+    """Keys of two uint32 words [n, ...] each, ordered by hi, then lo; (SENTINEL, SENTINEL)
+    pads and sorts last. Indexing applies to both words."""
+
+    hi: jax.Array
+    lo: jax.Array
+
+    @property
+    def shape(self):
+        return self.hi.shape
+
+    def __getitem__(self, index):
+        return Pairs(self.hi[index], self.lo[index])
+
+    @property
+    def T(self):  # noqa: N802 (as an array's)
+        return Pairs(self.hi.T, self.lo.T)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairLayout:
+    """A list entry as Pairs: hi = distance, lo = id << flag_bits | flag. The order is KeyLayout's
+    (distance, id, flag) for ids up to 2**(32 - flag_bits), whatever the distance's range."""
+
+    flag_bits: int = 0
+
+    def pack(self, dist, ids):
+        ok = (ids >= 0) & (dist >= 0)
+        hi = jnp.where(ok, dist.astype(jnp.uint32), SENTINEL)
+        lo = jnp.where(ok, ids.astype(jnp.uint32) << self.flag_bits, SENTINEL)
+        return Pairs(hi, lo)
+
+    def ids(self, key):
+        node = (key.lo >> self.flag_bits).astype(jnp.int32)
+        return jnp.where(key.hi == SENTINEL, -1, node)
+
+    def dist(self, key):
+        return jnp.where(key.hi == SENTINEL, BIG, key.hi.astype(jnp.int32))
+
+    def empty(self, shape):
+        return Pairs(jnp.full(shape, SENTINEL), jnp.full(shape, SENTINEL))
+
+
+def low_word(key):
+    """The word that holds a layout's flag bit (bit 0): the key itself, or a pair's lo."""
+    return key.lo if isinstance(key, Pairs) else key
+
+
+def with_low_word(key, low):
+    return Pairs(key.hi, low) if isinstance(key, Pairs) else low
+
+
+def less(a, b):
+    """a < b elementwise, keys or Pairs (lexicographic)."""
+    if isinstance(a, Pairs):
+        return (a.hi < b.hi) | ((a.hi == b.hi) & (a.lo < b.lo))
+    return a < b
+
+
+def equal(a, b):
+    if isinstance(a, Pairs):
+        return (a.hi == b.hi) & (a.lo == b.lo)
+    return a == b
+
+
+def where(cond, a, b):
+    """jnp.where over keys or Pairs; a or b may be SENTINEL (a scalar) for the empty key."""
+    if isinstance(a, Pairs) or isinstance(b, Pairs):
+        a = a if isinstance(a, Pairs) else Pairs(a, a)
+        b = b if isinstance(b, Pairs) else Pairs(b, b)
+        return Pairs(jnp.where(cond, a.hi, b.hi), jnp.where(cond, a.lo, b.lo))
+    return jnp.where(cond, a, b)
+
+
+def _min_max(a, b):
+    if isinstance(a, Pairs):
+        swap = less(b, a)
+        return where(swap, b, a), where(swap, a, b)
+    return jnp.minimum(a, b), jnp.maximum(a, b)
+
+
+def minimum(a, b):
+    return _min_max(a, b)[0]
+
+
+def min_rows(x):
+    """The smallest key along axis 0 of x [n, ...] -> [...]."""
+    if isinstance(x, Pairs):
+        hi = jnp.min(x.hi, axis=0)
+        return Pairs(hi, jnp.min(jnp.where(x.hi == hi, x.lo, SENTINEL), axis=0))
+    return jnp.min(x, axis=0)
+
+
+def _tree(fn, *keys):
+    """fn applied to each word of keys (arrays, or Pairs of the same structure)."""
+    return jax.tree.map(fn, *keys)
+
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
 def pad_rows(x, rows: int):
-    """x [n, ...] -> [rows, ...] padded with SENTINEL (rows >= n)."""
-    pad = [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
-    return jnp.pad(x, pad, constant_values=SENTINEL)
+    """x [n, ...] (keys or Pairs) -> [rows, ...] padded with SENTINEL (rows >= n)."""
+
+    def pad(a):
+        widths = [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1)
+        return jnp.pad(a, widths, constant_values=SENTINEL)
+
+    return _tree(pad, x)
 
 
 def _exchange(x, stride: int, flip: bool):
     n, rest = x.shape[0], x.shape[1:]
-    blocks = x.reshape(n // (2 * stride), 2, stride, *rest)
+    blocks = _tree(lambda a: a.reshape(n // (2 * stride), 2, stride, *rest), x)
     lo, hi = blocks[:, 0], blocks[:, 1]
     if flip:  # element i against 2*stride - 1 - i: two sorted halves become one bitonic clean
-        hi = hi[:, ::-1]
-        pair = [jnp.minimum(lo, hi), jnp.maximum(lo, hi)[:, ::-1]]
-        return jnp.concatenate(pair, axis=1).reshape(x.shape)
-    return jnp.stack([jnp.minimum(lo, hi), jnp.maximum(lo, hi)], axis=1).reshape(x.shape)
+        small, large = _min_max(lo, hi[:, ::-1])
+        join = lambda s, b: jnp.concatenate([s, b[:, ::-1]], axis=1).reshape(n, *rest)  # noqa: E731
+        return _tree(join, small, large)
+    small, large = _min_max(lo, hi)
+    return _tree(lambda s, b: jnp.stack([s, b], axis=1).reshape(n, *rest), small, large)
 
 
 def _half_cleaners(x, stride: int):
@@ -96,7 +209,7 @@ def _half_cleaners(x, stride: int):
 
 
 def sort(x):
-    """Ascending sort along axis 0 of x [n, ...], n a power of two."""
+    """Ascending sort along axis 0 of x [n, ...] (keys or Pairs), n a power of two."""
     n, size = x.shape[0], 1
     while size < n:
         x = _half_cleaners(_exchange(x, size, flip=True), size // 2)
@@ -105,9 +218,10 @@ def sort(x):
 
 
 def merge_smallest(a, b):
-    """a, b [n, ...], each sorted along axis 0 (n a power of two) -> the n smallest, sorted."""
+    """a, b [n, ...] (keys or Pairs), each sorted along axis 0 (n a power of two) -> the n
+    smallest, sorted."""
     # min(a[i], b[n-1-i]) holds the n smallest as a bitonic sequence (Batcher's merge).
-    return _half_cleaners(jnp.minimum(a, b[::-1]), a.shape[0] // 2)
+    return _half_cleaners(minimum(a, b[::-1]), a.shape[0] // 2)
 
 
 # Lists per tile: each network stage is one pass over its array, so the networks run on column

@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 
 from alijax.ann import bitonic, heap
-from alijax.ann.bitonic import SENTINEL, KeyLayout
+from alijax.ann.bitonic import SENTINEL, KeyLayout, PairLayout
 from alijax.ann.hamming import hamming_pairs, hamming_pairs_word_major
 
 METRICS = ("l2", "ip", "cosine")
@@ -77,7 +77,7 @@ class SearchConfig:
         return self.max_iterations or self.candidates // (4 * self.width) + 4
 
 
-def _seed(query_codes, codes, entries, layout: KeyLayout, size: int):
+def _seed(query_codes, codes, entries, layout: KeyLayout | PairLayout, size: int):
     """The start list [size, Q], sorted: entries split into `size` strided groups, the nearest
     of each group (so the nearest entry of all is always in it) -- a diverse, near start that
     costs one pass of distances and a running min, not a top-k over all entries."""
@@ -98,10 +98,10 @@ def _seed(query_codes, codes, entries, layout: KeyLayout, size: int):
             d = hamming_pairs_word_major(entry_codes[step][:, g, :, None], query_t)  # [size, Q]
             node = ids[step][g][:, None]
             keys = layout.pack(d, jnp.broadcast_to(node, d.shape))
-            best = jnp.minimum(best, jnp.where(node >= 0, keys, SENTINEL))
+            best = bitonic.minimum(best, bitonic.where(node >= 0, keys, SENTINEL))
         return best
 
-    return bitonic.sort(lax.fori_loop(0, steps, fold, jnp.full((size, q), SENTINEL)))
+    return bitonic.sort(lax.fori_loop(0, steps, fold, layout.empty((size, q))))
 
 
 # Seed groups scored per loop step (unrolled). One a step cost 3.2 ms of a 13 ms batch (500
@@ -110,48 +110,64 @@ _SEED_GROUPS_PER_STEP = 8
 
 
 def beam_search(
-    query_codes, codes, graph, entries, *, candidates: int, width: int = 1, iterations: int = 32
+    query_codes,
+    codes,
+    graph,
+    entries,
+    *,
+    candidates: int,
+    width: int = 1,
+    iterations: int = 32,
+    pairs: bool | None = None,
 ):
     """Hamming beam search (traceable; jit it, or see search for batches of queries).
 
     query_codes uint32 [Q, W]; codes uint32 [N, W]; graph int32 [N, R] (-1 = no edge);
     entries int32 [E]. Returns (ids int32 [Q, L], dist int32 [Q, L]) sorted by (distance, id),
-    -1 / BIG where fewer than L nodes were reached."""
-    top = seed_list(query_codes, codes, entries, candidates=candidates)
+    -1 / BIG where fewer than L nodes were reached. pairs: the list's entries as two words
+    (None: only where one does not hold them; see _layout)."""
+    top = seed_list(query_codes, codes, entries, candidates=candidates, pairs=pairs)
     return walk(
         query_codes, codes, graph, top, candidates=candidates, width=width, iterations=iterations
     )
 
 
-def _layout(codes) -> KeyLayout:
+def _layout(codes, pairs: bool | None = None) -> KeyLayout | PairLayout:
+    """The list's entries: one uint32 key where (distance, id, flag) fits 32 bits (256-bit
+    codes: up to 2**22 codes), else two words (PairLayout; pairs=True forces them), whose
+    networks cost more per step but give the same order and so the same results."""
     n, n_bits = codes.shape[0], codes.shape[1] * 32
-    if not KeyLayout.fits(n, n_bits, flag=True):
-        raise ValueError(f"an index of {n} codes of {n_bits} bits does not fit the uint32 keys")
-    return KeyLayout.for_ids(n, flag=True)
+    if n >= 1 << 31:
+        raise ValueError(f"an index of {n} codes has more than 2**31 - 1 ids")
+    if pairs is None:
+        pairs = not KeyLayout.fits(n, n_bits, flag=True)
+    return PairLayout(flag_bits=1) if pairs else KeyLayout.for_ids(n, flag=True)
 
 
-def seed_list(query_codes, codes, entries, *, candidates: int):
-    """beam_search's start: the list as keys uint32 [next_pow2(candidates), Q] (see _seed)."""
-    return _seed(query_codes, codes, entries, _layout(codes), bitonic.next_pow2(candidates))
+def seed_list(query_codes, codes, entries, *, candidates: int, pairs: bool | None = None):
+    """beam_search's start: the list as keys uint32 [next_pow2(candidates), Q], or Pairs of
+    them (see _layout and _seed)."""
+    size = bitonic.next_pow2(candidates)
+    return _seed(query_codes, codes, entries, _layout(codes, pairs), size)
 
 
 def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterations: int):
     """beam_search from the list `top` that seed_list made."""
     q = query_codes.shape[0]
     r = graph.shape[1]
-    layout = _layout(codes)
+    layout = _layout(codes, pairs=isinstance(top, bitonic.Pairs))
     size = top.shape[0]  # the list, padded to a power of two for the networks
     fresh = width * r
     triu = jnp.triu(jnp.ones((fresh, fresh), bool), 1)
 
     def unexpanded(top):
-        return (top & 1) == 0  # the sentinel has its flag bit set
+        return (bitonic.low_word(top) & 1) == 0  # the sentinel has its flag bit set
 
     def merge_pending(top, pending):
         """Scores the pending neighbours [width*R, Q] (-1: none) and merges those that can enter."""
         d = hamming_pairs(codes[jnp.maximum(pending, 0)], query_codes[None, :, :])
         new = layout.pack(d, pending)
-        new = jnp.where(new < top[-1:], new, SENTINEL)  # cannot enter the list
+        new = bitonic.where(bitonic.less(new, top[-1:]), new, SENTINEL)  # cannot enter the list
         new = bitonic.sort(bitonic.pad_rows(new, bitonic.next_pow2(fresh)))
         new = bitonic.pad_rows(new, size) if new.shape[0] < size else new[:size]
         return bitonic.merge_smallest(top, new)
@@ -163,16 +179,16 @@ def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterati
         # min over the leading axis per parent (a cumsum to rank them ran 3x slower, measured).
         parents, remaining = [], unexpanded(top)
         for _ in range(width):
-            best = jnp.min(jnp.where(remaining, top, SENTINEL), axis=0)
-            parents.append(best)
-            remaining = remaining & (top != best[None, :])
-        parents = jnp.stack(parents)  # [width, Q]; the sentinel where a query has none left
-        live = parents != SENTINEL
+            best = bitonic.min_rows(bitonic.where(remaining, top, SENTINEL))
+            parents.append(layout.ids(best))
+            remaining = remaining & ~bitonic.equal(top, best[None, :])
+        parents = jnp.stack(parents)  # [width, Q]; -1 where a query has none left
+        live = parents >= 0
         chosen = unexpanded(top) & ~remaining
         # Gathered element-wise from the flat graph straight into [width, R, Q]: gathering rows
         # and transposing let XLA fold the transpose into a column-major layout, and the
         # consumers then ran as scalar code (3x slower, measured).
-        flat = layout.ids(parents)[:, None, :] * r + jnp.arange(r, dtype=jnp.int32)[None, :, None]
+        flat = parents[:, None, :] * r + jnp.arange(r, dtype=jnp.int32)[None, :, None]
         nb = jnp.where(live[:, None, :], graph.reshape(-1)[flat], -1).reshape(fresh, q)
         known = layout.ids(top)
         # One compare per list slot, unrolled over rows of Q contiguous ids, which XLA:CPU
@@ -181,7 +197,8 @@ def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterati
         if width > 1:  # two parents may share a neighbour: keep its first occurrence
             same = (nb[:, None, :] == nb[None, :, :]) & triu[:, :, None]
             ok = ok & ~jnp.any(same, axis=0)
-        return top | chosen.astype(jnp.uint32), jnp.where(ok, nb, -1)
+        marked = bitonic.low_word(top) | chosen.astype(jnp.uint32)
+        return bitonic.with_low_word(top, marked), jnp.where(ok, nb, -1)
 
     def cond(state):
         it, top, pending = state
@@ -201,7 +218,9 @@ def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterati
     return layout.ids(top), layout.dist(top)
 
 
-beam_search_jit = jax.jit(beam_search, static_argnames=("candidates", "width", "iterations"))
+beam_search_jit = jax.jit(
+    beam_search, static_argnames=("candidates", "width", "iterations", "pairs")
+)
 
 
 def rerank(queries, vectors, cand, k: int, metric: str, deleted=None):

@@ -57,6 +57,42 @@ def test_key_layout_orders_by_distance_then_id(flag):
     assert bitonic.KeyLayout.fits(1 << 23, 256) and not bitonic.KeyLayout.fits(1 << 24, 256)
 
 
+def _as_u64(p):
+    return np.asarray(p.hi).astype(np.uint64) << 32 | np.asarray(p.lo)
+
+
+@pytest.mark.parametrize("n", [1, 2, 16, 64])
+def test_pair_networks_order_by_hi_then_lo(n):
+    rng = np.random.default_rng(n)
+    words = lambda: rng.integers(0, 6, size=(n, 5), dtype=np.uint32)  # noqa: E731 (many ties)
+    x = bitonic.Pairs(jnp.asarray(words()), jnp.asarray(words() * 1000))
+    want = np.sort(_as_u64(x), axis=0)
+    np.testing.assert_array_equal(_as_u64(bitonic.sort(x)), want)
+    np.testing.assert_array_equal(_as_u64(bitonic.min_rows(x)), want[0])
+    y = bitonic.Pairs(jnp.asarray(words()), jnp.asarray(words()))
+    both = np.sort(np.concatenate([want, np.sort(_as_u64(y), axis=0)]), axis=0)[:n]
+    merged = bitonic.merge_smallest(bitonic.sort(x), bitonic.sort(y))
+    np.testing.assert_array_equal(_as_u64(merged), both)
+    padded = bitonic.pad_rows(x, 2 * n)
+    assert (np.asarray(padded.hi[n:]) == bitonic.SENTINEL).all()
+
+
+def test_pair_layout_orders_as_the_key_layout():
+    dist = jnp.asarray([5, 3, 3, 0, 256, 7, -1], jnp.int32)
+    ids = jnp.asarray([1, 999, 7, 500, -1, 2, 3], jnp.int32)
+    keys = bitonic.KeyLayout.for_ids(1000, flag=True).pack(dist, ids)
+    layout = bitonic.PairLayout(flag_bits=1)
+    pairs = layout.pack(dist, ids)
+    np.testing.assert_array_equal(np.argsort(_as_u64(pairs)), np.argsort(np.asarray(keys)))
+    np.testing.assert_array_equal(layout.ids(pairs), [1, 999, 7, 500, -1, 2, -1])
+    big = bitonic.BIG
+    np.testing.assert_array_equal(layout.dist(pairs), [5, 3, 3, 0, big, 7, big])
+    flagged = bitonic.with_low_word(pairs, bitonic.low_word(pairs) | 1)
+    np.testing.assert_array_equal(layout.ids(flagged), layout.ids(pairs))
+    big_id = layout.pack(jnp.asarray([3]), jnp.asarray([(1 << 31) - 1]))
+    assert int(layout.ids(big_id)[0]) == (1 << 31) - 1
+
+
 def test_tiled_networks_and_tuple_input_match_numpy():
     # 600 lists: three tiles of 200 (TILE 256), the path every large build takes.
     rng = np.random.default_rng(7)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax._src.interpreters import pxla  # jax's in-memory executable cache
 
-from alijax.ann import codes, graph, search
+from alijax.ann import bitonic, codes, graph, search
 from tests.ann.test_codes import clustered
 
 
@@ -149,15 +149,41 @@ def test_bad_arguments(setup):
         search.search(q, qc, c, g, x, entries, 100)
 
 
-def test_beam_search_refuses_an_index_too_large_for_its_keys():
-    with pytest.raises(ValueError, match="uint32 keys"):
-        jax.eval_shape(
-            functools.partial(search.beam_search, candidates=8),
+def test_an_index_too_large_for_one_word_keys_searches_with_pairs():
+    # 2**23 codes of 256 bits: (distance, id, flag) needs 9 + 23 + 1 bits, so the list holds
+    # Pairs (traced only: the arrays would be 8 GB).
+    def shapes(n):
+        return (
             jax.ShapeDtypeStruct((2, 8), jnp.uint32),
-            jax.ShapeDtypeStruct((1 << 23, 8), jnp.uint32),
-            jax.ShapeDtypeStruct((1 << 23, 4), jnp.int32),
+            jax.ShapeDtypeStruct((n, 8), jnp.uint32),
+            jax.ShapeDtypeStruct((n, 4), jnp.int32),
             jax.ShapeDtypeStruct((4,), jnp.int32),
         )
+
+    seed = functools.partial(search.seed_list, candidates=8)
+    assert isinstance(jax.eval_shape(seed, *shapes(1 << 23)[:2], shapes(1)[3]), bitonic.Pairs)
+    assert not isinstance(jax.eval_shape(seed, *shapes(1 << 22)[:2], shapes(1)[3]), bitonic.Pairs)
+    ids, dist = jax.eval_shape(
+        functools.partial(search.beam_search, candidates=8), *shapes(1 << 23)
+    )
+    assert ids.shape == dist.shape == (2, 8) and ids.dtype == jnp.int32
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        search._layout(jax.ShapeDtypeStruct((1 << 31, 8), jnp.uint32))
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_pair_keys_walk_exactly_as_one_word_keys(setup, width):
+    # The two layouts order entries the same, so every list, and every result, is the same.
+    x, q, c, qc, g, entries = setup
+    args = [jnp.asarray(a) for a in (qc, c, g, entries)]
+    run = functools.partial(search.beam_search, *args, candidates=48, width=width, iterations=9)
+    keys, pairs = run(pairs=False), run(pairs=True)
+    assert isinstance(
+        search.seed_list(*args[:2], args[3], candidates=48, pairs=True), bitonic.Pairs
+    )
+    np.testing.assert_array_equal(pairs[0], keys[0])
+    np.testing.assert_array_equal(pairs[1], keys[1])
+    assert (np.asarray(keys[0]) >= 0).all()
 
 
 def test_threads_give_the_same_results(setup, monkeypatch):
