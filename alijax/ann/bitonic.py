@@ -99,12 +99,13 @@ class Pairs:
 @dataclasses.dataclass(frozen=True)
 class PairLayout:
     """A list entry as Pairs: hi = distance, lo = id << flag_bits | flag. The order is KeyLayout's
-    (distance, id, flag) for ids up to 2**(32 - flag_bits), whatever the distance's range."""
+    (distance, id, flag) for ids up to 2**(32 - flag_bits), whatever the distance's range. An
+    entry whose hi is SENTINEL is empty whatever its lo (it sorts after every real entry)."""
 
     flag_bits: int = 0
 
     def pack(self, dist, ids):
-        ok = (ids >= 0) & (dist >= 0)
+        ok = (ids >= 0) & (dist >= 0) & (dist < BIG)  # BIG: empty, as KeyLayout decodes it
         hi = jnp.where(ok, dist.astype(jnp.uint32), SENTINEL)
         lo = jnp.where(ok, ids.astype(jnp.uint32) << self.flag_bits, SENTINEL)
         return Pairs(hi, lo)
@@ -127,6 +128,11 @@ def low_word(key):
 
 def with_low_word(key, low):
     return Pairs(key.hi, low) if isinstance(key, Pairs) else low
+
+
+def is_empty(key):
+    """Whether each entry is empty: SENTINEL, or a pair whose hi word is (see PairLayout)."""
+    return (key.hi if isinstance(key, Pairs) else key) == SENTINEL
 
 
 def less(a, b):
@@ -238,7 +244,8 @@ def _even_slices(n: int, size: int) -> tuple[int, int]:
 
 
 def _take(a, start, size: int, axis: int):
-    return lax.dynamic_slice_in_dim(a, start, size, axis=axis % a.ndim)
+    """The slice of `size` from `start` along `axis` of an array or of each word of Pairs."""
+    return _tree(lambda w: lax.dynamic_slice_in_dim(w, start, size, axis=axis % w.ndim), a)
 
 
 def slice_map(fn, arrays, size: int, axis: int = -1):
@@ -262,11 +269,13 @@ def slice_map(fn, arrays, size: int, axis: int = -1):
         at = axis % len(shape.shape)
         return jnp.zeros(shape.shape[:at] + (n,) + shape.shape[at + 1 :], shape.dtype)
 
+    def put(o, y, start):
+        return lax.dynamic_update_slice_in_dim(o, y, start, axis=axis % o.ndim)
+
     def body(i, out):
         start = jnp.minimum(i * size, n - size)
         got = fn(*(take(a, start) for a in arrays))
-        put = lambda o, y: lax.dynamic_update_slice_in_dim(o, y, start, axis=axis % o.ndim)  # noqa: E731
-        return jax.tree.map(put, out, got)
+        return jax.tree.map(functools.partial(put, start=start), out, got)
 
     return lax.fori_loop(0, count, body, jax.tree.map(full, shapes))
 
@@ -302,7 +311,7 @@ def slice_update(fn, x, others, size: int, axis: int = -1, *, other_axes=None, c
         x, state = loop
         start = jnp.minimum(i * size, n - size)
         old = jax.tree.map(lambda a: _take(a, start, size, axis), x)
-        parts = [_take(o, start, size, ax) for o, ax in zip(others, axes)]
+        parts = [_take(o, start, size, ax) for o, ax in zip(others, axes)]  # each may be Pairs
         new, state = apply(old, parts, state)
         written = start + jnp.arange(size) < i * size  # by slice i - 1
 
@@ -318,8 +327,8 @@ def slice_update(fn, x, others, size: int, axis: int = -1, *, other_axes=None, c
 
 
 def by_tiles(fn, x, tile: int = TILE):
-    """fn applied to column tiles of x [m, c] (fn: [m, tile] -> [k, tile]) -> [k, c], one tile
-    after the other so each network's intermediates stay small."""
+    """fn applied to column tiles of x [m, c] (keys or Pairs; fn: [m, tile] -> [k, tile]) ->
+    [k, c], one tile after the other so each network's intermediates stay small."""
     return slice_map(fn, (x,), tile, axis=1)
 
 
@@ -328,10 +337,11 @@ def _smallest(x, k: int):
     chunks = -(-m // k)
     # Chunk c holds rows c, c + chunks, ...: which rows share a chunk does not change the k
     # smallest, and this split is a reshape, with no transposed copy.
-    x = sort(pad_rows(x, chunks * k).reshape(k, chunks, *x.shape[1:]))
+    rest = x.shape[1:]
+    x = sort(_tree(lambda w: w.reshape(k, chunks, *rest), pad_rows(x, chunks * k)))
     while chunks > 1:  # x [k, chunks, ...]: chunk c sorted along axis 0
         if chunks % 2:
-            x = jnp.concatenate([x, jnp.full_like(x[:, :1], SENTINEL)], axis=1)
+            x = _tree(lambda w: jnp.concatenate([w, jnp.full_like(w[:, :1], SENTINEL)], 1), x)
             chunks += 1
         x = merge_smallest(x[:, 0::2], x[:, 1::2])
         chunks //= 2
@@ -344,23 +354,23 @@ def _check_pow2(name: str, value: int):
 
 
 def smallest(x, k: int):
-    """The k smallest along axis 0 of x [m, c] (any m; SENTINEL-padded when m < k), sorted;
-    k a power of two. Chunks of k are sorted, then merged pairwise (a tournament), so the cost
-    is O(m log^2 k), not a sort of all m."""
+    """The k smallest along axis 0 of x [m, c] (keys or Pairs; any m; SENTINEL-padded when
+    m < k), sorted; k a power of two. Chunks of k are sorted, then merged pairwise (a
+    tournament), so the cost is O(m log^2 k), not a sort of all m."""
     _check_pow2("k", k)
     return by_tiles(lambda t: _smallest(t, k), x)
 
 
 def _unique_smallest(x, k: int, window: int):
     s = _smallest(x, window)
-    repeat = jnp.concatenate([jnp.zeros_like(s[:1], bool), s[1:] == s[:-1]], axis=0)
-    return sort(jnp.where(repeat, SENTINEL, s))[:k]
+    repeat = jnp.concatenate([jnp.zeros((1, *s.shape[1:]), bool), equal(s[1:], s[:-1])], axis=0)
+    return sort(where(repeat, SENTINEL, s))[:k]
 
 
 def unique_smallest(x, k: int, window: int | None = None):
-    """The k smallest distinct keys along axis 0 of x [m, c], sorted, SENTINEL-padded. x may
-    also be a tuple of arrays [m_i, c], taken as their concatenation along axis 0, which is
-    then formed one tile at a time (never as a whole [sum m_i, c] array).
+    """The k smallest distinct keys along axis 0 of x [m, c] (keys or Pairs), sorted,
+    SENTINEL-padded. x may also be a tuple of such [m_i, c], taken as their concatenation along
+    axis 0, which is then formed one tile at a time (never as a whole [sum m_i, c] array).
 
     Equal keys are duplicates (the same entry met twice); after a sort they are adjacent, the
     repeats become SENTINEL and a second sort puts the holes last. Only the `window` smallest
@@ -372,5 +382,6 @@ def unique_smallest(x, k: int, window: int | None = None):
     _check_pow2("window", window)
     if window < k:
         raise ValueError(f"window={window} must be >= k={k}")
-    tiles = lambda *t: _unique_smallest(jnp.concatenate(t, axis=0), k, window)  # noqa: E731
+    join = lambda *t: _tree(lambda *w: jnp.concatenate(w, axis=0), *t)  # noqa: E731
+    tiles = lambda *t: _unique_smallest(join(*t), k, window)  # noqa: E731
     return slice_map(tiles, parts, TILE, axis=1)

@@ -28,10 +28,11 @@ below are ours.
    is dropped before the merge, so only possible improvements are sorted. Each list stays sorted
    by (distance, index).
 
-Lists as packed keys. Where (distance, id) fit in a uint32 (bitonic.KeyLayout: up to 2^23 ids
-at 256 bits), stages 2-4 keep every list as keys [K, n] (column p: p's list) and every sort,
-top-k and dedup is a bitonic network on column tiles (bitonic.py), which XLA:CPU vectorises
-across lists; beyond that the same stages run on [n, K] rows with lax.sort and top_k.
+Lists as packed keys. Stages 2-4 keep every list as keys [K, n] (column p: p's list) and every
+sort, top-k and dedup is a bitonic network on column tiles (bitonic.py), which XLA:CPU vectorises
+across lists. A key is one uint32 (distance, id) where both fit (bitonic.KeyLayout: up to 2^23
+ids at 256 bits), beyond that bitonic.Pairs of two words (distance; id), which sort to the same
+order, so the graph is the same either way, at twice the lists' bytes.
 4. Pruning: relative-neighbourhood (HNSW-style heuristic) on the K-list in rank order: p -> q is
    kept unless an already kept neighbour r is strictly closer to q than p is. Kept edges come
    first, then the pruned ones (rank order), so the list still fills the degree.
@@ -62,11 +63,11 @@ Per-device memory is O(N / D) either way (never an all-gathered copy). A ring ru
 costs bytes that grow with N whatever D: propagation's candidate codes on the ring moved
 (n / chunk) * (D - 1) * 32 n bytes a device a round (1.7 GB at 1M on 8 devices), as requests
 about 2 * 36 * S * n (1.1 GB, falling as 1 / D).
-Stage 2 on a mesh (and on the sort path) makes its blocks in 8 groups a shard, and each group's kNN
-rows travel the ring into a buffer that becomes the lists (`_merge_blocks_by_group`,
-`_merge_block_rows_by_group`). Stage 5 counts each shard's in-edges per node in a first ring, so the
-second places every source at its slot in place. Cluster histograms ([D, n_clusters]) and the
-centroids with their graph are the only replicated arrays; the k-means sample is split over the
+Stage 2 on a mesh makes its blocks in 8 groups a shard, and each group's kNN rows travel the ring
+into a buffer that becomes the lists (`_merge_blocks_by_group`). Stage 5 counts each shard's
+in-edges per node in a first ring, so the second places every source at its slot in place.
+Cluster histograms ([D, n_clusters]) and the centroids with their graph are the only replicated
+arrays; the k-means sample is split over the
 devices and its vote counts summed with psum (`build_memory` gives XLA's per-device buffer sizes for
 any mesh). A mesh may span processes (`jax.distributed`, one per host): each passes the same codes
 and places only its own devices' rows, the rings and requests cross hosts through JAX's collectives,
@@ -83,11 +84,11 @@ on one device XLA's buffers peak at 0.42 GB (`build_memory`, stages 4-5: the lis
 the in-edges 0.12 GB), against 0.79 GB with a block table beside the lists and out-of-place
 propagation, and 2.0 GB as one program. On 8 devices each one's peak is 56 MiB, 0.133 of that
 (1/7.5, stages 4-5; the lists' share is 31 MB, the in-edges 15 MB, the rest chunk buffers).
-The sort path (distances and ids that do not fit uint32 keys, beyond 2^23 points at 256 bits)
-keeps (ids, dist) int32 [n, K] rows (twice the keys' bytes) and works like the mesh's keys
-path, in place wherever the keys path is; forced at 1M it peaks at 767 MiB on one device
-(stages 4-5: the rows 488 MiB) and 99.7 MiB a device on 8 (0.130), against 1801 and 260 MiB
-with a block table, whole tables on rings and new arrays beside the rows (before 2026-12-05).
+Lists of Pairs (beyond 2^23 points at 256 bits) hold twice the bytes; forced at 1M they peak
+at 800 MiB on one device and 103 MiB a device on 8 (0.128; stages 4-5, `build_memory`), against
+767 and 100 MiB of the lax.sort path they replaced (2026-12-05), whose (ids, dist) rows made
+other graphs than the keys; at 200k, 2 cores, they build in 12.7 s on one device and 9.5 s on 8
+simulated ones (the keys: 6.9 and 6.7 s; the lax.sort path: 14.4 and 9.7 s).
 
 Determinism. Every result is a function of the codes only: block layout by (cluster, point id),
 kNN ties to the lower slot, merges sorted by (distance, index), reverse edges by (rank, source).
@@ -109,7 +110,7 @@ from jax.sharding import PartitionSpec as P
 
 from alijax.ann import bitonic
 from alijax.ann import search as search_lib
-from alijax.ann.bitonic import KeyLayout
+from alijax.ann.bitonic import KeyLayout, PairLayout
 from alijax.ann.hamming import hamming_pairs, hamming_pairs_word_major, hamming_topk, unpack_bits
 from alijax.ann.heap import release_free_heap
 from alijax.parallel import make_mesh
@@ -190,7 +191,7 @@ class _Plan:
     blocks_per_shard: int
     groups: int  # blocks are made in this many groups a shard (see _TABLE_GROUPS)
     sample_size: int
-    layout: KeyLayout | None  # packed (distance, id) keys when they fit, else the sort path
+    layout: KeyLayout | PairLayout  # one uint32 key per entry where it fits, else Pairs
     code_order: bool  # centroids numbered in code order (_in_code_order)
     chunk: int  # rows per propagation / merge chunk on a device (see _plan)
     prune_chunk: int  # rows per pruning chunk on a device
@@ -199,9 +200,8 @@ class _Plan:
 
 _PRUNE_CHUNK = 4096  # rows per pruning step: [64, 64, 4096] pair distances are 64 MB
 _MIN_CHUNK = 1024  # a mesh's propagation chunks are no smaller (each runs its exchanges)
-# A mesh (and the sort path on one device) makes its blocks in this many groups a shard, and
-# only one group's kNN rows exist at a time (_merge_blocks_by_group and
-# _merge_block_rows_by_group): the whole shard's were 31 MB a device at 1M on 8 devices.
+# A mesh makes its blocks in this many groups a shard, and only one group's kNN rows exist at
+# a time (_merge_blocks_by_group): the whole shard's were 31 MB a device at 1M on 8 devices.
 _TABLE_GROUPS = 8
 
 
@@ -238,11 +238,12 @@ def _plan(n_total: int, words: int, degree: int, shards: int, cfg: GraphConfig) 
     # batch makes lax.map concatenate, a copy of the whole block table (0.7 GB at 1M).
     batch = max(1, min(cfg.block_batch, per_shard))
     n_ids = -(-n_total // shards) * shards
-    layout = KeyLayout.for_ids(n_ids) if KeyLayout.fits(n_ids, words * 32) else None
-    # Groups of blocks wherever the block rows are gathered (a mesh, and the sort path on one
-    # device): one device's packed keys merge each batch of blocks straight into the lists.
-    in_place = shards == 1 and layout is not None
-    groups = 1 if in_place else min(_TABLE_GROUPS, -(-per_shard // batch))
+    if n_ids >= 1 << 31:
+        raise ValueError(f"{n_total} codes (padded to {n_ids}) exceed 2**31 - 1 ids")
+    layout = KeyLayout.for_ids(n_ids) if KeyLayout.fits(n_ids, words * 32) else PairLayout()
+    # Groups of blocks wherever the block rows are gathered (a mesh): one device merges each
+    # batch of blocks straight into the lists.
+    groups = 1 if shards == 1 else min(_TABLE_GROUPS, -(-per_shard // batch))
     per_shard = -(-per_shard // (batch * groups)) * batch * groups
     sample = min(n_total, max(nc, min(_MAX_KMEANS_SAMPLE, nc * cfg.kmeans_sample_per_cluster)))
     # Propagation's chunk buffers shrink with the mesh like every other per-device array
@@ -289,9 +290,9 @@ def topk_unique(ids, dist, k: int, window: int | None = None):
     ids int32 [R, M] (-1 = empty), dist int32 [R, M] -> (ids [R, k], dist [R, k]); empty slots
     come last as (-1, BIG). Only the best `window` entries (by distance, ties to the lower
     position) are deduplicated, so heavy duplication can push a candidate out of one call; it
-    is found again later and the lists stay distinct. (Where ids and distances fit
-    bitonic.KeyLayout, packed keys through bitonic.unique_smallest are 5-10x faster on
-    XLA:CPU than this sort and top_k, measured on 2 cores: the build's keys path.)"""
+    is found again later and the lists stay distinct. (Keys through bitonic.unique_smallest
+    are 5-10x faster on XLA:CPU than this sort and top_k, measured on 2 cores: the build's
+    lists.)"""
     m = ids.shape[-1]
     window = m if window is None else max(k, min(window, m))
     dist = jnp.where(ids < 0, BIG, dist)
@@ -336,14 +337,19 @@ def _ring_take(
     reduce: applied to the entries as each ring step takes them, so only its result is kept
     (it keeps the leading table_axis and gidx dimensions): e.g. the distances of candidate
     codes [S, r, W] -> [S, r], a W-th of the bytes held through the ring."""
-    rows = table.shape[table_axis]
+    rows = jax.tree.leaves(table)[0].shape[table_axis]
     owner = jnp.where(gidx >= 0, gidx // rows, -1)
     local = jnp.clip(gidx - owner * rows, 0, rows - 1)
     reduce = reduce or (lambda x: x)  # noqa: E731
     lead = (None,) * table_axis
-    taken = jax.eval_shape(lambda b: reduce(jnp.take(b, local, axis=table_axis)), table)
-    trail = (None,) * (len(taken.shape) - gidx.ndim - table_axis)
-    out = jnp.full(taken.shape, fill, taken.dtype)
+
+    def take(buf, at):  # table may be a pytree (Pairs of keys): each leaf alike
+        return jax.tree.map(lambda b: jnp.take(b, at, axis=table_axis), buf)
+
+    taken = jax.eval_shape(lambda b: reduce(take(b, local)), table)
+    if not isinstance(fill, type(taken)):  # one fill for every leaf
+        fill = jax.tree.map(lambda _: fill, taken)
+    out = jax.tree.map(lambda t, f: jnp.full(t.shape, f, t.dtype), taken, fill)
 
     def visit(shard, buf, out):
         mine = owner == shard
@@ -351,8 +357,12 @@ def _ring_take(
         # costs the same instructions, but only this shard's rows miss the cache (propagation
         # at 1M on 8 simulated devices: 14.3 -> 11.1 s, 2 cores).
         rows_read = local if plan.shards == 1 else jnp.where(mine, local, 0)
-        taken = jnp.take(buf, rows_read, axis=table_axis)
-        return jnp.where(mine[lead + (...,) + trail], reduce(taken), out)
+
+        def keep(new, old):
+            trail = (None,) * (new.ndim - gidx.ndim - table_axis)
+            return jnp.where(mine[lead + (...,) + trail], new, old)
+
+        return jax.tree.map(keep, reduce(take(buf, rows_read)), out)
 
     if plan.shards == 1:
         out = visit(0, table, out)
@@ -659,24 +669,9 @@ def _scatter_blocks(codes, pos, plan: _Plan, axis: str, with_codes: bool = True,
     return ids.reshape(-1, c), bcodes.reshape(-1, c, w)
 
 
-def _block_distances(ids, codes):
-    d = hamming_pairs(codes[:, None, :], codes[None, :, :])  # symmetric: d[j, i] = d[i, j]
-    # Same point, not just the diagonal: both of a point's clusters can land in one block.
-    bad = (ids < 0)[None, :] | (ids[:, None] == ids[None, :])
-    return jnp.where(bad, BIG, d)
-
-
-def _block_knn(ids, codes, k: int):
-    """Exact kNN inside one block: ids [C], codes [C, W] -> (ids [C, k], dist [C, k])."""
-    d = _block_distances(ids, codes)
-    _, pos = lax.top_k(-d.astype(jnp.float32), k)
-    nd = _take_along(d, pos)
-    nid = jnp.where(nd >= BIG, -1, ids[pos])
-    return nid, nd  # a duplicated point's two slots give the same list; the merge dedups
-
-
-def _block_knn_keys(ids, codes, k: int, layout: KeyLayout):
-    """_block_knn as packed keys [C, k], row i point i's sorted list. Computed per tile of
+def _block_knn_keys(ids, codes, k: int, layout: KeyLayout | PairLayout):
+    """Exact kNN inside one block: ids int32 [C] (-1: empty slot), codes [C, W] -> keys [C, k]
+    (or Pairs of them), row i slot i's list, sorted. Computed per tile of
     bitonic.TILE points with the networks along axis 0 of [C, tile] (so the distance tile and
     the network stay in cache; whole [C, C] blocks cost a transpose pass into tiles, 0.7 s of
     100k, measured); each tile's [k, tile] result is transposed in cache, so the block table is
@@ -698,20 +693,7 @@ def _block_knn_keys(ids, codes, k: int, layout: KeyLayout):
         return bitonic.smallest(keys, width)[:k].T
 
     out = lax.map(one_tile, (col_ids, col_codes))  # [count, tile, k]
-    return out.reshape(count * tile, k)[:c]
-
-
-def _initial_knn(codes, plan: _Plan, axis: str):
-    """Stages 1-2 on the sort path: (ids int32 [n, K], dist int32 [n, K]) for this shard's
-    rows, merged a group of blocks at a time as the mesh's keys path merges its lists (the
-    former block table of all the shard's slot rows, asked for a chunk at a time, made stage
-    2 peak at 1.14 GB at 1M on one device and 163 MB a device on 8, XLA buffers)."""
-    return _merge_block_rows_by_group(codes, _partition(codes, plan, axis), plan, axis)
-
-
-def _block_rows(ids, codes, k: int):
-    """_block_knn as one int32 row per slot, [C, 2 * k]: the ids, then the distances."""
-    return jnp.concatenate(_block_knn(ids, codes, k), axis=-1)
+    return jax.tree.map(lambda w: w.reshape(count * tile, k)[:c], out)
 
 
 def _after(x, value):
@@ -736,53 +718,8 @@ def _group_slots(pos, plan: _Plan):
     return jnp.where(valid, local // per_group, -1), owner * per_group + local % per_group
 
 
-def _merge_block_rows_by_group(codes, pos, plan: _Plan, axis: str):
-    """_merge_blocks_by_group for the sort path, on one device too: each group's slot rows
-    travel the ring into a buffer of rows (ids, dist) [n, num_assign * block_k] (assignment
-    j's in columns j * block_k onwards), whose first K columns become the lists once every
-    group is in. (Merging each batch of blocks into the lists in place, as the keys path
-    does on one device, sorted K + num_assign * block_k entries a slot: 12% slower at 200k.)"""
-    n, a, bk = plan.rows, plan.num_assign, plan.block_k
-    group_blocks = plan.blocks_per_shard // plan.groups
-    group, index = _group_slots(pos, plan)  # [n, a]
-    knn = functools.partial(_block_rows, k=bk)
-    batch = min(plan.cfg.block_batch, group_blocks)
-
-    def take(rows_c, group_c, index_c, table, g):  # rows_c (ids, dist) [r, a * bk]; [r, a]
-        mine = group_c == g
-        got, table = _ring_take(
-            table, jnp.where(mine, index_c, -1), -1, plan, axis, home=True
-        )  # [r, a, 2 * bk]
-        mine = jnp.repeat(mine, bk, axis=1)  # [r, a * bk]
-        got_i, got_d = (got[:, :, h * bk : (h + 1) * bk].reshape(mine.shape) for h in (0, 1))
-        return (jnp.where(mine, got_i, rows_c[0]), jnp.where(mine, got_d, rows_c[1])), table
-
-    def one_group(g, rows):
-        blocks = _scatter_blocks(codes, pos, plan, axis, part=(g * group_blocks, group_blocks))
-        table = lax.map(lambda x: knn(*x), blocks, batch_size=batch).reshape(-1, 2 * bk)
-        step = functools.partial(take, g=g)
-        return bitonic.slice_update(
-            step, rows, (group, index), plan.cfg.row_chunk, axis=0, carry=table
-        )[0]
-
-    # allocated once the partition exists (see _after)
-    rows = (
-        jnp.full((n, a * bk), _after(group, jnp.int32(-1))),
-        jnp.full((n, a * bk), _after(group, jnp.int32(BIG))),
-    )
-    rows = lax.fori_loop(0, plan.groups, one_group, rows)
-
-    def merge(rows_c):  # [r, a * bk] -> its K best distinct, then empty entries
-        pad = ((0, 0), (0, a * bk - plan.k))
-        ids, dist = topk_unique(*rows_c, plan.k)
-        return jnp.pad(ids, pad, constant_values=-1), jnp.pad(dist, pad, constant_values=BIG)
-
-    ids, dist = bitonic.slice_update(merge, rows, (), plan.chunk, axis=0)
-    return ids[:, : plan.k], dist[:, : plan.k]
-
-
 def _initial_knn_keys(codes, plan: _Plan, axis: str):
-    """Stages 1-2 on packed keys: this shard's lists as uint32 [K, n], sorted per column."""
+    """Stages 1-2: this shard's lists as keys uint32 [K, n] (or Pairs), sorted per column."""
     pos = _partition(codes, plan, axis)
     if plan.shards == 1:
         return _merge_blocks_in_place(codes, pos, plan)
@@ -810,27 +747,30 @@ def _merge_blocks_by_group(codes, pos, plan: _Plan, axis: str):
     batch = min(plan.cfg.block_batch, group_blocks)
 
     def take(rows_c, group_c, index_c, table, g):  # [a * bk, r], [a, r], [a, r]
-        got, table = _ring_take(
-            table, jnp.where(group_c == g, index_c, -1), bitonic.SENTINEL, plan, axis, home=True
-        )  # [a, r, bk], SENTINEL where not in this group
+        asked = jnp.where(group_c == g, index_c, -1)
+        got, table = _ring_take(table, asked, 0, plan, axis, home=True)  # [a, r, bk]
         # The barrier keeps XLA:CPU from fusing the row gather into the transpose (that
         # fusion ran as one scalar loop, 2.4 s of a 100k build, measured).
-        got = jnp.swapaxes(lax.optimization_barrier(got), 1, 2).reshape(rows_c.shape)
-        # A row is filled by exactly one group and SENTINEL before: the minimum is a select
-        # of whichever of the two is filled.
-        return jnp.minimum(rows_c, got), table
+        got = lax.optimization_barrier(got)
+        got = jax.tree.map(lambda w: jnp.swapaxes(w, 1, 2).reshape(rows_c.shape), got)
+        # A row is filled by exactly one group: the rows this group has are selected in by
+        # their requests. (A minimum of Pairs reads both words of both to write each, so XLA
+        # copied the rows' two words at every step: 8 MB a device at 131k on 8 devices.)
+        mine = jnp.broadcast_to((asked >= 0)[:, None, :], (a, bk, asked.shape[1]))
+        return bitonic.where(mine.reshape(rows_c.shape), got, rows_c), table
 
     def one_group(g, rows):
         # The group's blocks with their codes (gathered over the ring per group: the codes of
         # all the shard's slots were 8 MB a device at 1M on 8 devices).
         blocks = _scatter_blocks(codes, pos, plan, axis, part=(g * group_blocks, group_blocks))
-        table = lax.map(lambda x: knn(*x), blocks, batch_size=batch).reshape(per_group, bk)
+        table = lax.map(lambda x: knn(*x), blocks, batch_size=batch)
+        table = jax.tree.map(lambda w: w.reshape(per_group, bk), table)
         # The table goes round the ring and home again in every chunk, threaded from chunk
         # to chunk, so no copy of it stays behind.
         step = functools.partial(take, g=g)
         return bitonic.slice_update(step, rows, (group, index), plan.cfg.row_chunk, carry=table)[0]
 
-    rows = jnp.full((a * bk, plan.rows), _after(group, bitonic.SENTINEL))  # see _after
+    rows = _empty_keys(plan.layout, (a * bk, plan.rows), _after(group, bitonic.SENTINEL))
     rows = lax.fori_loop(0, plan.groups, one_group, rows)
 
     def merge(rows_c):  # [a * bk, r] -> its K smallest distinct keys, then SENTINEL rows
@@ -859,12 +799,13 @@ def _merge_blocks_in_place(codes, pos, plan: _Plan):
         pts = slot_ids[i]  # [size] point ids, -1 for empty slots
         safe = jnp.maximum(pts, 0)
         bcodes = codes[safe].reshape(batch, plan.capacity, -1)
-        rows = jax.vmap(knn)(pts.reshape(batch, -1), bcodes).reshape(size, bk)
+        rows = jax.vmap(knn)(pts.reshape(batch, -1), bcodes)
+        rows = jax.tree.map(lambda w: w.reshape(size, bk), rows)
         # Where each slot's point has its slots, relative to this batch (in range: here).
         local = pos[safe] - i * size  # [size, a]
         here = (local >= 0) & (local < size) & (pts >= 0)[:, None]
         parts = [
-            jnp.where(
+            bitonic.where(
                 here[:, j, None], rows[jnp.clip(local[:, j], 0, size - 1)], bitonic.SENTINEL
             ).T
             for j in range(a)
@@ -872,58 +813,24 @@ def _merge_blocks_in_place(codes, pos, plan: _Plan):
         col = jnp.where(pts >= 0, pts, n)  # n: out of range, dropped
         old = lists[:, jnp.minimum(col, n - 1)]
         merged = bitonic.unique_smallest((old, *parts), k)
-        return lists.at[:, col].set(merged, mode="drop")
+        return jax.tree.map(lambda w, m: w.at[:, col].set(m, mode="drop"), lists, merged)
 
-    empty = jnp.full((k, n), bitonic.SENTINEL)
+    empty = _empty_keys(plan.layout, (k, n), bitonic.SENTINEL)
     return lax.fori_loop(0, plan.blocks_per_shard // batch, one_batch, empty)
 
 
+def _empty_keys(layout, shape, fill):
+    """Empty keys of `shape`, filled with `fill` (SENTINEL, maybe a traced one: _after), or
+    Pairs of hi words `fill` and lo words 0 (empty: see bitonic.PairLayout). Not both words
+    SENTINEL: XLA makes the two equal broadcasts one buffer, and a loop carrying Pairs whose
+    words share a buffer copies both (a mesh's stage-2 rows and ring buffers, 131k points on
+    8 devices: 33 against 13 MB of XLA temp, live ranges)."""
+    if isinstance(layout, PairLayout):
+        return bitonic.Pairs(jnp.full(shape, fill, jnp.uint32), jnp.zeros(shape, jnp.uint32))
+    return jnp.full(shape, fill, jnp.uint32)
+
+
 # ------------------------------------------------------------------------------- 3. propagation
-
-
-def _propagate_chunk(rows_c, codes_c, gid_c, lists, codes, plan: _Plan, axis: str):
-    """One chunk of rows of the sort path: rows_c = (ids, dist) int32 [r, K] -> merged (ids,
-    dist) [r, K]; lists int32 [n, S2] is the shard's snapshot of its lists' first S2 entries."""
-    ids_c, d_c = rows_c
-    s1 = min(plan.cfg.sample_neighbors, plan.k)
-    r, s2 = ids_c.shape[0], lists.shape[1]
-    # Neighbours of neighbours, asked of the lists' owners (_exchange_take) like the keys
-    # path, a chunk at a time: the whole shard's [n, S1 * S2] candidates at once, through the
-    # lists' ring, were 64 MB a device at 1M on 8 devices and grow with N / D.
-    nn_c = _exchange_take(lists, ids_c[:, :s1], -1, plan, axis).reshape(r, s1 * s2)
-    cd = _candidate_distances(codes, nn_c.T, codes_c, plan, axis).T  # [r, S]
-    kth = d_c[:, -1:]
-    # The paper's filter: only candidates that could enter the list reach the merge.
-    drop = (nn_c < 0) | (nn_c == gid_c[:, None]) | (cd > kth)
-    window = 3 * plan.k
-    if window < plan.k + s1 * s2:
-        # Known neighbours out first, or their copies could crowd candidates out of the
-        # window. Where the window holds every entry, the dedup drops them (a known one has
-        # its list entry's distance), and this [r, S, K] compare was 10% of propagation (200k,
-        # K = 64, one device, 2 cores).
-        drop = drop | jnp.any(nn_c[:, :, None] == ids_c[:, None, :], axis=-1)
-    cd = jnp.where(drop, BIG, cd)
-    cat_i = jnp.concatenate([ids_c, nn_c], axis=1)
-    cat_d = jnp.concatenate([d_c, cd], axis=1)
-    return topk_unique(cat_i, cat_d, plan.k, window=window)
-
-
-def _propagate(codes, ids, dist, plan: _Plan, axis: str):
-    """Propagation rounds on (ids, dist) int32 [n, K] rows: the path for ids and distances
-    that do not fit the packed keys (see _propagate_keys)."""
-    s2 = min(plan.cfg.sample_width, plan.k)
-    gid = _shard_index(plan, axis) * plan.rows + jnp.arange(plan.rows, dtype=jnp.int32)
-
-    def one_round(_, rows):  # a loop, not unrolled: the round is compiled once
-        # In place, like the keys path: the round reads its neighbours' lists from the
-        # ids[:, :S2] snapshot, which stays home and answers the chunks' requests. New lists
-        # beside the old were 488 MB of a 1M round's 1250 MB peak on one device (XLA buffers).
-        step = functools.partial(
-            _propagate_chunk, lists=rows[0][:, :s2], codes=codes, plan=plan, axis=axis
-        )
-        return bitonic.slice_update(step, rows, (codes, gid), plan.chunk, axis=0)
-
-    return lax.fori_loop(0, plan.cfg.rounds, one_round, (ids, dist))
 
 
 def _propagate_keys_chunk(keys_c, codes_c, gid_c, rev_c, lists, codes, plan: _Plan, axis: str):
@@ -1015,7 +922,8 @@ def _prune_keys_chunk(keys_c, codes_t, plan: _Plan, axis: str):
     d_nn = d_nn.astype(jnp.int16) if small else d_nn
     valid = ids >= 0
     ids, kept = _kept_first(ids, _rng_prune_t(layout.dist(keys_c), d_nn, valid), valid)
-    return _pack_edges(ids, kept)
+    # Pairs keep their hi words (the distances, no longer read): the edges take the lo words.
+    return bitonic.with_low_word(keys_c, _pack_edges(ids, kept))
 
 
 def _pack_edges(ids, kept):
@@ -1065,18 +973,6 @@ def _kept_first(ids, kept, valid):
     prio = jnp.where(kept, rank, jnp.where(valid, k + rank, 2 * k + rank)).astype(jnp.uint32)
     order = bitonic.sort(bitonic.pad_rows(prio, bitonic.next_pow2(k)))[:k]
     return jnp.take_along_axis(ids, (order % k).astype(jnp.int32), axis=0), order < k
-
-
-def _prune_chunk(rows_c, codes, plan: _Plan, axis: str):
-    """rng pruning of the sort path's rows (ids, dist) int32 [r, K] -> (ids with kept edges
-    first, then the pruned ones; kept as int32 0 / 1) [r, K], in the rows' place (see
-    _finalize); the neighbours' codes are asked of their owners (_exchange_take)."""
-    ids_c, d_c = rows_c
-    nb = _exchange_take(codes, ids_c.T, 0, plan, axis)  # [K, r, W]
-    d_nn = hamming_pairs(nb[:, None], nb[None, :])  # [K, K, r]
-    valid = ids_c.T >= 0
-    out, kept = _kept_first(ids_c.T, _rng_prune_t(d_c.T, d_nn, valid), valid)
-    return out.T, kept.T.astype(jnp.int32)
 
 
 def _reverse_edges(fwd_t, plan: _Plan, axis: str, width: int, ranks=None, targets=None):
@@ -1205,64 +1101,39 @@ def _merge_forward_reverse_t(fwd_t, rev_t, degree: int, id_bits: int):
     return jnp.where(out == bitonic.SENTINEL, -1, (out & ((1 << id_bits) - 1)).astype(jnp.int32))
 
 
-def _finalize(codes, ids, dist, plan: _Plan, axis: str):
-    """Stages 4-5 on the sort path's rows (ids, dist) int32 [n, K] (donated) -> (rows int32
-    [n, K] whose first `degree` columns are the graph, -1 padded; the distances' buffer,
-    spent). Updated in the rows' own buffers like _finalize_keys: the pruning writes the
-    edges over the ids and their kept flags over the distances, the merge each node's row
-    over its edges (as new arrays the edges, flags, transposed in-edges and graph rows were
-    0.56 GB of the stage's 1.19 GB peak at 1M on one device, XLA buffers)."""
-    if plan.cfg.prune:
-        step = functools.partial(_prune_chunk, codes=codes, plan=plan, axis=axis)
-        fwd, kept = bitonic.slice_update(step, (ids, dist), (), plan.prune_chunk, axis=0)
-    else:
-        fwd, kept = ids, (ids >= 0).astype(jnp.int32)
-    if not plan.cfg.reverse:
-        return fwd, kept
-    sources = min(plan.degree, plan.cfg.reverse_sources or plan.degree)
-    rev_t = _reverse_edges(jnp.where(kept != 0, fwd, -1)[:, :sources].T, plan, axis, plan.degree)
-
-    # Bitonic networks on (id, position) keys where they fit (ids below 2^25 with K + degree
-    # <= 128: past the packed (distance, id) keys' 2^23), else XLA's sort.
-    id_bits = max(1, (plan.rows * plan.shards - 1).bit_length())
-
-    def merge(rows_c, rev_c):  # rows_c (fwd, kept) [r, K], rev_c [degree, r]
-        fwd_c, kept_c = rows_c
-        row = merge_forward_reverse(fwd_c, rev_c.T, plan.degree, id_bits)
-        return fwd_c.at[:, : plan.degree].set(row), kept_c
-
-    return bitonic.slice_update(merge, (fwd, kept), (rev_t,), plan.chunk, axis=0, other_axes=(1,))
-
-
 def _finalize_keys(keys, codes_t, plan: _Plan, axis: str):
-    """Stages 4-5 on packed lists keys [K, n] (donated) -> uint32 [K, n] whose first `degree`
-    rows are the graph, column p node p's edges (-1 as SENTINEL). Everything is updated in the
-    lists' buffer: the pruning writes the packed edges over the lists, the merge writes each
-    node's row over its edges; beside it live only the in-edges [degree, n] and chunk buffers
-    (as separate arrays the edges, kept flags and rows were 0.4 GB of a 1M build)."""
+    """Stages 4-5 on the lists keys [K, n] (donated) -> uint32 [K, n] whose first `degree`
+    rows are the graph, column p node p's edges (-1 as SENTINEL); from Pairs, Pairs whose lo
+    words are that (their hi words stay in the output, so both donated buffers serve it).
+    Everything is updated in the lists' buffer: the pruning writes the packed edges over the
+    lists, the merge writes each node's row over its edges; beside it live only the in-edges
+    [degree, n] and chunk buffers (as separate arrays the edges, kept flags and rows were
+    0.4 GB of a 1M build)."""
     layout = plan.layout
     if plan.cfg.prune:
         step = functools.partial(_prune_keys_chunk, codes_t=codes_t, plan=plan, axis=axis)
         # Smaller chunks than propagation's: the pair distances are [K, K, r]. The codes
         # stay home: chunks ask them for rows (_exchange_take).
-        edges = bitonic.slice_update(step, keys, (), plan.prune_chunk)
+        keys = bitonic.slice_update(step, keys, (), plan.prune_chunk)
+        edges = bitonic.low_word(keys)
     else:
         ids = layout.ids(keys)
         edges = _pack_edges(ids, ids >= 0)
     if not plan.cfg.reverse:
-        return jnp.where(edges == bitonic.SENTINEL, edges, edges >> 1)
+        return bitonic.with_low_word(keys, jnp.where(edges == bitonic.SENTINEL, edges, edges >> 1))
     sources = min(plan.degree, plan.cfg.reverse_sources or plan.degree)
     # Each rank's kept edges decoded as the loop reaches it: a decoded [sources, n] copy was
     # 61 MB of this stage's peak at 1M (XLA buffer assignment).
     kept_ids = lambda row: jnp.where(_edge_kept(row), _edge_ids(row), -1)  # noqa: E731
     rev_t = _reverse_edges(edges, plan, axis, plan.degree, ranks=sources, targets=kept_ids)
+    id_bits = max(1, (plan.rows * plan.shards - 1).bit_length())
 
     def merge(edges_c, rev_c):
         # The transposes cancel inside (merge_forward_reverse works in column layout).
-        row = merge_forward_reverse(_edge_ids(edges_c).T, rev_c.T, plan.degree, layout.id_bits)
+        row = merge_forward_reverse(_edge_ids(edges_c).T, rev_c.T, plan.degree, id_bits)
         return edges_c.at[: plan.degree].set(row.T.astype(jnp.uint32))  # -1 -> SENTINEL
 
-    return bitonic.slice_update(merge, edges, (rev_t,), plan.chunk)
+    return bitonic.with_low_word(keys, bitonic.slice_update(merge, edges, (rev_t,), plan.chunk))
 
 
 # ------------------------------------------------------------------------------- entry points
@@ -1275,24 +1146,18 @@ STAGES = ("initial", "propagate", "finalize")
 
 
 def _initial_stage(codes, plan: _Plan, axis: str):
-    """Stages 1-2: the lists, keys uint32 [K, n] (or (ids, dist) int32 [n, K] rows)."""
-    if plan.layout is not None:
-        return _initial_knn_keys(codes, plan, axis)
-    return _initial_knn(codes, plan, axis)
+    """Stages 1-2: the lists, keys uint32 [K, n] (or Pairs of them)."""
+    return _initial_knn_keys(codes, plan, axis)
 
 
 def _propagate_stage(codes, lists, plan: _Plan, axis: str):
     """Stage 3: lists -> refined lists, same layout."""
-    if plan.layout is not None:
-        return _propagate_keys(codes, lists, plan, axis)
-    return _propagate(codes, *lists, plan, axis)
+    return _propagate_keys(codes, lists, plan, axis)
 
 
 def _finalize_stage(codes, lists, plan: _Plan, axis: str):
-    """Stages 4-5: lists -> the search graph, in the lists' buffers (see _finalize_keys and
-    _finalize for where)."""
-    if plan.layout is None:
-        return _finalize(codes, *lists, plan, axis)
+    """Stages 4-5: lists -> the search graph uint32 [K, n], in the lists' buffers (see
+    _finalize_keys)."""
     # codes.T: word-major codes for the pruning's pair distances
     return _finalize_keys(lists, codes.T, plan, axis)
 
@@ -1306,17 +1171,15 @@ def _arg_shapes(plan: _Plan, mesh, axis: str):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
     codes = spec((total, plan.words), np.uint32, axis)
-    if plan.layout is not None:
-        return codes, spec((plan.k, total), np.uint32, None, axis)
-    rows = spec((total, plan.k), np.int32, axis)
-    return codes, (rows, rows)
+    keys = spec((plan.k, total), np.uint32, None, axis)
+    return codes, bitonic.Pairs(keys, keys) if isinstance(plan.layout, PairLayout) else keys
 
 
 @functools.lru_cache(maxsize=32)
 def _executable(plan: _Plan, mesh, axis: str, stage: str):
     """One stage of the build for one plan, compiled (cached: a build of the same shapes
     reuses it)."""
-    lists_spec = P(None, axis) if plan.layout is not None else (P(axis), P(axis))
+    lists_spec = P(None, axis)  # keys, or both words of Pairs
     codes, lists = _arg_shapes(plan, mesh, axis)
     if stage == "initial":
         fn, args, in_specs, out_specs = _initial_stage, (codes,), (P(axis),), lists_spec
@@ -1332,7 +1195,7 @@ def _executable(plan: _Plan, mesh, axis: str, stage: str):
             _finalize_stage,
             (codes, lists),
             (P(axis), lists_spec),
-            lists_spec,  # the graph in the lists' buffers (_finalize_keys, _finalize)
+            lists_spec,  # the graph in the lists' buffers (_finalize_keys)
         )
     local = functools.partial(fn, plan=plan, axis=axis)
     # check_vma=False: hamming_topk's loops start from replicated constants (no pcast), which the
@@ -1394,12 +1257,9 @@ def _run(codes, degree: int, mesh, config: GraphConfig, stages: tuple[str, ...])
         jax.block_until_ready(out)
         release_free_heap()  # what the last stage freed
         out = program(device_codes, out)
-    if stages[-1] == "finalize" and plan.layout is not None:  # the graph's rows, transposed
-        return _graph_rows(out, plan.degree, plan.n_total)
-    if stages[-1] == "finalize":  # the sort path's graph: the first degree columns of ids
-        return out[0][: plan.n_total, : plan.degree]
-    if plan.layout is not None:
-        out = (plan.layout.ids(out).T, plan.layout.dist(out).T)
+    if stages[-1] == "finalize":  # the graph's rows, transposed
+        return _graph_rows(bitonic.low_word(out), plan.degree, plan.n_total)
+    out = (plan.layout.ids(out).T, plan.layout.dist(out).T)
     return tuple(to_host(x)[: plan.n_total] for x in out)
 
 

@@ -77,6 +77,21 @@ def test_pair_networks_order_by_hi_then_lo(n):
     assert (np.asarray(padded.hi[n:]) == bitonic.SENTINEL).all()
 
 
+@pytest.mark.parametrize("m, k", [(3, 4), (100, 16), (700, 64)])
+def test_pair_smallest_and_unique_smallest_match_the_keys(m, k):
+    # A key split into (high half, low half) words orders as the key: the same results, also
+    # through the tiles (300 columns: two tiles) and a tuple of parts.
+    rng = np.random.default_rng(m)
+    x = rng.integers(0, 3 * m, size=(m, 300), dtype=np.uint32) * 40_000  # repeats, both words
+    split = lambda a: bitonic.Pairs(jnp.asarray(a >> 16), jnp.asarray(a & 0xFFFF))  # noqa: E731
+    join = lambda p: np.asarray(p.hi) << 16 | np.asarray(p.lo)  # noqa: E731
+    np.testing.assert_array_equal(join(bitonic.smallest(split(x), k)), bitonic.smallest(x, k))
+    parts = (x[: m // 2], x[m // 2 :])
+    want = bitonic.unique_smallest(tuple(jnp.asarray(p) for p in parts), k, window=k)
+    got = bitonic.unique_smallest(tuple(split(p) for p in parts), k, window=k)
+    np.testing.assert_array_equal(join(got), want)
+
+
 def test_pair_layout_orders_as_the_key_layout():
     dist = jnp.asarray([5, 3, 3, 0, 256, 7, -1], jnp.int32)
     ids = jnp.asarray([1, 999, 7, 500, -1, 2, 3], jnp.int32)
@@ -126,8 +141,8 @@ def test_slice_update_is_fn_of_the_original_at_every_position(axis):
 
 
 def test_slice_update_updates_a_tuple_of_arrays_of_different_widths():
-    # The sort path's (ids, dist) rows: one slice of rows updates both, each in its own buffer;
-    # fn mixes them, so a slice applied twice or to the wrong rows shows.
+    # Rows of two arrays (ids and distances, say): one slice of rows updates both, each in its
+    # own buffer; fn mixes them, so a slice applied twice or to the wrong rows shows.
     ids = jnp.arange(37 * 4).reshape(37, 4)
     dist = jnp.arange(37 * 2).reshape(37, 2) * 7
     fn = lambda t: (t[0] * 3 + t[1][:, :1], t[1] + t[0][:, :2])  # noqa: E731

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alijax.ann import codes, graph, heap
+from alijax.ann import bitonic, codes, graph, heap
 from alijax.parallel import make_mesh
 from tests.ann.test_codes import clustered
 
@@ -100,15 +100,24 @@ def test_build_graph_is_a_valid_fixed_degree_graph(data_codes):
     assert back > 0.5, back
 
 
-def test_sort_path_for_ids_beyond_packed_keys(data_codes, monkeypatch):
-    # Builds whose (distance, id) do not fit a uint32 key (over 2^23 codes of 256 bits) run the
-    # lax.sort path; forced here on small data, in chunks.
-    monkeypatch.setattr(graph.KeyLayout, "fits", staticmethod(lambda *a, **k: False))
+def test_pair_keys_for_ids_beyond_one_word(data_codes, monkeypatch, fresh_programs):
+    # Builds whose (distance, id) do not fit a uint32 key (over 2^23 codes of 256 bits) keep
+    # their lists as Pairs, which order as the keys do: forced here on small data, in chunks,
+    # the same lists and graph.
+    cfg = graph.GraphConfig(row_chunk=500)
+    keys = (
+        graph.knn_graph(data_codes, 32, config=cfg),
+        graph.build_graph(data_codes, 16, config=cfg),
+    )
+    graph.release_build_programs()
+    monkeypatch.setattr(graph, "KeyLayout", _NoKeys)
+    assert isinstance(graph._plan(2000, 8, 16, 1, cfg).layout, bitonic.PairLayout)
+    ids, dist = graph.knn_graph(data_codes, 32, config=cfg)
+    np.testing.assert_array_equal(ids, keys[0][0])
+    np.testing.assert_array_equal(dist, keys[0][1])
+    np.testing.assert_array_equal(graph.build_graph(data_codes, 16, config=cfg), keys[1])
     true_i, _ = graph.exact_knn(data_codes, 10)
-    ids, _ = graph.knn_graph(data_codes, 32, config=graph.GraphConfig(row_chunk=500))
     assert graph.graph_recall(ids[:, :10], true_i) >= 0.95
-    g = graph.build_graph(data_codes, 16, config=graph.GraphConfig(row_chunk=500))
-    assert g.shape == (2000, 16) and (g >= 0).all()
 
 
 def test_reverse_samples_keep_the_graph_exact_enough(data_codes):
@@ -194,18 +203,20 @@ class _NoKeys(graph.KeyLayout):
         dict(row_chunk=200, prune=False, reverse=False),
     ],
 )
-def test_eight_device_sort_path_equals_single_device(
+def test_eight_device_pair_keys_equal_single_device_keys(
     data_codes, config, monkeypatch, fresh_programs
 ):
-    # The path of builds beyond packed keys (over 2^23 codes of 256 bits), which are the
-    # builds that need a mesh; the graph's own layout only (the k-means centroid search keeps
-    # its keys). The candidate codes are asked for in parts, the last one overlapping.
-    monkeypatch.setattr(graph, "KeyLayout", _NoKeys)
+    # Lists of Pairs, as builds beyond one-word keys (over 2^23 codes of 256 bits) keep them,
+    # which are the builds that need a mesh; the graph's own layout only (the k-means centroid
+    # search keeps its keys). The candidate codes are asked for in parts, the last one
+    # overlapping. On 8 devices they give the single device's one-word keys' graph.
     monkeypatch.setattr(graph, "_CODE_REQUESTS", 3000)
     cfg = graph.GraphConfig(**config)
-    single = graph.build_graph(data_codes[:1999], 16, config=cfg)
+    keys = graph.build_graph(data_codes[:1999], 16, config=cfg)
+    graph.release_build_programs()
+    monkeypatch.setattr(graph, "KeyLayout", _NoKeys)
     sharded = graph.build_graph(data_codes[:1999], 16, mesh=make_mesh(), config=cfg)
-    np.testing.assert_array_equal(single, sharded)
+    np.testing.assert_array_equal(keys, sharded)
 
 
 @pytest.mark.parametrize("reverse_samples", [0, 4])
@@ -223,22 +234,22 @@ def test_eight_device_build_equals_single_device(
     np.testing.assert_array_equal(single, sharded)
 
 
-@pytest.mark.parametrize("path", ["keys", "sort"])
+@pytest.mark.parametrize("path", ["keys", "pairs"])
 def test_per_device_build_memory_shrinks_with_the_mesh(path, monkeypatch, fresh_programs):
     # XLA's own buffer analysis of the compiled build stages (compiled, not run). Each device's
     # share of the data shrinks 8x, and so do the chunks (row_chunk / devices), the groups of
     # block rows on the ring and the in-edges; the centroids do not, nor the fixed-size tiles.
     # Measured 2026-11-26, a device's peak against one device's: 131k points 0.22 (18 of 83
     # MiB), 1M 0.137 (58 of 424 MiB, test below; 0.133 on 2026-12-05); before the block rows
-    # went round in groups and the in-edges were placed in place, 0.41 and 0.28. The sort
-    # path (2026-12-05): 131k
-    # 0.125 (31 of 249 MiB), 1M 0.130 (100 of 767 MiB); with a block table and whole tables on
-    # rings 1M was 0.144 (260 of 1801 MiB).
-    if path == "sort":  # the graph's own layout only: the k-means centroid search keeps keys
+    # went round in groups and the in-edges were placed in place, 0.41 and 0.28. Lists of
+    # Pairs (2026-12-05): 131k 0.277 (34.5 of 124.5 MiB: the lists' doubled bytes weigh more
+    # on a device's share), 1M 0.128 (103 of 800 MiB); the lax.sort path they replaced: 131k
+    # 0.125 (31 of 249 MiB), 1M 0.130 (100 of 767 MiB).
+    if path == "pairs":  # the graph's own layout only: the k-means centroid search keeps keys
         monkeypatch.setattr(graph, "KeyLayout", _NoKeys)
     one = graph.build_memory(131072, 8, 32)
     eight = graph.build_memory(131072, 8, 32, mesh=make_mesh())
-    for stage in graph.STAGES:  # exactly an eighth, but for the sort path's tuple tables
+    for stage in graph.STAGES:  # exactly an eighth
         for part in ("argument", "output"):
             assert abs(eight[stage][part] * 8 - one[stage][part]) < 1024, (stage, part)
     assert one["peak"] == max(one[stage]["peak"] for stage in graph.STAGES)
