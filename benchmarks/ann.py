@@ -2,7 +2,7 @@
 
   python benchmarks/ann.py [--quick] [--n 100000] [--nq 1000] [--fvecs BASE.fvecs
                             --queries Q.fvecs] [--no-digits] [--out-dir benchmarks/results]
-                            [--methods ours,hnswlib] [--vector-dtype float16]
+                            [--methods ours,hnswlib] [--vector-dtype float16] [--widths 1,4]
 
 Methods: ours (BinaryGraphIndex, 256-bit ITQ codes, degree 32, Hamming beam search + float
 rerank), faiss IndexHNSWFlat (M=16, efConstruction=200), faiss IndexBinaryHNSW (M=16) on our
@@ -156,14 +156,21 @@ def rerank(x, q, cand, k):
 
 
 def run_ours(x, q, truth, sweep, options=None):
+    options = dict(options or {})
+    widths = options.pop("search_widths", (1,))  # --widths: parents expanded per iteration
     t = time.perf_counter()
-    index = BinaryGraphIndex(bits=256, degree=32, **(options or {})).build(x)
+    index = BinaryGraphIndex(bits=256, degree=32, **options).build(x)
     build = time.perf_counter() - t
     rows = []
-    for cand in sweep:
-        k = min(100, cand)
-        secs, (_, ids) = timed(index.search, q, k, cand)
-        rows.append({"param": f"L={cand}", "qps": len(q) / secs, **recalls(ids, truth)})
+    for width in widths:
+        for cand in sweep:
+            if width > cand:
+                continue
+            k = min(100, cand)
+            secs, (_, ids) = timed(index.search, q, k, cand, width)
+            param = f"L={cand}" if width == 1 else f"L={cand} w={width}"
+            row = {"param": param, "width": width, "qps": len(q) / secs}
+            rows.append({**row, **recalls(ids, truth)})
     return build, rows, index
 
 
@@ -321,8 +328,14 @@ def plot(report, path):
         return
     fig, ax = plt.subplots(figsize=(7, 5))
     for method, res in report["results"].items():
-        pts = [(r["recall@10"], r["qps"]) for r in res["rows"] if "recall@10" in r]
-        ax.plot(*zip(*pts), marker="o", label=f"{method} (build {res['build_s']:.0f} s)")
+        for width in sorted({r.get("width", 1) for r in res["rows"]}):  # a line per beam width
+            pts = [
+                (r["recall@10"], r["qps"])
+                for r in res["rows"]
+                if "recall@10" in r and r.get("width", 1) == width
+            ]
+            label = method if width == 1 else f"{method}, width {width}"
+            ax.plot(*zip(*pts), marker="o", label=f"{label} (build {res['build_s']:.0f} s)")
     ax.set_yscale("log")
     ax.set_xlabel("recall@10")
     ax.set_ylabel("queries per second")
@@ -346,6 +359,9 @@ def main(argv=None):
     names = ",".join(m for m, _ in METHODS)
     parser.add_argument("--methods", default=None, help=f"a subset of {names} (default: all)")
     parser.add_argument("--vector-dtype", default=None, help="ours: stored rerank vectors")
+    parser.add_argument(
+        "--widths", default="1", help="ours: beam widths to sweep, e.g. 1,4 (default 1)"
+    )
     args = parser.parse_args(argv)
     if args.methods:
         unknown = set(args.methods.split(",")) - {m for m, _ in METHODS}
@@ -356,6 +372,11 @@ def main(argv=None):
             raise ValueError("--methods: the faiss binary indexes use ours' codes; add ours")
     if args.vector_dtype:
         OURS_OPTIONS["vector_dtype"] = args.vector_dtype
+    widths = tuple(int(w) for w in args.widths.split(","))
+    if widths != (1,):
+        if min(widths) < 1:
+            raise ValueError(f"--widths={args.widths}: each width must be >= 1")
+        OURS_OPTIONS["search_widths"] = widths
     n, nq = (20_000, 500) if args.quick else (args.n, args.nq)
     x, q = synthetic(n, nq)
     bench(f"synthetic{n // 1000}k", x, q, args.out_dir, args.quick)
