@@ -78,8 +78,9 @@ class KeyLayout:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Pairs:
-    """Keys of two uint32 words [n, ...] each, ordered by hi, then lo; (SENTINEL, SENTINEL)
-    pads and sorts last. Indexing applies to both words."""
+    """Keys of two uint32 words [n, ...] each, ordered by hi, then lo. An entry whose hi word
+    is SENTINEL is empty whatever its lo (it sorts after every real entry); the networks pad
+    with (SENTINEL, SENTINEL), which sorts last of all. Indexing applies to both words."""
 
     hi: jax.Array
     lo: jax.Array
@@ -98,9 +99,10 @@ class Pairs:
 
 @dataclasses.dataclass(frozen=True)
 class PairLayout:
-    """A list entry as Pairs: hi = distance, lo = id << flag_bits | flag. The order is KeyLayout's
-    (distance, id, flag) for ids up to 2**(32 - flag_bits), whatever the distance's range. An
-    entry whose hi is SENTINEL is empty whatever its lo (it sorts after every real entry)."""
+    """A list entry as Pairs: hi = distance, lo = id << flag_bits | flag, for distances in
+    [0, BIG) and int32 ids >= 0 (beyond 2**31 - flag_bits ids the lo word would wrap). The
+    order is KeyLayout's (distance, id, flag). pack makes empty entries (SENTINEL, SENTINEL);
+    any entry whose hi is SENTINEL decodes as empty."""
 
     flag_bits: int = 0
 

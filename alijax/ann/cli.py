@@ -1,8 +1,8 @@
 """`python -m alijax index build|search`: the index on .fvecs / .bvecs / .fbin files.
 
   index build  --input X.fvecs --out DIR [--bits 256] [--degree 32] [--metric l2] [--binarizer itq]
-  index search --index DIR --queries Q.fvecs --k 10 [--candidates L] [--groundtruth GT.ivecs]
-               --out results.ivecs
+  index search --index DIR --queries Q.fvecs --k 10 [--candidates L] [--width W]
+               [--groundtruth GT.ivecs] --out results.ivecs
 
 Hook: `add_index_commands(subparsers)` adds the `index` command; each sub-command sets
 `args.run(args) -> int`.
@@ -49,6 +49,9 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
     search.add_argument("--queries", required=True)
     search.add_argument("--k", type=int, default=10)
     search.add_argument("--candidates", type=int, default=None, help="L binary candidates")
+    search.add_argument(
+        "--width", type=int, default=None, help="parents expanded per iteration (4 at 5M+)"
+    )
     search.add_argument("--groundtruth", default=None, help=".ivecs of true neighbour ids")
     search.add_argument("--out", required=True, help="result ids as .ivecs")
     search.set_defaults(run=_search)
@@ -106,9 +109,10 @@ def _search(args) -> int:
     except FormatError as err:
         raise SystemExit(f"--index: {err}") from None
     q = _read(args.queries)
-    index.search(q[: min(len(q), 8)], args.k, candidates=args.candidates)  # compile
+    options = dict(candidates=args.candidates, width=args.width)
+    index.search(q[: min(len(q), 8)], args.k, **options)  # compile
     t0 = time.perf_counter()
-    _, ids = index.search(q, args.k, candidates=args.candidates)
+    _, ids = index.search(q, args.k, **options)
     seconds = time.perf_counter() - t0
     write_ivecs(args.out, ids.astype(np.int32))
     line = f"{len(q)} queries, k={args.k}: {len(q) / seconds:.0f} QPS"

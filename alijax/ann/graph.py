@@ -55,7 +55,7 @@ other shards it needs in one of two ways:
   a time, so their answer buffers stay at 2 MiB.
 - A ring (`_ring_take`, `_ring_scan`) of D - 1 `ppermute` steps that passes one shard-sized table
   around (codes [n, W], block results), where every shard visits every other (k-means, the
-  blocks' slots, both paths' block rows, the reverse edges): each device keeps the rows it
+  blocks' slots, the mesh's block rows, the reverse edges): each device keeps the rows it
   asked for as the shard that owns them passes by (entries of other shards read row 0, so
   only the visiting shard's rows miss the cache). A table read by every chunk travels a full
   circle back home and is threaded on to the next chunk, so no third copy stays behind.
@@ -284,21 +284,14 @@ def _take_along(x, idx):
     return jnp.take_along_axis(x, idx, axis=-1)
 
 
-def topk_unique(ids, dist, k: int, window: int | None = None):
-    """Best k distinct ids per row, sorted by (distance, id).
+def topk_unique(ids, dist, k: int):
+    """Best k distinct ids per row, sorted by (distance, id) (BinaryGraphIndex's add and
+    compact).
 
     ids int32 [R, M] (-1 = empty), dist int32 [R, M] -> (ids [R, k], dist [R, k]); empty slots
-    come last as (-1, BIG). Only the best `window` entries (by distance, ties to the lower
-    position) are deduplicated, so heavy duplication can push a candidate out of one call; it
-    is found again later and the lists stay distinct. (Keys through bitonic.unique_smallest
-    are 5-10x faster on XLA:CPU than this sort and top_k, measured on 2 cores: the build's
-    lists.)"""
-    m = ids.shape[-1]
-    window = m if window is None else max(k, min(window, m))
+    come last as (-1, BIG). (Keys through bitonic.unique_smallest are 5-10x faster on XLA:CPU
+    than this sort and top_k, measured on 2 cores: the build's lists.)"""
     dist = jnp.where(ids < 0, BIG, dist)
-    if window < m:
-        _, pos = lax.top_k(-dist.astype(jnp.float32), window)
-        ids, dist = _take_along(ids, pos), _take_along(dist, pos)
     dist, ids = lax.sort((dist, ids), dimension=-1, num_keys=2)
     dup = jnp.concatenate(
         [jnp.zeros_like(ids[..., :1], bool), ids[..., 1:] == ids[..., :-1]], axis=-1
@@ -347,7 +340,7 @@ def _ring_take(
         return jax.tree.map(lambda b: jnp.take(b, at, axis=table_axis), buf)
 
     taken = jax.eval_shape(lambda b: reduce(take(b, local)), table)
-    if not isinstance(fill, type(taken)):  # one fill for every leaf
+    if jax.tree.structure(fill) != jax.tree.structure(taken):  # one fill for every leaf
         fill = jax.tree.map(lambda _: fill, taken)
     out = jax.tree.map(lambda t, f: jnp.full(t.shape, f, t.dtype), taken, fill)
 
@@ -770,7 +763,8 @@ def _merge_blocks_by_group(codes, pos, plan: _Plan, axis: str):
         step = functools.partial(take, g=g)
         return bitonic.slice_update(step, rows, (group, index), plan.cfg.row_chunk, carry=table)[0]
 
-    rows = _empty_keys(plan.layout, (a * bk, plan.rows), _after(group, bitonic.SENTINEL))
+    fills = _after(group, bitonic.SENTINEL), _after(index, jnp.uint32(0))  # see _after
+    rows = _empty_keys(plan.layout, (a * bk, plan.rows), *fills)
     rows = lax.fori_loop(0, plan.groups, one_group, rows)
 
     def merge(rows_c):  # [a * bk, r] -> its K smallest distinct keys, then SENTINEL rows
@@ -815,18 +809,19 @@ def _merge_blocks_in_place(codes, pos, plan: _Plan):
         merged = bitonic.unique_smallest((old, *parts), k)
         return jax.tree.map(lambda w, m: w.at[:, col].set(m, mode="drop"), lists, merged)
 
-    empty = _empty_keys(plan.layout, (k, n), bitonic.SENTINEL)
+    empty = _empty_keys(plan.layout, (k, n), bitonic.SENTINEL, jnp.uint32(0))
     return lax.fori_loop(0, plan.blocks_per_shard // batch, one_batch, empty)
 
 
-def _empty_keys(layout, shape, fill):
+def _empty_keys(layout, shape, fill, lo_fill):
     """Empty keys of `shape`, filled with `fill` (SENTINEL, maybe a traced one: _after), or
-    Pairs of hi words `fill` and lo words 0 (empty: see bitonic.PairLayout). Not both words
-    SENTINEL: XLA makes the two equal broadcasts one buffer, and a loop carrying Pairs whose
-    words share a buffer copies both (a mesh's stage-2 rows and ring buffers, 131k points on
-    8 devices: 33 against 13 MB of XLA temp, live ranges)."""
+    Pairs of hi words `fill` and lo words `lo_fill` (0; empty by the hi word: bitonic.Pairs).
+    Not both words SENTINEL: XLA makes two equal broadcasts one buffer, and a loop carrying
+    Pairs whose words share a buffer copies both at every step (XLA live ranges)."""
     if isinstance(layout, PairLayout):
-        return bitonic.Pairs(jnp.full(shape, fill, jnp.uint32), jnp.zeros(shape, jnp.uint32))
+        return bitonic.Pairs(
+            jnp.full(shape, fill, jnp.uint32), jnp.full(shape, lo_fill, jnp.uint32)
+        )
     return jnp.full(shape, fill, jnp.uint32)
 
 
@@ -834,7 +829,7 @@ def _empty_keys(layout, shape, fill):
 
 
 def _propagate_keys_chunk(keys_c, codes_c, gid_c, rev_c, lists, codes, plan: _Plan, axis: str):
-    """Packed-key propagation of one chunk of columns: keys_c [K, r], codes_c uint32 [r, W],
+    """Propagation of one chunk of columns: keys_c [K, r] (or Pairs), codes_c uint32 [r, W],
     gid_c [r], reverse neighbours rev_c int32 [R, r] (R may be 0); lists int32 [S2, n] (every
     point's first S2 neighbours) and codes [n, W] are the shard's tables -> merged keys [K, r]."""
     layout = plan.layout
@@ -882,7 +877,8 @@ def _candidate_distances(codes, nn, codes_c, plan: _Plan, axis: str):
 
 
 def _propagate_keys(codes, keys, plan: _Plan, axis: str):
-    """Propagation rounds on packed lists keys uint32 [K, n] (column p: p's list, sorted).
+    """Propagation rounds on the lists keys uint32 [K, n] or Pairs (column p: p's list,
+    sorted).
     Candidates are gathered per chunk of columns, so no [S, n] array is ever live."""
     s2 = min(plan.cfg.sample_width, plan.k)
     n_rev = min(plan.cfg.reverse_samples, plan.k)
@@ -907,7 +903,8 @@ def _propagate_keys(codes, keys, plan: _Plan, axis: str):
 
 
 def _prune_keys_chunk(keys_c, codes_t, plan: _Plan, axis: str):
-    """rng pruning of packed lists keys_c [K, r] -> edges uint32 [K, r] in the lists' place:
+    """rng pruning of lists keys_c [K, r] -> edges uint32 [K, r] in the lists' place (of
+    Pairs: in their lo words):
     kept edges first, then the pruned ones, each in rank order, packed as id << 1 | kept
     (SENTINEL: none), so the pruning writes over the lists instead of beside them; codes_t
     [W, n] is the shard's word-major codes."""
@@ -1129,7 +1126,8 @@ def _finalize_keys(keys, codes_t, plan: _Plan, axis: str):
     id_bits = max(1, (plan.rows * plan.shards - 1).bit_length())
 
     def merge(edges_c, rev_c):
-        # The transposes cancel inside (merge_forward_reverse works in column layout).
+        # The transposes cancel inside where merge_forward_reverse runs its networks (ids
+        # below 2^25); beyond, its lax.sort fallback works on rows and they are copies.
         row = merge_forward_reverse(_edge_ids(edges_c).T, rev_c.T, plan.degree, id_bits)
         return edges_c.at[: plan.degree].set(row.T.astype(jnp.uint32))  # -1 -> SENTINEL
 
@@ -1156,7 +1154,8 @@ def _propagate_stage(codes, lists, plan: _Plan, axis: str):
 
 
 def _finalize_stage(codes, lists, plan: _Plan, axis: str):
-    """Stages 4-5: lists -> the search graph uint32 [K, n], in the lists' buffers (see
+    """Stages 4-5: lists -> the search graph uint32 [K, n] (from Pairs: their lo words), in
+    the lists' buffers (see
     _finalize_keys)."""
     # codes.T: word-major codes for the pruning's pair distances
     return _finalize_keys(lists, codes.T, plan, axis)

@@ -8,7 +8,9 @@ op, and laid out for XLA:CPU, where it runs 4-5x faster than a [Q, L] layout wit
 - State per query: the list of L entries as uint32 keys (distance | node id | expanded flag,
   see bitonic.KeyLayout), sorted, stored as [L, Q] so every compare-exchange works on rows of Q
   contiguous keys. Sorting keys orders entries by (distance, id): ties go to the lower id and
-  every result is deterministic.
+  every result is deterministic. Where one word cannot hold an entry (over 2^22 codes of 256
+  bits) the list is bitonic.Pairs of two words in the same order: the same results, at about
+  twice the walk's time (see _layout).
 - Start: `entries` (a fixed sample of nodes) split into L strided groups; the nearest entry of
   each group seeds the list, which therefore always holds the nearest entry of all.
 - Iteration: the `width` best unexpanded entries are expanded; their graph rows give
@@ -139,9 +141,10 @@ def _layout(codes, pairs: bool | None = None) -> KeyLayout | PairLayout:
     n, n_bits = codes.shape[0], codes.shape[1] * 32
     if n >= 1 << 31:
         raise ValueError(f"an index of {n} codes has more than 2**31 - 1 ids")
-    if pairs is None:
-        pairs = not KeyLayout.fits(n, n_bits, flag=True)
-    return PairLayout(flag_bits=1) if pairs else KeyLayout.for_ids(n, flag=True)
+    fits = KeyLayout.fits(n, n_bits, flag=True)
+    if pairs is False and not fits:
+        raise ValueError(f"pairs=False: {n} codes of {n_bits} bits do not fit one uint32 key")
+    return KeyLayout.for_ids(n, flag=True) if fits and not pairs else PairLayout(flag_bits=1)
 
 
 def seed_list(query_codes, codes, entries, *, candidates: int, pairs: bool | None = None):
@@ -161,7 +164,9 @@ def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterati
     triu = jnp.triu(jnp.ones((fresh, fresh), bool), 1)
 
     def unexpanded(top):
-        return (bitonic.low_word(top) & 1) == 0  # the sentinel has its flag bit set
+        # The sentinel has its flag bit set; a pair is empty by its hi word alone.
+        flag_clear = (bitonic.low_word(top) & 1) == 0
+        return flag_clear & ~bitonic.is_empty(top) if isinstance(top, bitonic.Pairs) else flag_clear
 
     def merge_pending(top, pending):
         """Scores the pending neighbours [width*R, Q] (-1: none) and merges those that can enter."""
@@ -188,8 +193,12 @@ def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterati
         # Gathered element-wise from the flat graph straight into [width, R, Q]: gathering rows
         # and transposing let XLA fold the transpose into a column-major layout, and the
         # consumers then ran as scalar code (3x slower, measured).
-        flat = parents[:, None, :] * r + jnp.arange(r, dtype=jnp.int32)[None, :, None]
-        nb = jnp.where(live[:, None, :], graph.reshape(-1)[flat], -1).reshape(fresh, q)
+        if graph.shape[0] * r < 1 << 31:
+            flat = parents[:, None, :] * r + jnp.arange(r, dtype=jnp.int32)[None, :, None]
+            rows = graph.reshape(-1)[flat]
+        else:  # the flat index would overflow int32
+            rows = graph[parents[:, None, :], jnp.arange(r, dtype=jnp.int32)[None, :, None]]
+        nb = jnp.where(live[:, None, :], rows, -1).reshape(fresh, q)
         known = layout.ids(top)
         # One compare per list slot, unrolled over rows of Q contiguous ids, which XLA:CPU
         # vectorises (a reduce over a [L, R, Q] or [Q, R, L] broadcast ran 3-7x slower).

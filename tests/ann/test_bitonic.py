@@ -75,6 +75,10 @@ def test_pair_networks_order_by_hi_then_lo(n):
     np.testing.assert_array_equal(_as_u64(merged), both)
     padded = bitonic.pad_rows(x, 2 * n)
     assert (np.asarray(padded.hi[n:]) == bitonic.SENTINEL).all()
+    assert (np.asarray(padded.lo[n:]) == bitonic.SENTINEL).all()
+    assert (
+        not np.asarray(bitonic.is_empty(x)).any() and np.asarray(bitonic.is_empty(padded[n:])).all()
+    )
 
 
 @pytest.mark.parametrize("m, k", [(3, 4), (100, 16), (700, 64)])

@@ -247,6 +247,9 @@ def test_per_device_build_memory_shrinks_with_the_mesh(path, monkeypatch, fresh_
     # 0.125 (31 of 249 MiB), 1M 0.130 (100 of 767 MiB).
     if path == "pairs":  # the graph's own layout only: the k-means centroid search keeps keys
         monkeypatch.setattr(graph, "KeyLayout", _NoKeys)
+        assert isinstance(
+            graph._plan(131072, 8, 32, 8, graph.GraphConfig()).layout, bitonic.PairLayout
+        )
     one = graph.build_memory(131072, 8, 32)
     eight = graph.build_memory(131072, 8, 32, mesh=make_mesh())
     for stage in graph.STAGES:  # exactly an eighth

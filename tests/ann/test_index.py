@@ -174,6 +174,8 @@ def test_command_line_build_and_search(data, tmp_path, capsys):
             str(tmp_path / "q.fvecs"),
             "--k",
             "10",
+            "--width",
+            "2",
             "--groundtruth",
             str(tmp_path / "gt.ivecs"),
             "--out",

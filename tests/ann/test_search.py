@@ -1,6 +1,7 @@
 """alijax.ann.search: beam search on hand-made graphs, rerank against numpy, recall@10 after
 float rerank against exact float ground truth, deleted nodes never returned."""
 
+import collections
 import functools
 import gc
 
@@ -169,6 +170,30 @@ def test_an_index_too_large_for_one_word_keys_searches_with_pairs():
     assert ids.shape == dist.shape == (2, 8) and ids.dtype == jnp.int32
     with pytest.raises(ValueError, match="2\\*\\*31"):
         search._layout(jax.ShapeDtypeStruct((1 << 31, 8), jnp.uint32))
+    with pytest.raises(ValueError, match="pairs=False"):
+        jax.eval_shape(
+            functools.partial(search.seed_list, candidates=8, pairs=False),
+            *shapes(1 << 23)[:2],
+            shapes(1)[3],
+        )
+
+
+class _NoKeys(search.KeyLayout):
+    fits = staticmethod(lambda *a, **k: False)
+
+
+def test_batched_search_with_pair_keys_returns_what_one_word_keys_do(setup, monkeypatch):
+    # The whole batched search (the seed and walk programs, threads, rerank) on lists of Pairs,
+    # as an index past 2**22 codes runs it.
+    x, q, c, qc, g, entries = setup
+    run = functools.partial(search.search, q, qc, c, g, x, entries, 10)
+    keys = run(config=search.SearchConfig(32, width=2))
+    monkeypatch.setattr(search, "KeyLayout", _NoKeys)
+    monkeypatch.setattr(search, "_PROGRAMS", collections.OrderedDict())  # not the keys' programs
+    assert isinstance(search._layout(c), bitonic.PairLayout)
+    pairs = run(config=search.SearchConfig(32, width=2))
+    np.testing.assert_array_equal(pairs[1], keys[1])
+    np.testing.assert_array_equal(pairs[0], keys[0])
 
 
 @pytest.mark.parametrize("width", [1, 3])
