@@ -71,8 +71,17 @@ class KeyLayout:
         d = (key >> (self.id_bits + self.flag_bits)).astype(jnp.int32)
         return jnp.where(key == SENTINEL, BIG, d)
 
-    def empty(self, shape):
-        return jnp.full(shape, SENTINEL)
+    def empty(self, shape, fill=SENTINEL, lo_fill=None):
+        """SENTINEL keys of `shape` (fill: SENTINEL, or a traced one; lo_fill is PairLayout's)."""
+        return jnp.full(shape, fill, jnp.uint32)
+
+    def unexpanded(self, key):
+        """Search's flag bit clear (flag_bits=1); the sentinel has it set."""
+        return (key & 1) == 0
+
+    def mark(self, key, chosen):
+        """key with the flag bit set where chosen."""
+        return key | chosen.astype(jnp.uint32)
 
 
 @jax.tree_util.register_dataclass
@@ -119,8 +128,20 @@ class PairLayout:
     def dist(self, key):
         return jnp.where(key.hi == SENTINEL, BIG, key.hi.astype(jnp.int32))
 
-    def empty(self, shape):
-        return Pairs(jnp.full(shape, SENTINEL), jnp.full(shape, SENTINEL))
+    def empty(self, shape, fill=SENTINEL, lo_fill=SENTINEL):
+        """Empty Pairs of `shape`: hi words `fill` (SENTINEL, or a traced one), lo words
+        `lo_fill`. Where a loop carries them, lo_fill should differ from fill (0, say): XLA
+        makes two equal broadcasts one buffer, and a loop carrying Pairs whose words share a
+        buffer copies both at every step (a mesh's stage-2 rows, XLA live ranges)."""
+        return Pairs(jnp.full(shape, fill, jnp.uint32), jnp.full(shape, lo_fill, jnp.uint32))
+
+    def unexpanded(self, key):
+        """Search's flag bit clear on a real entry (an empty pair is empty by its hi word)."""
+        return ((key.lo & 1) == 0) & ~is_empty(key)
+
+    def mark(self, key, chosen):
+        """key with the flag bit set where chosen."""
+        return Pairs(key.hi, key.lo | chosen.astype(jnp.uint32))
 
 
 def low_word(key):

@@ -67,13 +67,13 @@ Stage 2 on a mesh makes its blocks in 8 groups a shard, and each group's kNN row
 into a buffer that becomes the lists (`_merge_blocks_by_group`). Stage 5 counts each shard's
 in-edges per node in a first ring, so the second places every source at its slot in place.
 Cluster histograms ([D, n_clusters]) and the centroids with their graph are the only replicated
-arrays; the k-means sample is split over the
-devices and its vote counts summed with psum (`build_memory` gives XLA's per-device buffer sizes for
-any mesh). A mesh may span processes (`jax.distributed`, one per host): each passes the same codes
-and places only its own devices' rows, the rings and requests cross hosts through JAX's collectives,
-and every process gets the whole graph back (`to_host`). At 1M on 2 cores, 2 processes of 4 devices
-built the same graph as one process of 8, in 1.29x its time (2026-12-05,
-benchmarks/ann_multiprocess.py, gloo over loopback TCP).
+arrays; the k-means sample is split over the devices and its vote counts summed with psum
+(`build_memory` gives XLA's per-device buffer sizes for any mesh). A mesh may span processes
+(`jax.distributed`, one per host): each passes the same codes and places only its own devices'
+rows, the rings and requests cross hosts through JAX's collectives, and every process gets the
+whole graph back (`to_host`). At 1M on 2 cores, 2 processes of 4 devices built the same graph as
+one process of 8, in 1.29x its time (2026-12-05, benchmarks/ann_multiprocess.py, gloo over
+loopback TCP).
 
 Memory. The build is three compiled programs (stages 1-2, 3, 4-5) that pass only the lists
 between them (donated, and every stage updates them in their own buffer: on one device the
@@ -764,7 +764,7 @@ def _merge_blocks_by_group(codes, pos, plan: _Plan, axis: str):
         return bitonic.slice_update(step, rows, (group, index), plan.cfg.row_chunk, carry=table)[0]
 
     fills = _after(group, bitonic.SENTINEL), _after(index, jnp.uint32(0))  # see _after
-    rows = _empty_keys(plan.layout, (a * bk, plan.rows), *fills)
+    rows = plan.layout.empty((a * bk, plan.rows), *fills)
     rows = lax.fori_loop(0, plan.groups, one_group, rows)
 
     def merge(rows_c):  # [a * bk, r] -> its K smallest distinct keys, then SENTINEL rows
@@ -809,20 +809,8 @@ def _merge_blocks_in_place(codes, pos, plan: _Plan):
         merged = bitonic.unique_smallest((old, *parts), k)
         return jax.tree.map(lambda w, m: w.at[:, col].set(m, mode="drop"), lists, merged)
 
-    empty = _empty_keys(plan.layout, (k, n), bitonic.SENTINEL, jnp.uint32(0))
+    empty = plan.layout.empty((k, n), lo_fill=jnp.uint32(0))
     return lax.fori_loop(0, plan.blocks_per_shard // batch, one_batch, empty)
-
-
-def _empty_keys(layout, shape, fill, lo_fill):
-    """Empty keys of `shape`, filled with `fill` (SENTINEL, maybe a traced one: _after), or
-    Pairs of hi words `fill` and lo words `lo_fill` (0; empty by the hi word: bitonic.Pairs).
-    Not both words SENTINEL: XLA makes two equal broadcasts one buffer, and a loop carrying
-    Pairs whose words share a buffer copies both at every step (XLA live ranges)."""
-    if isinstance(layout, PairLayout):
-        return bitonic.Pairs(
-            jnp.full(shape, fill, jnp.uint32), jnp.full(shape, lo_fill, jnp.uint32)
-        )
-    return jnp.full(shape, fill, jnp.uint32)
 
 
 # ------------------------------------------------------------------------------- 3. propagation
@@ -1155,8 +1143,7 @@ def _propagate_stage(codes, lists, plan: _Plan, axis: str):
 
 def _finalize_stage(codes, lists, plan: _Plan, axis: str):
     """Stages 4-5: lists -> the search graph uint32 [K, n] (from Pairs: their lo words), in
-    the lists' buffers (see
-    _finalize_keys)."""
+    the lists' buffers (see _finalize_keys)."""
     # codes.T: word-major codes for the pruning's pair distances
     return _finalize_keys(lists, codes.T, plan, axis)
 

@@ -163,11 +163,6 @@ def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterati
     fresh = width * r
     triu = jnp.triu(jnp.ones((fresh, fresh), bool), 1)
 
-    def unexpanded(top):
-        # The sentinel has its flag bit set; a pair is empty by its hi word alone.
-        flag_clear = (bitonic.low_word(top) & 1) == 0
-        return flag_clear & ~bitonic.is_empty(top) if isinstance(top, bitonic.Pairs) else flag_clear
-
     def merge_pending(top, pending):
         """Scores the pending neighbours [width*R, Q] (-1: none) and merges those that can enter."""
         d = hamming_pairs(codes[jnp.maximum(pending, 0)], query_codes[None, :, :])
@@ -182,14 +177,14 @@ def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterati
         not in the list yet, [width*R, Q] (-1: none), to be merged in the next iteration."""
         # The list is sorted, so the best unexpanded entry is the smallest unexpanded key: a
         # min over the leading axis per parent (a cumsum to rank them ran 3x slower, measured).
-        parents, remaining = [], unexpanded(top)
+        parents, remaining = [], layout.unexpanded(top)
         for _ in range(width):
             best = bitonic.min_rows(bitonic.where(remaining, top, SENTINEL))
             parents.append(layout.ids(best))
             remaining = remaining & ~bitonic.equal(top, best[None, :])
         parents = jnp.stack(parents)  # [width, Q]; -1 where a query has none left
         live = parents >= 0
-        chosen = unexpanded(top) & ~remaining
+        chosen = layout.unexpanded(top) & ~remaining
         # Gathered element-wise from the flat graph straight into [width, R, Q]: gathering rows
         # and transposing let XLA fold the transpose into a column-major layout, and the
         # consumers then ran as scalar code (3x slower, measured).
@@ -206,12 +201,11 @@ def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterati
         if width > 1:  # two parents may share a neighbour: keep its first occurrence
             same = (nb[:, None, :] == nb[None, :, :]) & triu[:, :, None]
             ok = ok & ~jnp.any(same, axis=0)
-        marked = bitonic.low_word(top) | chosen.astype(jnp.uint32)
-        return bitonic.with_low_word(top, marked), jnp.where(ok, nb, -1)
+        return layout.mark(top, chosen), jnp.where(ok, nb, -1)
 
     def cond(state):
         it, top, pending = state
-        return (it <= iterations) & (jnp.any(unexpanded(top)) | jnp.any(pending >= 0))
+        return (it <= iterations) & (jnp.any(layout.unexpanded(top)) | jnp.any(pending >= 0))
 
     def body(state):
         # Pipelined: the neighbours found in one iteration are scored and merged in the next,
