@@ -2,7 +2,8 @@
 
   python benchmarks/ann.py [--quick] [--n 100000] [--nq 1000] [--fvecs BASE.fvecs
                             --queries Q.fvecs] [--no-digits] [--out-dir benchmarks/results]
-                            [--methods ours,hnswlib] [--vector-dtype float16] [--widths 1,4]
+                            [--methods ours,hnswlib] [--vector-dtype float16] [--widths auto,1,4]
+                            [--caps 1,2]
 
 Methods: ours (BinaryGraphIndex, 256-bit ITQ codes, degree 32, Hamming beam search + float
 rerank), faiss IndexHNSWFlat (M=16, efConstruction=200), faiss IndexBinaryHNSW (M=16) on our
@@ -19,8 +20,10 @@ markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
+import itertools
 import json
 import os
 import sys
@@ -32,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from alijax.ann import codes as codes_lib  # noqa: E402
+from alijax.ann import search as search_lib  # noqa: E402
 from alijax.ann.index import BinaryGraphIndex  # noqa: E402
 
 T0 = time.perf_counter()
@@ -157,20 +161,27 @@ def rerank(x, q, cand, k):
 
 def run_ours(x, q, truth, sweep, options=None):
     options = dict(options or {})
-    widths = options.pop("search_widths", (1,))  # --widths: parents expanded per iteration
+    widths = options.pop("search_widths", (None,))  # --widths: parents expanded per iteration
+    caps = options.pop("search_caps", (1,))  # --caps: multiples of the default iteration cap
     t = time.perf_counter()
     index = BinaryGraphIndex(bits=256, degree=32, **options).build(x)
     build = time.perf_counter() - t
     rows = []
-    for width in widths:
-        for cand in sweep:
-            if width > cand:
-                continue
-            k = min(100, cand)
-            secs, (_, ids) = timed(index.search, q, k, cand, width)
-            param = f"L={cand}" if width == 1 else f"L={cand} w={width}"
-            row = {"param": param, "width": width, "qps": len(q) / secs}
-            rows.append({**row, **recalls(ids, truth)})
+    auto, config = search_lib.auto_width(len(index)), index.search_config
+    for width, times, cand in itertools.product(widths, caps, sweep):  # width None: automatic
+        if (width or auto) > cand:
+            continue
+        cap = times * search_lib.SearchConfig(cand, width=width or auto).iterations()
+        index.search_config = dataclasses.replace(config, max_iterations=cap)
+        k = min(100, cand)
+        secs, (_, ids) = timed(index.search, q, k, cand, width)
+        param = (
+            f"L={cand}" + (f" w={width}" if width else "") + (f" cap={cap}" if times > 1 else "")
+        )
+        row = {"param": param, "width": width or auto, "auto": width is None, "cap": cap}
+        row.update(cap_times=times, qps=len(q) / secs)
+        rows.append({**row, **recalls(ids, truth)})
+    index.search_config = config
     return build, rows, index
 
 
@@ -318,6 +329,11 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
+def _plot_line(row):
+    """A line per beam width (automatic or chosen) and cap multiple of ours; the others' one."""
+    return row.get("width", 0), row.get("auto", False), row.get("cap_times", 1)
+
+
 def plot(report, path):
     try:
         import matplotlib
@@ -328,13 +344,15 @@ def plot(report, path):
         return
     fig, ax = plt.subplots(figsize=(7, 5))
     for method, res in report["results"].items():
-        for width in sorted({r.get("width", 1) for r in res["rows"]}):  # a line per beam width
+        line = _plot_line
+        for width, auto, times in sorted({line(r) for r in res["rows"]}):
             pts = [
                 (r["recall@10"], r["qps"])
                 for r in res["rows"]
-                if "recall@10" in r and r.get("width", 1) == width
+                if "recall@10" in r and line(r) == (width, auto, times)
             ]
-            label = method if width == 1 else f"{method}, width {width}"
+            label = f"{method}, width {width}" + (" (auto)" if auto else "") if width else method
+            label += f", cap x{times}" if times > 1 else ""
             ax.plot(*zip(*pts), marker="o", label=f"{label} (build {res['build_s']:.0f} s)")
     ax.set_yscale("log")
     ax.set_xlabel("recall@10")
@@ -360,7 +378,14 @@ def main(argv=None):
     parser.add_argument("--methods", default=None, help=f"a subset of {names} (default: all)")
     parser.add_argument("--vector-dtype", default=None, help="ours: stored rerank vectors")
     parser.add_argument(
-        "--widths", default="1", help="ours: beam widths to sweep, e.g. 1,4 (default 1)"
+        "--widths",
+        default="auto",
+        help="ours: beam widths to sweep, e.g. auto,1,4 (default auto: search.auto_width)",
+    )
+    parser.add_argument(
+        "--caps",
+        default="1",
+        help="ours: multiples of the default iteration cap (L // (4 width) + 4) to sweep, e.g. 1,2",
     )
     args = parser.parse_args(argv)
     if args.methods:
@@ -372,11 +397,14 @@ def main(argv=None):
             raise ValueError("--methods: the faiss binary indexes use ours' codes; add ours")
     if args.vector_dtype:
         OURS_OPTIONS["vector_dtype"] = args.vector_dtype
-    widths = tuple(int(w) for w in args.widths.split(","))
-    if widths != (1,):
-        if min(widths) < 1:
-            raise ValueError(f"--widths={args.widths}: each width must be >= 1")
-        OURS_OPTIONS["search_widths"] = widths
+    widths = tuple(None if w == "auto" else int(w) for w in args.widths.split(","))
+    if any(w is not None and w < 1 for w in widths):
+        raise ValueError(f"--widths={args.widths}: each width must be 'auto' or >= 1")
+    OURS_OPTIONS["search_widths"] = widths
+    caps = tuple(int(c) for c in args.caps.split(","))
+    if min(caps) < 1:
+        raise ValueError(f"--caps={args.caps}: each multiple must be >= 1")
+    OURS_OPTIONS["search_caps"] = caps
     n, nq = (20_000, 500) if args.quick else (args.n, args.nq)
     x, q = synthetic(n, nq)
     bench(f"synthetic{n // 1000}k", x, q, args.out_dir, args.quick)

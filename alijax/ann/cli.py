@@ -50,7 +50,10 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
     search.add_argument("--k", type=int, default=10)
     search.add_argument("--candidates", type=int, default=None, help="L binary candidates")
     search.add_argument(
-        "--width", type=int, default=None, help="parents expanded per iteration (4 at 5M+)"
+        "--width",
+        type=int,
+        default=None,
+        help="parents expanded per iteration (default: the index's; automatic by its size)",
     )
     search.add_argument("--groundtruth", default=None, help=".ivecs of true neighbour ids")
     search.add_argument("--out", required=True, help="result ids as .ivecs")

@@ -245,6 +245,13 @@ def _plan(n_total: int, words: int, degree: int, shards: int, cfg: GraphConfig) 
     # batch of blocks straight into the lists.
     groups = 1 if shards == 1 else min(_TABLE_GROUPS, -(-per_shard // batch))
     per_shard = -(-per_shard // (batch * groups)) * batch * groups
+    slots = per_shard * shards * capacity
+    if slots >= 1 << 31:
+        # Slot positions (_partition, _group_slots, _scatter_blocks) are global int32s.
+        raise ValueError(
+            f"{n_total} codes with num_assign={a} need {slots} block slots, past the int32 "
+            "slot positions (2**31 - 1); build with num_assign=1 or fewer codes"
+        )
     sample = min(n_total, max(nc, min(_MAX_KMEANS_SAMPLE, nc * cfg.kmeans_sample_per_cluster)))
     # Propagation's chunk buffers shrink with the mesh like every other per-device array
     # (row_chunk is one device's budget): at 1M on 8 devices its candidate codes [128, chunk,

@@ -286,14 +286,17 @@ class BinaryGraphIndex:
 
     def search(self, queries, k: int, candidates: int | None = None, width: int | None = None):
         """queries float [Q, D] -> (scores float32 [Q, k], ids int64 [Q, k]); candidates is L,
-        the number of binary candidates reranked in float (default max(k, config))."""
+        the number of binary candidates reranked in float (default max(k, config)); width the
+        parents expanded per iteration (default the config's; its None: search.auto_width)."""
         self._require_built()
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k={k!r} must be a positive int")
         q = self._prepare(queries, "queries")
         cfg = self.search_config
         cfg = dataclasses.replace(
-            cfg, candidates=int(candidates or max(k, cfg.candidates)), width=int(width or cfg.width)
+            cfg,
+            candidates=int(candidates or max(k, cfg.candidates)),
+            width=int(width) if width else cfg.width,  # None: auto_width of the index's size
         )
         qc = codes_lib.encode(self.binarizer, q)
         codes, graph, vectors, entries, deleted = self._on_device()

@@ -100,6 +100,15 @@ def test_build_graph_is_a_valid_fixed_degree_graph(data_codes):
     assert back > 0.5, back
 
 
+def test_plan_refuses_slot_positions_past_int32():
+    # 1.2e9 codes in two clusters each are 2.4e9 block slots: their int32 positions would
+    # wrap, so the plan refuses before any work, naming num_assign; one assignment fits.
+    with pytest.raises(ValueError, match="num_assign=2"):
+        graph._plan(1_200_000_000, 8, 32, 8, graph.GraphConfig(num_assign=2))
+    plan = graph._plan(1_200_000_000, 8, 32, 8, graph.GraphConfig(num_assign=1))
+    assert plan.blocks_per_shard * plan.shards * plan.capacity < 1 << 31
+
+
 def test_pair_keys_for_ids_beyond_one_word(data_codes, monkeypatch, fresh_programs):
     # Builds whose (distance, id) do not fit a uint32 key (over 2^23 codes of 256 bits) keep
     # their lists as Pairs, which order as the keys do: forced here on small data, in chunks,

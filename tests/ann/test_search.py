@@ -67,9 +67,20 @@ def test_iteration_cap_stops_the_walk():
     args = (jnp.asarray(c[50:51]), jnp.asarray(c), jnp.asarray(g), jnp.asarray([0], jnp.int32))
     ids, _ = search.beam_search(*args, candidates=4, iterations=10)
     assert 0 < ids.max() < 20, ids
-    assert search.SearchConfig(32).iterations() == 12
+    assert search.SearchConfig(32, width=1).iterations() == 12
     assert search.SearchConfig(64, width=2).iterations() == 12
     assert search.SearchConfig(32, max_iterations=7).iterations() == 7
+
+
+def test_automatic_width_grows_with_the_index():
+    sizes = (1000, 1_000_000, 1_400_000, 1_500_000, 2_000_000, 2_900_000, 5_000_000, 10**9)
+    assert [search.auto_width(n) for n in sizes] == [1, 1, 1, 2, 2, 4, 4, 4]
+    auto = search.SearchConfig(64)
+    assert auto.for_codes(2_000_000).width == 2
+    assert auto.for_codes(2_000_000).iterations() == 12
+    assert search.SearchConfig(64, width=3).for_codes(5_000_000).width == 3  # chosen: kept
+    with pytest.raises(ValueError, match="for_codes"):
+        auto.iterations()
 
 
 @pytest.mark.parametrize("n_entries", [1, 37, 64, 200])
