@@ -95,11 +95,11 @@ def auto_width(n: int) -> int:
 
     The larger the graph, the more expansions a query needs before its list settles, and
     expanding w parents at once costs less than w iterations (one merge of the list for w
-    rows of neighbours), so the wider beam wins once many are needed. Measured on the
-    benchmarks/ann.py synthetic data (2 cores, 2026-12-05, 1000 queries, L in 64/128/256, caps
-    of 1x and 2x the default; best QPS of the sweep at recall@10 >= 0.95, width 1 / 2 / 4):
-    200k 53k / 39k / 28k (all at 0.99); 1M 35.0k / 21.8k / 16.8k; 2M 12.8k / 19.5k / 15.5k
-    (width 4 best at >= 0.97: 9.5k against 6.5k and 3.3k); 5M 2.3k / 2.7k / 6.4k. Data of
+    rows of neighbours), so the wider beam wins once many are needed. Measured with
+    `benchmarks/ann.py --methods ours --widths 1,2,4 --caps 1,2` on its synthetic data (2 cores,
+    2026-12-05, results/widths/), best QPS of the sweep at recall@10 >= 0.95, widths 1 / 2 / 4:
+    1M 34.0k / 21.0k / 16.7k; 2M 15.3k / 17.1k / 14.7k (width 4 best from 0.97: 8.9k against
+    6.1k and 3.3k); 5M 2.2k / 2.6k / 6.3k. (200k: every width at 0.99, width 1 fastest.) Data of
     another intrinsic dimension move the crossover: pass `width` to choose it."""
     return 1 << min(2, max(0, round(math.log2(max(n, 1) / 1e6))))
 
@@ -186,7 +186,6 @@ def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterati
     layout = _layout(codes, pairs=isinstance(top, bitonic.Pairs))
     size = top.shape[0]  # the list, padded to a power of two for the networks
     fresh = width * r
-    triu = jnp.triu(jnp.ones((fresh, fresh), bool), 1)
 
     def merge_pending(top, pending):
         """Scores the pending neighbours [width*R, Q] (-1: none) and merges those that can enter."""
@@ -224,8 +223,7 @@ def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterati
         # vectorises (a reduce over a [L, R, Q] or [Q, R, L] broadcast ran 3-7x slower).
         ok = functools.reduce(jnp.logical_and, [nb != known[i] for i in range(size)], nb >= 0)
         if width > 1:  # two parents may share a neighbour: keep its first occurrence
-            same = (nb[:, None, :] == nb[None, :, :]) & triu[:, :, None]
-            ok = ok & ~jnp.any(same, axis=0)
+            ok = ok & ~_shared_with_earlier_rows(nb.reshape(width, r, q)).reshape(fresh, q)
         return layout.mark(top, chosen), jnp.where(ok, nb, -1)
 
     def cond(state):
@@ -244,6 +242,22 @@ def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterati
     _, top, _ = lax.while_loop(cond, body, (jnp.int32(0), top, pending))
     top = top[:candidates].T
     return layout.ids(top), layout.dist(top)
+
+
+def _shared_with_earlier_rows(rows):
+    """rows int32 [P, R, Q] (parents' graph rows per query) -> bool [P, R, Q]: the id is also in
+    an earlier parent's row (graph rows hold distinct ids, so these are all the repeats).
+
+    One [P R, P R, Q] broadcast reduced over its major axis. Unrolled compares of each row
+    against the earlier rows' ids (the membership test's pattern, a third of the compares)
+    made the whole walk slower at width 4: 2M codes, 1000 queries, L=128, 12 iterations 60 ->
+    77-81 ms (1.15x faster at width 2, 1.05x at L=256; 2 cores, 2026-12-05)."""
+    p, r, q = rows.shape
+    flat = rows.reshape(p * r, q)
+    later = jnp.triu(jnp.ones((p * r, p * r), bool), 1)  # [i, j]: entry j comes after entry i
+    return jnp.any((flat[:, None, :] == flat[None, :, :]) & later[:, :, None], axis=0).reshape(
+        p, r, q
+    )
 
 
 beam_search_jit = jax.jit(

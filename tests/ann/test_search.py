@@ -4,6 +4,7 @@ float rerank against exact float ground truth, deleted nodes never returned."""
 import collections
 import functools
 import gc
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +142,27 @@ def test_recall_at_10_after_rerank(setup):
         q, qc, c, g, x, entries, 10, config=search.SearchConfig(64, width=2, batch_size=37)
     )
     assert recall(idx2, truth) >= 0.95
+
+
+def test_wide_beams_keep_the_first_of_shared_neighbours(setup):
+    # Parents' rows of distinct ids (as graph rows are), sharing some: an id is dropped only
+    # where an earlier parent's row has it, and a wide search lists every node once.
+    rng = np.random.default_rng(0)
+    p, r, q = 4, 6, 5
+    rows = np.stack([[rng.choice(16, r, replace=False) for _ in range(q)] for _ in range(p)])
+    rows = rows.transpose(0, 2, 1)  # [parents, R, Q]
+    got = np.asarray(search._shared_with_earlier_rows(jnp.asarray(rows, jnp.int32)))
+    want = np.zeros_like(got)
+    for j, col in itertools.product(range(p), range(q)):
+        want[j, :, col] = np.isin(rows[j, :, col], rows[:j, :, col])
+    np.testing.assert_array_equal(got, want)
+    _, _, c, qc, g, entries = setup
+    ids, _ = search.beam_search_jit(
+        jnp.asarray(qc[:50]), c, g, entries, candidates=64, width=4, iterations=20
+    )
+    ids = np.asarray(ids)
+    for row in ids:
+        assert len(set(row[row >= 0])) == (row >= 0).sum()
 
 
 def test_deleted_never_returned(setup):
