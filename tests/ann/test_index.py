@@ -12,7 +12,6 @@ from alijax.ann import cli
 from alijax.ann import codes as codes_lib
 from alijax.ann import graph as graph_lib
 from alijax.ann import index as index_lib
-from alijax.ann import search as search_lib
 from alijax.ann.index import BinaryGraphIndex
 from alijax.data.files import FormatError
 from alijax.data.vecs import read_ivecs, write_fvecs, write_ivecs
@@ -68,7 +67,7 @@ def test_add_delete_compact_and_save_load(data, tmp_path):
     index = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x)
     new_ids = np.arange(len(xa)) + 10_000
     index.add(xa, new_ids)
-    assert search_lib.beam_search_jit._cache_size() == 0  # the add's program is not kept
+    assert index_lib._add_walk._cache_size() == 1  # one walk program for the whole add
     _, found = index.search(xa, 1)
     assert (found[:, 0] == new_ids).mean() >= 0.95  # measured 1.0
     all_x = np.concatenate([x, xa])
@@ -94,6 +93,51 @@ def test_add_delete_compact_and_save_load(data, tmp_path):
     assert not np.isin(ids, gone).any()
     assert recall(ids, all_ids[live][exact_topk(all_x[live], q, 10)]) >= 0.95
     assert len(index.graph) == live.sum() and (index.graph < live.sum()).all()
+
+
+def test_add_in_batches_links_later_batches_to_earlier(data, monkeypatch):
+    # Batches of 64 points (4096 by default) and edit blocks of 96 rows (a ragged last one):
+    # the 200 new points go in as 4 batches, each searching the graph with the earlier ones
+    # in it. They are found, reached through in-edges, and later batches link to earlier.
+    x, q, xa = data
+    monkeypatch.setattr(index_lib, "_ADD_BATCH", 64)
+    monkeypatch.setattr(index_lib, "_EDIT_ROWS", 96)
+    index = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x)
+    index.add(xa, np.arange(len(xa)) + N)
+    _, found = index.search(xa, 1)
+    assert (found[:, 0] == np.arange(len(xa)) + N).mean() >= 0.95  # measured 1.0
+    all_x = np.concatenate([x, xa])
+    assert recall(index.search(q, 10)[1], exact_topk(all_x, q, 10)) >= 0.95
+    new_rows = index.graph[N:]
+    assert np.isin(np.arange(N, N + len(xa)), index.graph[:N]).mean() >= 0.9  # in-edges
+    last = new_rows[192:]  # the 4th batch's rows
+    assert ((last >= N) & (last < N + 192)).any(axis=1).mean() >= 0.5  # earlier batches
+    assert index.graph.shape == (N + len(xa), 16) and index.codes.shape[0] == N + len(xa)
+
+
+def test_batch_candidates_are_the_exact_batch_knn():
+    # No walk results (all -1): the candidates are each point's nearest among the batch's
+    # first `count` rows by Hamming distance, ties to the lower index, no self, padding unused.
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 4, (40, 2)).astype(np.uint32)  # many ties
+    count, first, k = 29, 500, 6
+    none = np.full((40, 8), -1, np.int32)
+    ids, dist = index_lib._batch_candidates(
+        none, np.full((40, 8), graph_lib.BIG, np.int32), codes, first, count, k + 1, k
+    )
+    bits = np.unpackbits(codes[:count].view(np.uint8), axis=1).astype(np.int64)
+    d = (bits[:, None, :] != bits[None, :, :]).sum(-1)
+    for i in range(count):
+        others = [j for j in np.lexsort((np.arange(count), d[i])) if j != i][:k]
+        np.testing.assert_array_equal(np.asarray(ids)[i], np.asarray(others) + first)
+        np.testing.assert_array_equal(np.asarray(dist)[i], d[i, others])
+
+
+def test_add_capacity_rounds_up_by_an_eighth_or_1024():
+    for n in (1, 1000, 1025, 16_384, 100_001, 2_000_000):
+        cap = index_lib._capacity(n)
+        assert n <= cap <= n + max(1024, n // 8)
+    assert index_lib._capacity(100_001) == index_lib._capacity(100_100)  # a shared program
 
 
 def test_corrupt_truncated_and_missing_files_refused(built, tmp_path):
