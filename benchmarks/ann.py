@@ -167,7 +167,7 @@ def run_ours(x, q, truth, sweep, options=None):
     index = BinaryGraphIndex(bits=256, degree=32, **options).build(x)
     build = time.perf_counter() - t
     rows = []
-    auto, config = search_lib.auto_width(len(index)), index.search_config
+    auto, config = search_lib.auto_width(index.codes.shape[0]), index.search_config
     for width, times, cand in itertools.product(widths, caps, sweep):  # width None: automatic
         if (width or auto) > cand:
             continue

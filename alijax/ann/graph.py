@@ -250,7 +250,8 @@ def _plan(n_total: int, words: int, degree: int, shards: int, cfg: GraphConfig) 
         # Slot positions (_partition, _group_slots, _scatter_blocks) are global int32s.
         raise ValueError(
             f"{n_total} codes with num_assign={a} need {slots} block slots, past the int32 "
-            "slot positions (2**31 - 1); build with num_assign=1 or fewer codes"
+            "slot positions (2**31 - 1); build with fewer codes"
+            + (" or num_assign=1" if a > 1 else "")
         )
     sample = min(n_total, max(nc, min(_MAX_KMEANS_SAMPLE, nc * cfg.kmeans_sample_per_cluster)))
     # Propagation's chunk buffers shrink with the mesh like every other per-device array

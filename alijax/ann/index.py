@@ -34,6 +34,7 @@ index; `load` refuses a missing, truncated or corrupted file with a FormatError 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -41,6 +42,7 @@ import io
 import json
 import os
 import shutil
+import threading
 import uuid
 
 import jax
@@ -56,7 +58,11 @@ from alijax.ann import search as search_lib
 from alijax.ann.hamming import hamming_pairs
 from alijax.data.files import FormatError, atomic_write
 
-FORMAT_VERSION = 1
+# 2: search_config.width may be null (automatic, search.auto_width). Version 1 files stored the
+# then default width 1 and load with it (the same results as before); set
+# index.search_config = dataclasses.replace(index.search_config, width=None) for the automatic one.
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _ARRAYS = ("vectors", "codes", "graph", "ids", "deleted", "entries", "mean", "projection")
 VECTOR_DTYPES = ("float32", "float16")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -350,22 +356,17 @@ class BinaryGraphIndex:
         if clash.size:
             raise ValueError(f"ids already in the index, e.g. {int(clash[0])}")
         n, m, deg = len(self.ids), len(x), self.degree
-        if m == 0:
-            return self
         # Built at a capacity past the final size: the search runs on these arrays, padded
         # rows (code 0, no edges) that no edge leads to, as no edge leads to a new point
-        # until its batch is inserted. So one compiled search serves every batch, and every
-        # add until the index outgrows the capacity.
+        # until its batch is inserted. So one compiled walk per batch size serves every batch,
+        # and every add until the index outgrows the capacity.
         cap = _capacity(n + m)
         codes = np.zeros((cap, self.codes.shape[1]), np.uint32)
         codes[:n], codes[n : n + m] = self.codes, codes_lib.encode(self.binarizer, x)
         graph = np.full((cap, deg), -1, np.int32)
         graph[:n] = self.graph
-        if _ADD_WALK_SHAPES.get("capacity") != cap:  # programs of smaller capacities are done
-            _add_walk.clear_cache()
-            _ADD_WALK_SHAPES["capacity"] = cap
         codes_on_device = jax.device_put(codes)
-        entries = self._on_device()[3]
+        entries = jax.device_put(self.entries)  # not _on_device: it would copy every array
         batch = min(_ADD_BATCH, bitonic.next_pow2(max(m, 256)))  # few compiled batch shapes
         for start in range(n, n + m, batch):
             nodes = np.arange(start, min(n + m, start + batch), dtype=np.int32)
@@ -375,7 +376,8 @@ class BinaryGraphIndex:
             rows = _prune_rows(codes, cand_i, cand_d, deg)
             graph[nodes] = rows
             _link_back(codes, graph, nodes, rows, deg)
-        self.graph, self.codes = graph[: n + m], codes[: n + m]
+        # Copies, not views that would keep the capacity's padding rows alive.
+        self.graph, self.codes = graph[: n + m].copy(), codes[: n + m].copy()
         self.vectors = np.concatenate([self.vectors, x.astype(self.vectors.dtype)])
         self.ids = np.concatenate([self.ids, ids])
         self.deleted = np.concatenate([self.deleted, np.zeros(m, bool)])
@@ -389,13 +391,16 @@ class BinaryGraphIndex:
         big_l = max(2 * deg, self.search_config.candidates)
         queries = codes[nodes[0] : nodes[0] + batch]  # rows past the batch's m: padding
         queries = jnp.asarray(np.pad(queries, ((0, batch - len(queries)), (0, 0))))
+        # The whole graph goes to the device for every batch (128 MB at 1M x 32): the rows the
+        # previous batch edited are spread over it.
+        args = (queries, codes_on_device, jax.device_put(graph), entries)
         g_i, g_d = _add_walk(
-            queries,
-            codes_on_device,
-            jax.device_put(graph),
-            entries,
+            *args,
             candidates=big_l,
-            width=1,
+            # The search's width for this size: adding 20k points to 2M, width 1 / 2 (its
+            # auto_width) / width 1 with 80 iterations gave search recall@10 after it 0.9410 /
+            # 0.9423 / 0.9416 at 2262 / 2403 / 2203 points/s (2 cores, 2026-12-05).
+            width=min(search_lib.auto_width(codes_on_device.shape[0]), big_l),
             # Adding 100k points to 100k (2 cores, 2026-12-05): L + 16 = 80 iterations 5.6k
             # points/s, 36 7.1k/s, 20 7.6k/s; search recall@10 after it at L=64 0.9905,
             # 0.9905, 0.9903 (a build of all 200k: 0.9937).
@@ -521,9 +526,9 @@ class BinaryGraphIndex:
             raise FormatError(f"{manifest_path}: missing (not a saved index)") from None
         except (ValueError, KeyError, TypeError) as err:
             raise FormatError(f"{manifest_path}: unreadable manifest ({err})") from None
-        if version != FORMAT_VERSION:
+        if version not in _READABLE_VERSIONS:
             raise FormatError(
-                f"{manifest_path}: format_version={version!r}, this code reads {FORMAT_VERSION}"
+                f"{manifest_path}: format_version={version!r}, this code reads {_READABLE_VERSIONS}"
             )
         arrays = {name: _read_array(directory, name, entries) for name in _ARRAYS}
         graph_cfg = graph_lib.GraphConfig(**params["graph_config"])
@@ -588,16 +593,32 @@ def _read_array(directory: str, name: str, entries: dict) -> np.ndarray:
 # 50k points to 100k in one batch peaked at +12.9 GB, the pruning's [M, K, K, W] pair codes,
 # and ran at 1.3k points/s; measured on 2 cores, 2026-12-05.)
 _ADD_BATCH = 4096
-# The add's walk: jax.jit's own cache, emptied when the capacity changes (a program holds
-# 10-20 MB, see search.compiled_search_batch, and a smaller capacity's never serves again).
-_add_walk = jax.jit(search_lib.beam_search, static_argnames=("candidates", "width", "iterations"))
-_ADD_WALK_SHAPES: dict = {}
+# The add's walk programs, the most recently used _ADD_PROGRAMS kept: jax.jit would keep every
+# capacity's (10-20 MB each, see search.compiled_search_batch) for as long as the process.
+_ADD_PROGRAMS = 4
+_add_programs: collections.OrderedDict = collections.OrderedDict()
+_add_programs_lock = threading.Lock()
+
+
+def _add_walk(*args, **static):
+    """search.beam_search(*args, **static), compiled once per argument shapes and static values
+    and kept in a small LRU (several indexes, or one after compact(), each reuse their own)."""
+    key = (tuple((a.shape, a.dtype) for a in args), tuple(sorted(static.items())))
+    with _add_programs_lock:
+        program = _add_programs.pop(key, None)
+        if program is None:
+            walk = functools.partial(search_lib.beam_search, **static)
+            program = jax.jit(walk).lower(*args).compile()
+        _add_programs[key] = program  # most recently used last
+        while len(_add_programs) > _ADD_PROGRAMS:
+            _add_programs.popitem(last=False)
+    return program(*args)
 
 
 def _capacity(n: int) -> int:
     """Rows an add's arrays hold for n points: n rounded up to a multiple of 2^(bits(n) - 4)
     (at least 1024), so at most max(1024, n / 8) more, and adds of a few points at a time
-    reuse one compiled search until the index grows past it."""
+    reuse their compiled walks (one per batch size) until the index grows past it."""
     step = 1 << max(10, n.bit_length() - 4)
     return -(-n // step) * step
 

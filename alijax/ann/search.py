@@ -78,8 +78,11 @@ class SearchConfig:
     threads: int | None = None  # CPU batches run at once (None: the cores available)
 
     def for_codes(self, n: int) -> SearchConfig:
-        """This config for an index of n codes: an automatic width resolved to auto_width(n)."""
-        return self if self.width is not None else dataclasses.replace(self, width=auto_width(n))
+        """This config for an index of n codes: an automatic width resolved to auto_width(n),
+        at most the list size."""
+        if self.width is not None:
+            return self
+        return dataclasses.replace(self, width=min(auto_width(n), self.candidates))
 
     def iterations(self) -> int:
         if self.max_iterations:
@@ -245,8 +248,9 @@ def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterati
 
 
 def _shared_with_earlier_rows(rows):
-    """rows int32 [P, R, Q] (parents' graph rows per query) -> bool [P, R, Q]: the id is also in
-    an earlier parent's row (graph rows hold distinct ids, so these are all the repeats).
+    """rows int32 [P, R, Q] (parents' graph rows per query) -> bool [P, R, Q]: the id comes
+    earlier in the flattened [P R] order (graph rows hold distinct ids, so that is an earlier
+    parent's row; repeated -1s are flagged too, and dropped anyway).
 
     One [P R, P R, Q] broadcast reduced over its major axis. Unrolled compares of each row
     against the earlier rows' ids (the membership test's pattern, a third of the compares)

@@ -2,6 +2,7 @@
 the command line."""
 
 import argparse
+import json
 import os
 import sys
 
@@ -67,7 +68,9 @@ def test_add_delete_compact_and_save_load(data, tmp_path):
     index = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x)
     new_ids = np.arange(len(xa)) + 10_000
     index.add(xa, new_ids)
-    assert index_lib._add_walk._cache_size() == 1  # one walk program for the whole add
+    shapes = [key[0][2][0] for key in index_lib._add_programs]  # the graphs' [cap, R]
+    assert (index_lib._capacity(len(index.ids)), 16) in shapes  # this add's walk is kept
+    assert len(index_lib._add_programs) <= index_lib._ADD_PROGRAMS
     _, found = index.search(xa, 1)
     assert (found[:, 0] == new_ids).mean() >= 0.95  # measured 1.0
     all_x = np.concatenate([x, xa])
@@ -160,6 +163,26 @@ def test_corrupt_truncated_and_missing_files_refused(built, tmp_path):
     with pytest.raises(FormatError, match="manifest.json"):
         BinaryGraphIndex.load(tmp_path / "ix")
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
+
+
+def test_format_versions(data, built, tmp_path):
+    # Version 1 files (width 1 stored, the default then) load with their width; an unknown
+    # version is refused naming it; this version stores the automatic width as null.
+    _, q, _ = data
+    built.save(tmp_path / "ix")
+    path = tmp_path / "ix" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["format_version"] == 2 and manifest["params"]["search_config"]["width"] is None
+    manifest["format_version"] = 1
+    manifest["params"]["search_config"]["width"] = 1
+    path.write_text(json.dumps(manifest))
+    old = BinaryGraphIndex.load(tmp_path / "ix")
+    assert old.search_config.width == 1
+    np.testing.assert_array_equal(old.search(q, 10)[1], built.search(q, 10)[1])
+    manifest["format_version"] = 3
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(FormatError, match="format_version=3"):
+        BinaryGraphIndex.load(tmp_path / "ix")
 
 
 def test_bad_input_refused(data, built):

@@ -80,6 +80,7 @@ def test_automatic_width_grows_with_the_index():
     assert auto.for_codes(2_000_000).width == 2
     assert auto.for_codes(2_000_000).iterations() == 12
     assert search.SearchConfig(64, width=3).for_codes(5_000_000).width == 3  # chosen: kept
+    assert search.SearchConfig(2).for_codes(5_000_000).width == 2  # no wider than the list
     with pytest.raises(ValueError, match="for_codes"):
         auto.iterations()
 
