@@ -145,6 +145,7 @@ def _device_vectors(x: np.ndarray, dtype: str, rows: int = _CHECK_ROWS):
 
 # What search reads, in search_lib.search's order.
 _SEARCH_ARRAYS = ("codes", "graph", "vectors", "entries", "deleted")
+_PAD_FILL = {"graph": -1, "deleted": True}  # padding rows (see _on_device); others 0
 
 
 def _spans_processes(mesh) -> bool:
@@ -212,6 +213,7 @@ class BinaryGraphIndex:
         self.binarizer: codes_lib.Binarizer | None = None
         self.vectors = self.codes = self.graph = self.ids = self.deleted = self.entries = None
         self._device_cache: dict = {}  # name -> (host array, its device copy)
+        self._grown = False  # added to: search arrays padded to _capacity (see _on_device)
 
     # ------------------------------------------------------------------ properties
 
@@ -306,6 +308,7 @@ class BinaryGraphIndex:
             candidates=int(candidates or max(k, cfg.candidates)),
             width=int(width) if width else cfg.width,  # None: auto_width of the index's size
         )
+        cfg = cfg.for_codes(len(self.ids))  # the index's size, not its padded arrays'
         qc = codes_lib.encode(self.binarizer, q)
         codes, graph, vectors, entries, deleted = self._on_device()
         scores, idx = search_lib.search(
@@ -326,19 +329,31 @@ class BinaryGraphIndex:
         """The arrays search reads (_SEARCH_ARRAYS), as device arrays, each copied once per
         change of it (copying them on every call cost 51 ms per search at 100k x 128, measured;
         a delete() changes only the tombstones, so only they are copied again)."""
+        # After an add, the per-node arrays go to the device padded to the add's capacity
+        # (code 0, no edges, deleted), so the search programs compiled for that shape serve
+        # every later add within it instead of compiling again (1-2 s) after each. Built or
+        # loaded indexes keep their exact size (no extra copy at build time).
+        rows = _capacity(len(self.ids)) if self._grown else None
         out = []
         for name in _SEARCH_ARRAYS:
             host = getattr(self, name)
             held = self._device_cache.get(name)
             if held is None or held[0] is not host:
+                n = len(host)
+                padded = host
+                if rows is not None and name != "entries" and n < rows:
+                    fill = _PAD_FILL.get(name, 0)
+                    padded = np.pad(
+                        host, [(0, rows - n)] + [(0, 0)] * (host.ndim - 1), constant_values=fill
+                    )
                 # device_put, not jnp.asarray: that staged a second host copy (1M x 128
                 # floats: 977 MB peak against 488 MB, VmHWM); device_put copies once.
-                device = jax.device_put(host)
+                device = jax.device_put(padded)
                 if all(d.platform == "cpu" for d in device.devices()):
                     # On CPU a numpy view of a device array shares its memory, so the host
                     # array becomes a read-only view and the data are held once, not twice
                     # (1M x 128 floats are 512 MB). Updates replace arrays, never write them.
-                    host = np.asarray(device)
+                    host = np.asarray(device)[:n]
                     setattr(self, name, host)
                 held = (host, device)
                 self._device_cache[name] = held
@@ -381,6 +396,7 @@ class BinaryGraphIndex:
         self.vectors = np.concatenate([self.vectors, x.astype(self.vectors.dtype)])
         self.ids = np.concatenate([self.ids, ids])
         self.deleted = np.concatenate([self.deleted, np.zeros(m, bool)])
+        self._grown = True
         return self
 
     def _add_candidates(self, codes, codes_on_device, graph, entries, nodes, batch: int):
