@@ -620,15 +620,10 @@ def _add_walk(*args, **static):
     """search.beam_search(*args, **static), compiled once per argument shapes and static values
     and kept in a small LRU (several indexes, or one after compact(), each reuse their own)."""
     key = (tuple((a.shape, a.dtype) for a in args), tuple(sorted(static.items())))
-    with _add_programs_lock:
-        program = _add_programs.pop(key, None)
-        if program is None:
-            walk = functools.partial(search_lib.beam_search, **static)
-            program = jax.jit(walk).lower(*args).compile()
-        _add_programs[key] = program  # most recently used last
-        while len(_add_programs) > _ADD_PROGRAMS:
-            _add_programs.popitem(last=False)
-    return program(*args)
+    walk = functools.partial(search_lib.beam_search, **static)
+    compile_walk = lambda: jax.jit(walk).lower(*args).compile()  # noqa: E731
+    lock, limit = _add_programs_lock, _ADD_PROGRAMS
+    return search_lib.lru_program(_add_programs, lock, limit, key, compile_walk)(*args)
 
 
 def _capacity(n: int) -> int:
@@ -662,9 +657,15 @@ def _batch_candidates(g_i, g_d, queries, first, count, k_batch: int, out_k: int)
 _EDIT_ROWS = 1024
 
 
-def _blocks(n: int):
-    """(start, stop) of consecutive blocks of _EDIT_ROWS rows covering n rows."""
-    return [(s, min(n, s + _EDIT_ROWS)) for s in range(0, n, _EDIT_ROWS)]
+def _by_blocks(n: int, width: int, one_block) -> np.ndarray:
+    """int32 [n, width] (-1 where a block gives fewer columns): one_block(start, stop) gives
+    the rows of consecutive blocks of _EDIT_ROWS rows (padded ones past stop - start cut)."""
+    out = np.full((n, width), -1, np.int32)
+    for start in range(0, n, _EDIT_ROWS):
+        stop = min(n, start + _EDIT_ROWS)
+        got = np.asarray(one_block(start, stop))[: stop - start]
+        out[start:stop, : got.shape[1]] = got
+    return out
 
 
 def _pad_rows(x: np.ndarray, fill) -> np.ndarray:
@@ -690,14 +691,13 @@ def _prune_block(nb_codes, cand_i, cand_d, degree: int):
 def _prune_rows(codes, cand_i, cand_d, degree: int) -> np.ndarray:
     """RNG-prune candidate lists (sorted, [M, K]) into rows int32 [M, degree], kept edges first."""
     cand_i, cand_d = np.asarray(cand_i), np.asarray(cand_d)
-    rows = np.full((len(cand_i), degree), -1, np.int32)
-    k = min(cand_i.shape[1], degree)
-    for start, stop in _blocks(len(cand_i)):
+
+    def one_block(start, stop):
         ids = _pad_rows(cand_i[start:stop], -1)
         dist = _pad_rows(cand_d[start:stop], graph_lib.BIG)
-        got = _prune_block(codes[np.maximum(ids, 0)], ids, dist, degree)
-        rows[start:stop, :k] = np.asarray(got)[: stop - start]
-    return rows
+        return _prune_block(codes[np.maximum(ids, 0)], ids, dist, degree)
+
+    return _by_blocks(len(cand_i), degree, one_block)
 
 
 @functools.partial(jax.jit, static_argnames=("degree", "layout"))
@@ -715,13 +715,13 @@ def _closest_rows(codes, rows: np.ndarray, cand: np.ndarray, degree: int) -> np.
     n_ids, n_bits = len(codes), codes.shape[1] * 32
     fits = bitonic.KeyLayout.fits(n_ids, n_bits)
     layout = bitonic.KeyLayout.for_ids(n_ids) if fits else bitonic.PairLayout()
-    out = np.empty((len(rows), degree), np.int32)
-    for start, stop in _blocks(len(rows)):
+
+    def one_block(start, stop):
         block = _pad_rows(cand[start:stop].astype(np.int32), -1)
         row_codes = _pad_rows(codes[rows[start:stop]], 0)
-        got = _closest_block(row_codes, codes[np.maximum(block, 0)], block, degree, layout)
-        out[start:stop] = np.asarray(got)[: stop - start]
-    return out
+        return _closest_block(row_codes, codes[np.maximum(block, 0)], block, degree, layout)
+
+    return _by_blocks(len(rows), degree, one_block)
 
 
 def _link_back(codes, graph, new_nodes, new_rows, degree: int) -> None:

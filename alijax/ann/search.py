@@ -352,13 +352,20 @@ def compiled_search_batch(queries, query_codes, codes, graph, vectors, entries, 
         tuple((a.shape, jnp.dtype(a.dtype), getattr(a, "sharding", None)) for a in args),
         tuple(sorted(static.items())),
     )
-    with _PROGRAMS_LOCK:
-        program = _PROGRAMS.pop(key, None)
+    compile_search = functools.partial(_compile_search, *args, **static)
+    return lru_program(_PROGRAMS, _PROGRAMS_LOCK, SEARCH_PROGRAMS, key, compile_search)
+
+
+def lru_program(cache: collections.OrderedDict, lock, limit: int, key, compile_fn):
+    """The program under `key` in `cache` (made by compile_fn() if absent), now the most
+    recently used; past `limit` programs the least recently used is dropped, and freed."""
+    with lock:
+        program = cache.pop(key, None)
         if program is None:
-            program = _compile_search(*args, **static)
-        _PROGRAMS[key] = program  # most recently used last
-        while len(_PROGRAMS) > SEARCH_PROGRAMS:
-            _PROGRAMS.popitem(last=False)
+            program = compile_fn()
+        cache[key] = program  # most recently used last
+        while len(cache) > limit:
+            cache.popitem(last=False)
     return program
 
 
