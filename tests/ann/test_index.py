@@ -146,7 +146,7 @@ def test_batch_candidates_are_the_exact_batch_knn():
     count, first, k = 29, 500, 6
     none = np.full((40, 8), -1, np.int32)
     ids, dist = index_lib._batch_candidates(
-        none, np.full((40, 8), graph_lib.BIG, np.int32), codes, first, count, k + 1, k
+        none, np.full((40, 8), graph_lib.BIG, np.int32), codes, codes, first, 0, count, k + 1, k
     )
     bits = np.unpackbits(codes[:count].view(np.uint8), axis=1).astype(np.int64)
     d = (bits[:, None, :] != bits[None, :, :]).sum(-1)
@@ -154,6 +154,42 @@ def test_batch_candidates_are_the_exact_batch_knn():
         others = [j for j in np.lexsort((np.arange(count), d[i])) if j != i][:k]
         np.testing.assert_array_equal(np.asarray(ids)[i], np.asarray(others) + first)
         np.testing.assert_array_equal(np.asarray(dist)[i], d[i, others])
+    # A part of the batch's rows (as one thread of add() runs it): the same rows' candidates.
+    part_ids, part_dist = index_lib._batch_candidates(
+        none[:16],
+        np.full((16, 8), graph_lib.BIG, np.int32),
+        codes[8:24],
+        codes,
+        first,
+        8,
+        count,
+        k + 1,
+        k,
+    )
+    np.testing.assert_array_equal(part_ids, np.asarray(ids)[8:24])
+    np.testing.assert_array_equal(part_dist, np.asarray(dist)[8:24])
+
+
+def test_id_order_merges_added_ids():
+    # add() keeps the ids' sort order by merging the new ids in: the same as sorting again,
+    # for ids of any sign and order, so lookups after adds find added and old ids alike.
+    rng = np.random.default_rng(5)
+    ids = rng.choice(np.arange(-10**9, 10**9, 997), 700, replace=False).astype(np.int64)
+    old, new = ids[:500], ids[500:]
+    merged = index_lib._merged_order(old, np.argsort(old), new)
+    np.testing.assert_array_equal(ids[merged], np.sort(ids))
+
+
+def test_lookup_after_adds(data):
+    x, _, xa = data
+    index = BinaryGraphIndex(bits=64, degree=8, itq_iterations=5).build(x, ids=np.arange(N)[::-1])
+    index.add(xa[:5], [10**6 + 4, -7, 10**6, 3 * N, -1])
+    with pytest.raises(ValueError, match="already in the index, e.g. -7"):
+        index.add(xa[5:7], [10**7, -7])
+    internal, found = index._lookup(np.array([-1, 0, N - 1, 10**6, 5 * N]))
+    np.testing.assert_array_equal(found, [True, True, True, True, False])
+    np.testing.assert_array_equal(internal[:4], [N + 4, N - 1, 0, N + 2])
+    assert index.delete([-7, 0]) == 2
 
 
 def test_add_capacity_rounds_up_by_an_eighth_or_1024():
