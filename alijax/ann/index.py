@@ -440,13 +440,13 @@ class BinaryGraphIndex:
             # 0.9905, 0.9903 (a build of all 200k: 0.9937).
             iterations=big_l // 2 + 4,
         )
-        k_batch = min(deg + 1, batch)
+        static.update(k_batch=min(deg + 1, batch), out_k=2 * deg)
+        first, count = np.int32(nodes[0]), np.int32(m)
 
         def one_part(start):
             rows = queries[start : start + part]
-            g_i, g_d = _add_walk(rows, codes_on_device, graph, entries, **static)
-            found = _batch_candidates(g_i, g_d, rows, queries, nodes[0], start, m, k_batch, 2 * deg)
-            return [np.asarray(a) for a in found]
+            args = (rows, queries, codes_on_device, graph, entries, first, np.int32(start), count)
+            return [np.asarray(a) for a in _add_part(*args, **static)]
 
         starts = range(0, batch, part)
         if len(starts) > 1:
@@ -648,21 +648,33 @@ def _read_array(directory: str, name: str, entries: dict) -> np.ndarray:
 # 50k points to 100k in one batch peaked at +12.9 GB, the pruning's [M, K, K, W] pair codes,
 # and ran at 1.3k points/s; measured on 2 cores, 2026-12-05.)
 _ADD_BATCH = 4096
-# The add's walk programs, the most recently used _ADD_PROGRAMS kept: jax.jit would keep every
+# The add's programs (walk and batch kNN), the most recently used _ADD_PROGRAMS kept: jax.jit would keep every
 # capacity's (10-20 MB each, see search.compiled_search_batch) for as long as the process.
 _ADD_PROGRAMS = 4
 _add_programs: collections.OrderedDict = collections.OrderedDict()
 _add_programs_lock = threading.Lock()
 
 
-def _add_walk(*args, **static):
-    """search.beam_search(*args, **static), compiled once per argument shapes and static values
-    and kept in a small LRU (several indexes, or one after compact(), each reuse their own)."""
+def _add_part(*args, **static):
+    """_add_part_candidates(*args, **static), compiled once per argument shapes and static
+    values and kept in a small LRU (several indexes, or one after compact(), each reuse their
+    own). One lock for compiling: the parts of a batch start together, and two compilations at
+    once would hold two compilers' memory (+77 MiB adding 19k points to 200k, measured)."""
     key = (tuple((a.shape, a.dtype) for a in args), tuple(sorted(static.items())))
-    walk = functools.partial(search_lib.beam_search, **static)
-    compile_walk = lambda: jax.jit(walk).lower(*args).compile()  # noqa: E731
+    part = functools.partial(_add_part_candidates, **static)
+    compile_part = lambda: jax.jit(part).lower(*args).compile()  # noqa: E731
     lock, limit = _add_programs_lock, _ADD_PROGRAMS
-    return search_lib.lru_program(_add_programs, lock, limit, key, compile_walk)(*args)
+    return search_lib.lru_program(_add_programs, lock, limit, key, compile_part)(*args)
+
+
+def _add_part_candidates(
+    rows, queries, codes, graph, entries, first, row_start, count, *, k_batch, out_k, **walk
+):
+    """Candidates of a part of a batch, `rows` = queries[row_start : row_start + R] uint32
+    [R, W]: a beam search over the graph (search.beam_search's walk parameters), then
+    _batch_candidates. One program, one dispatch per part."""
+    g_i, g_d = search_lib.beam_search(rows, codes, graph, entries, **walk)
+    return _batch_candidates(g_i, g_d, rows, queries, first, row_start, count, k_batch, out_k)
 
 
 def _capacity(n: int) -> int:

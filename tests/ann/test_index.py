@@ -69,7 +69,7 @@ def test_add_delete_compact_and_save_load(data, tmp_path):
     index = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x)
     new_ids = np.arange(len(xa)) + 10_000
     index.add(xa, new_ids)
-    shapes = [key[0][2][0] for key in index_lib._add_programs]  # the graphs' [cap, R]
+    shapes = [key[0][3][0] for key in index_lib._add_programs]  # the graphs' [cap, R]
     assert (index_lib._capacity(len(index.ids)), 16) in shapes  # this add's walk is kept
     assert len(index_lib._add_programs) <= index_lib._ADD_PROGRAMS
     _, found = index.search(xa, 1)
@@ -174,7 +174,7 @@ def test_id_order_merges_added_ids():
     # add() keeps the ids' sort order by merging the new ids in: the same as sorting again,
     # for ids of any sign and order, so lookups after adds find added and old ids alike.
     rng = np.random.default_rng(5)
-    ids = rng.choice(np.arange(-10**9, 10**9, 997), 700, replace=False).astype(np.int64)
+    ids = rng.choice(np.arange(-(10**9), 10**9, 997), 700, replace=False).astype(np.int64)
     old, new = ids[:500], ids[500:]
     merged = index_lib._merged_order(old, np.argsort(old), new)
     np.testing.assert_array_equal(ids[merged], np.sort(ids))
