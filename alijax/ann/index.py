@@ -147,6 +147,33 @@ def _device_vectors(x: np.ndarray, dtype: str, rows: int = _CHECK_ROWS):
 # What search reads, in search_lib.search's order.
 _SEARCH_ARRAYS = ("codes", "graph", "vectors", "entries", "deleted")
 _PAD_FILL = {"graph": -1, "deleted": True}  # padding rows (see _on_device); others 0
+# The per-node arrays among them, which add() updates in place on the device.
+_ROW_ARRAYS = ("codes", "graph", "vectors", "deleted")
+
+
+def _host_view(device) -> np.ndarray:
+    """A numpy array of a device array's contents: on CPU a read-only view of its memory
+    (np.from_dlpack: np.asarray would also cache a view on the jax array, and while any view
+    of a buffer lives, _set_rows copies it instead of updating it in place); elsewhere a copy."""
+    if all(d.platform == "cpu" for d in device.devices()):
+        return np.from_dlpack(jax.block_until_ready(device))
+    return np.asarray(device)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_rows(buf, rows, values):
+    """buf with buf[rows] = values, updated in place (buf is donated); rows past its end, the
+    padding of _padded_rows, are dropped."""
+    return buf.at[rows].set(values.astype(buf.dtype), mode="drop")
+
+
+def _padded_rows(rows: np.ndarray, values: np.ndarray, end: int) -> tuple:
+    """(rows int32 [K], values [K, ...]) padded to the next power of two >= 256 with row `end`
+    (past the buffer: dropped by _set_rows), so that _set_rows compiles for few shapes."""
+    size = bitonic.next_pow2(max(len(rows), 256))
+    rows = np.concatenate([rows, np.full(size - len(rows), end)]).astype(np.int32)
+    pad = [(0, size - len(values))] + [(0, 0)] * (values.ndim - 1)
+    return rows, np.pad(values, pad)
 
 
 def _spans_processes(mesh) -> bool:
@@ -362,7 +389,7 @@ class BinaryGraphIndex:
                     # On CPU a numpy view of a device array shares its memory, so the host
                     # array becomes a read-only view and the data are held once, not twice
                     # (1M x 128 floats are 512 MB). Updates replace arrays, never write them.
-                    host = np.asarray(device)[:n]
+                    host = _host_view(device)[:n]
                     setattr(self, name, host)
                 held = (host, device)
                 self._device_cache[name] = held
@@ -380,40 +407,75 @@ class BinaryGraphIndex:
         if clash.any():
             raise ValueError(f"ids already in the index, e.g. {int(ids[clash][0])}")
         n, m, deg = len(self.ids), len(x), self.degree
-        # Built at a capacity past the final size: the search runs on these arrays, padded
-        # rows (code 0, no edges) that no edge leads to, as no edge leads to a new point
-        # until its batch is inserted. So one compiled walk per batch size serves every batch,
-        # and every add until the index outgrows the capacity.
+        # The search's arrays, at a capacity past the final size, are updated in place on the
+        # device: the new points' codes and vectors first, then each batch's graph rows. Rows
+        # past the inserted ones (code 0, no edges) are padding that no edge leads to, as no
+        # edge leads to a new point until its batch is inserted. So one compiled walk per
+        # batch size serves every batch, and every add until the index outgrows the capacity,
+        # and an add costs what it touches, not copies of the whole index: 1000 points into
+        # 1M were 339 ms, and the search after them 392 ms, when every add rebuilt the arrays
+        # (2 cores, 2026-12-05).
         cap = _capacity(n + m)
-        codes = np.zeros((cap, self.codes.shape[1]), np.uint32)
-        codes[:n], codes[n : n + m] = self.codes, codes_lib.encode(self.binarizer, x)
-        graph = np.full((cap, deg), -1, np.int32)
-        graph[:n] = self.graph
-        codes_on_device = jax.device_put(codes)
-        entries = jax.device_put(self.entries)  # not _on_device: it would copy every array
-        batch = min(_ADD_BATCH, bitonic.next_pow2(max(m, 256)))  # few compiled batch shapes
-        for start in range(n, n + m, batch):
-            nodes = np.arange(start, min(n + m, start + batch), dtype=np.int32)
-            cand_i, cand_d = self._add_candidates(
-                codes, codes_on_device, graph, entries, nodes, batch
-            )
-            rows = _prune_rows(codes, cand_i, cand_d, deg)
-            graph[nodes] = rows
-            _link_back(codes, graph, nodes, rows, deg)
-        # Copies, not views that would keep the capacity's padding rows alive.
-        self.graph, self.codes = graph[: n + m].copy(), codes[: n + m].copy()
-        self.vectors = np.concatenate([self.vectors, x.astype(self.vectors.dtype)])
-        old_order = self._id_order[1]  # set by the _lookup above
-        self.ids = np.concatenate([self.ids, ids])
-        self._id_order = (self.ids, _merged_order(self.ids[:n], old_order, ids))
-        self.deleted = np.concatenate([self.deleted, np.zeros(m, bool)])
-        self._grown = True
+        new_codes = np.asarray(codes_lib.encode(self.binarizer, x))
+        old_ids, old_order = self.ids, self._id_order[1]  # the order: set by _lookup above
+        dev = self._device_rows(cap)
+        done = n  # points in so far: those of finished batches
+        try:
+            new = np.arange(n, n + m)
+            dev["codes"] = _set_rows(dev["codes"], *_padded_rows(new, new_codes, cap))
+            dev["vectors"] = _set_rows(dev["vectors"], *_padded_rows(new, x, cap))
+            codes = _host_view(dev["codes"])  # not updated again in this add
+            entries = jax.device_put(self.entries)
+            batch = min(_ADD_BATCH, bitonic.next_pow2(max(m, 256)))  # few compiled shapes
+            for start in range(n, n + m, batch):
+                nodes = np.arange(start, min(n + m, start + batch), dtype=np.int32)
+                cand_i, cand_d = self._add_candidates(
+                    codes, dev["codes"], dev["graph"], entries, nodes, batch
+                )
+                rows = _prune_rows(codes, cand_i, cand_d, deg)
+                dev["graph"] = _set_rows(dev["graph"], *_padded_rows(nodes, rows, cap))
+                targets, target_rows = _link_back(codes, dev["graph"], nodes, rows, deg)
+                dev["graph"] = _set_rows(dev["graph"], *_padded_rows(targets, target_rows, cap))
+                live = np.zeros(len(nodes), bool)
+                dev["deleted"] = _set_rows(dev["deleted"], *_padded_rows(nodes, live, cap))
+                done = int(nodes[-1]) + 1
+        finally:
+            # The points of finished batches are in: an error (or an interrupt) leaves the
+            # index as the last finished batch left it, never half-linked.
+            self.ids = np.concatenate([old_ids, ids[: done - n]])
+            self._id_order = (self.ids, _merged_order(old_ids, old_order, ids[: done - n]))
+            for name, device in dev.items():
+                host = _host_view(device)[:done]
+                setattr(self, name, host)
+                self._device_cache[name] = (host, device)
+            self._grown = True
         return self
+
+    def _device_rows(self, cap: int) -> dict:
+        """The per-node arrays (_ROW_ARRAYS) as device arrays of `cap` rows (padding:
+        _PAD_FILL), for add() to update in place: those already on the device at that size
+        (the previous add's), else padded copies. The index lets go of its own views of them
+        (see _host_view); add() gives it new ones."""
+        dev = {}
+        for name in _ROW_ARRAYS:
+            host, held = getattr(self, name), self._device_cache.get(name)
+            if held is not None and held[0] is host and held[1].shape[0] == cap:
+                dev[name] = held[1]
+            else:
+                fill = _PAD_FILL.get(name, 0)
+                pad = [(0, cap - len(host))] + [(0, 0)] * (host.ndim - 1)
+                dev[name] = jax.device_put(np.pad(host, pad, constant_values=fill))
+        del host, held
+        for name in _ROW_ARRAYS:  # only now: a failed copy above leaves the index as it was
+            self._device_cache.pop(name, None)
+            setattr(self, name, None)
+        return dev
 
     def _add_candidates(self, codes, codes_on_device, graph, entries, nodes, batch: int):
         """The 2 * degree best distinct candidates (ids, distances [m, 2 * degree]) of the new
-        points `nodes` (m <= batch, consecutive): a beam search over the graph so far and an
-        exact Hamming kNN among themselves, both on queries padded to `batch` (one shape).
+        points `nodes` (m <= batch, consecutive): a beam search over the graph so far (on the
+        device, as codes_on_device; codes: the same on the host) and an exact Hamming kNN
+        among themselves, both on queries padded to `batch` (one shape).
 
         On CPU the batch runs as a power of two of equal parts on as many threads (as
         search.search splits its batches): XLA:CPU runs a while loop's small steps and a top_k
@@ -423,9 +485,6 @@ class BinaryGraphIndex:
         big_l = max(2 * deg, self.search_config.candidates)
         queries = codes[nodes[0] : nodes[0] + batch]  # rows past the batch's m: padding
         queries = jnp.asarray(np.pad(queries, ((0, batch - len(queries)), (0, 0))))
-        # The whole graph goes to the device for every batch (128 MB at 1M x 32): the rows the
-        # previous batch edited are spread over it.
-        graph = jax.device_put(graph)
         config = dataclasses.replace(self.search_config, candidates=big_l)
         threads = search_lib.thread_count(batch, config, cpu=jax.default_backend() == "cpu")
         part = batch >> (threads.bit_length() - 1)  # a power of two of parts, one shape
@@ -678,10 +737,17 @@ def _add_part_candidates(
 
 
 def _capacity(n: int) -> int:
-    """Rows an add's arrays hold for n points: n rounded up to a multiple of 2^(bits(n) - 4)
-    (at least 1024), so at most max(1024, n / 8) more, and adds of a few points at a time
-    reuse their compiled walks (one per batch size) until the index grows past it."""
-    step = 1 << max(10, n.bit_length() - 4)
+    """Rows an add's arrays hold for n points: n rounded up to a multiple of 2^(bits(n) - 3)
+    (at least 1024), so at most max(1024, n / 4) more (n / 8 on average), and adds of a few
+    points at a time reuse their compiled programs (the walk's, then the search's) until the
+    index grows past it.
+
+    Each new capacity compiles the add's walk (about 1.3 s at 200k) and then the search's:
+    with steps of 2^(bits(n) - 4), 1000-point adds from 200k to 240k ran at 6.2k points/s, two
+    of them compiling; with 2^(bits(n) - 3) at 8.0k/s, one compiling (2 cores, 2026-12-05).
+    The padding rows cost memory in every per-node array (vectors included) once an index has
+    been added to."""
+    step = 1 << max(10, n.bit_length() - 3)
     return -(-n // step) * step
 
 
@@ -797,9 +863,11 @@ def _closest_rows(codes, rows: np.ndarray, cand: np.ndarray, degree: int) -> np.
     return _by_blocks(len(rows), degree, one_block)
 
 
-def _link_back(codes, graph, new_nodes, new_rows, degree: int) -> None:
-    """Each new node p (new_nodes, ascending) proposes itself to the nodes of its row; a target keeps the `degree`
-    closest of its edges and proposals (ties to the lower index). Edits graph in place.
+def _link_back(codes, graph, new_nodes, new_rows, degree: int) -> tuple:
+    """Each new node p (new_nodes, ascending) proposes itself to the nodes of its row; a
+    target keeps the `degree` closest of its edges (graph: a device array, the new rows in
+    it) and proposals, ties to the lower index. Returns (targets int [T], their rows int32
+    [T, degree]).
 
     Only a target's `degree` closest proposals can be kept, so it gets no more than those
     (ties to the lower source, topk_unique's order): one shape [T, 2 * degree] of candidates
@@ -809,7 +877,7 @@ def _link_back(codes, graph, new_nodes, new_rows, degree: int) -> None:
     ok = tgt >= 0
     src, tgt = src[ok], tgt[ok]
     if not len(tgt):
-        return
+        return tgt, np.empty((0, degree), np.int32)
     dist = np.bitwise_count(_rows_of(codes, src) ^ _rows_of(codes, tgt)).sum(axis=1, dtype=np.int32)
     # By target, then distance, then source: src is ascending here (new_nodes is), and a
     # stable sort keeps that order (8.5 ms against lexsort's 12.9 at 131k proposals).
@@ -821,8 +889,10 @@ def _link_back(codes, graph, new_nodes, new_rows, degree: int) -> None:
     targets, slot = tgt[first], np.cumsum(first) - 1
     props = np.full((len(targets), degree), -1, np.int32)
     props[slot, rank] = src
-    cand = np.concatenate([np.take(graph, targets, axis=0), props], axis=1)
-    graph[targets] = _closest_rows(codes, targets, cand, degree)
+    # A copy of the targets' rows: the view is gone on return, so the graph can be updated
+    # in place again (see _host_view).
+    cand = np.concatenate([np.take(_host_view(graph), targets, axis=0), props], axis=1)
+    return targets, _closest_rows(codes, targets, cand, degree)
 
 
 def _relink(codes, graph, deleted, degree: int, chunk: int = 8192) -> np.ndarray:

@@ -138,6 +138,53 @@ def test_search_after_small_adds_reuses_its_program(data):
     assert (ids != N + 3).all() and np.isfinite(scores).all()
 
 
+def test_adds_update_the_device_arrays_in_place(data):
+    # A second add within the capacity writes into the first add's device buffers (no copy of
+    # the index); a view of the graph that someone still holds is left as it was (jax copies
+    # a buffer that a view pins instead of updating it).
+    x, q, xa = data
+    index = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x)
+    index.add(xa[:10], np.arange(10) + N)
+    pointers = {k: v[1].unsafe_buffer_pointer() for k, v in index._device_cache.items()}
+    index.add(xa[10:20], np.arange(10, 20) + N)
+    for name in index_lib._ROW_ARRAYS:
+        assert index._device_cache[name][1].unsafe_buffer_pointer() == pointers[name], name
+    held = index.graph
+    before = held.copy()
+    index.add(xa[20:30], np.arange(20, 30) + N)
+    np.testing.assert_array_equal(held, before)
+    assert index.graph.shape == (N + 30, 16) and (index.graph[: N + 20] != before).any()
+    _, found = index.search(xa[:30], 1)
+    assert (found[:, 0] == np.arange(30) + N).mean() >= 0.95  # measured 1.0
+
+
+def test_failed_add_keeps_the_finished_batches(data, monkeypatch):
+    # An error in the second of three batches: the first batch's points are in and linked,
+    # the rest are not, and the index searches and takes adds as before.
+    x, q, xa = data
+    monkeypatch.setattr(index_lib, "_ADD_BATCH", 64)
+    index = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x)
+    prune, calls = index_lib._prune_rows, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return prune(*args)
+
+    monkeypatch.setattr(index_lib, "_prune_rows", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        index.add(xa[:150], np.arange(150) + N)
+    assert len(index.ids) == index.graph.shape[0] == index.vectors.shape[0] == N + 64
+    assert index.graph.max() < N + 64 and not index.deleted.any()
+    _, found = index.search(xa[:64], 1)
+    assert (found[:, 0] == np.arange(64) + N).mean() >= 0.95  # measured 1.0
+    monkeypatch.setattr(index_lib, "_prune_rows", prune)
+    index.add(xa[64:150], np.arange(64, 150) + N)
+    _, found = index.search(xa[:150], 1)
+    assert (found[:, 0] == np.arange(150) + N).mean() >= 0.95
+
+
 def test_batch_candidates_are_the_exact_batch_knn():
     # No walk results (all -1): the candidates are each point's nearest among the batch's
     # first `count` rows by Hamming distance, ties to the lower index, no self, padding unused.
@@ -192,10 +239,10 @@ def test_lookup_after_adds(data):
     assert index.delete([-7, 0]) == 2
 
 
-def test_add_capacity_rounds_up_by_an_eighth_or_1024():
-    for n in (1, 1000, 1025, 16_384, 100_001, 2_000_000):
+def test_add_capacity_rounds_up_by_a_quarter_or_1024():
+    for n in (1, 1000, 1025, 16_384, 100_001, 131_073, 2_000_000):
         cap = index_lib._capacity(n)
-        assert n <= cap <= n + max(1024, n // 8)
+        assert n <= cap <= n + max(1024, n // 4)
     assert index_lib._capacity(100_001) == index_lib._capacity(100_100)  # a shared program
 
 
