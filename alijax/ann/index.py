@@ -388,7 +388,8 @@ class BinaryGraphIndex:
                 if all(d.platform == "cpu" for d in device.devices()):
                     # On CPU a numpy view of a device array shares its memory, so the host
                     # array becomes a read-only view and the data are held once, not twice
-                    # (1M x 128 floats are 512 MB). Updates replace arrays, never write them.
+                    # (1M x 128 floats are 512 MB). Updates replace arrays; only add() writes
+                    # into the device arrays, once it has let go of the views (_device_rows).
                     host = _host_view(device)[:n]
                     setattr(self, name, host)
                 held = (host, device)
@@ -426,7 +427,7 @@ class BinaryGraphIndex:
             dev["vectors"] = _set_rows(dev["vectors"], *_padded_rows(new, x, cap))
             codes = _host_view(dev["codes"])  # not updated again in this add
             entries = jax.device_put(self.entries)
-            batch = min(_ADD_BATCH, bitonic.next_pow2(max(m, 256)))  # few compiled shapes
+            batch = min(_ADD_BATCH, bitonic.next_pow2(max(m, _ADD_PART)))  # few compiled shapes
             for start in range(n, n + m, batch):
                 nodes = np.arange(start, min(n + m, start + batch), dtype=np.int32)
                 cand_i, cand_d = self._add_candidates(
@@ -475,20 +476,17 @@ class BinaryGraphIndex:
         """The 2 * degree best distinct candidates (ids, distances [m, 2 * degree]) of the new
         points `nodes` (m <= batch, consecutive): a beam search over the graph so far (on the
         device, as codes_on_device; codes: the same on the host) and an exact Hamming kNN
-        among themselves, both on queries padded to `batch` (one shape).
+        among themselves, on queries padded to `batch`.
 
-        On CPU the batch runs as a power of two of equal parts on as many threads (as
-        search.search splits its batches): XLA:CPU runs a while loop's small steps and a top_k
-        on one core each. Batches of 4096 at 200k codes (2 cores, 2026-12-05): the walk 95 ->
-        55-85 ms, the batch kNN 115 -> 65-85 ms, with the same candidates."""
+        Both run in parts of _ADD_PART queries on one thread per core (as search.search
+        splits its batches: XLA:CPU runs a while loop's small steps and a top_k on one core
+        each), so the walk has one compiled shape per capacity whatever the batch, and the
+        batch kNN one per batch size whatever the index."""
         m, deg = len(nodes), self.degree
         big_l = max(2 * deg, self.search_config.candidates)
         queries = codes[nodes[0] : nodes[0] + batch]  # rows past the batch's m: padding
         queries = jnp.asarray(np.pad(queries, ((0, batch - len(queries)), (0, 0))))
-        config = dataclasses.replace(self.search_config, candidates=big_l)
-        threads = search_lib.thread_count(batch, config, cpu=jax.default_backend() == "cpu")
-        part = batch >> (threads.bit_length() - 1)  # a power of two of parts, one shape
-        static = dict(
+        walk = dict(
             candidates=big_l,
             # The search's width for this size: adding 20k points to 2M, width 1 / 2 (its
             # auto_width) / width 1 with 80 iterations gave search recall@10 after it 0.9410 /
@@ -499,20 +497,26 @@ class BinaryGraphIndex:
             # 0.9905, 0.9903 (a build of all 200k: 0.9937).
             iterations=big_l // 2 + 4,
         )
-        static.update(k_batch=min(deg + 1, batch), out_k=2 * deg)
+        knn = dict(k_batch=min(deg + 1, batch), out_k=2 * deg)
         first, count = np.int32(nodes[0]), np.int32(m)
+        part = min(_ADD_PART, batch)
 
         def one_part(start):
             rows = queries[start : start + part]
-            args = (rows, queries, codes_on_device, graph, entries, first, np.int32(start), count)
-            return [np.asarray(a) for a in _add_part(*args, **static)]
+            found = _add_program(
+                search_lib.beam_search, (rows, codes_on_device, graph, entries), walk
+            )
+            args = (*found, rows, queries, first, np.int32(start), count)
+            return [np.asarray(a) for a in _add_program(_batch_candidates, args, knn)]
 
         starts = range(0, batch, part)
-        if len(starts) > 1:
-            with ThreadPoolExecutor(len(starts)) as pool:
+        cores = search_lib.default_threads() if jax.default_backend() == "cpu" else 1
+        threads = min(cores, len(starts))
+        if threads > 1:
+            with ThreadPoolExecutor(threads) as pool:
                 parts = list(pool.map(one_part, starts))
         else:
-            parts = [one_part(0)]
+            parts = [one_part(start) for start in starts]
         cand_i, cand_d = (np.concatenate(a)[:m] for a in zip(*parts))
         return cand_i, cand_d
 
@@ -707,33 +711,28 @@ def _read_array(directory: str, name: str, entries: dict) -> np.ndarray:
 # 50k points to 100k in one batch peaked at +12.9 GB, the pruning's [M, K, K, W] pair codes,
 # and ran at 1.3k points/s; measured on 2 cores, 2026-12-05.)
 _ADD_BATCH = 4096
-# The add's programs (walk and batch kNN), the most recently used _ADD_PROGRAMS kept: jax.jit would keep every
-# capacity's (10-20 MB each, see search.compiled_search_batch) for as long as the process.
-_ADD_PROGRAMS = 4
+# The add's programs (walk and batch kNN), the most recently used _ADD_PROGRAMS kept: jax.jit
+# would keep every capacity's (10-20 MB each, see search.compiled_search_batch) for as long as
+# the process.
+_ADD_PROGRAMS = 6
+# Queries per call of the add's walk, its one compiled shape per capacity (before, a batch's
+# walk ran on all its queries, one shape per batch size from 256 to 4096, and adding 19k points
+# to 200k after 1000 compiled again: 3.0 s, now 2.1 s). Parts of 256, 512: that add 9.2k, 9.0k
+# points/s; adds of 10 points 29, 38 ms each (27 ms with walks of 2 x 128). 2 cores, 2026-12-05.
+_ADD_PART = 256
 _add_programs: collections.OrderedDict = collections.OrderedDict()
 _add_programs_lock = threading.Lock()
 
 
-def _add_part(*args, **static):
-    """_add_part_candidates(*args, **static), compiled once per argument shapes and static
-    values and kept in a small LRU (several indexes, or one after compact(), each reuse their
-    own). One lock for compiling: the parts of a batch start together, and two compilations at
-    once would hold two compilers' memory (+77 MiB adding 19k points to 200k, measured)."""
-    key = (tuple((a.shape, a.dtype) for a in args), tuple(sorted(static.items())))
-    part = functools.partial(_add_part_candidates, **static)
-    compile_part = lambda: jax.jit(part).lower(*args).compile()  # noqa: E731
+def _add_program(fn, args: tuple, static: dict):
+    """fn(*args, **static), compiled once per argument shapes and static values and kept in a
+    small LRU (several indexes, or one after compact(), each reuse their own). One lock for
+    compiling: the parts of a batch start together, and two compilations at once would hold
+    two compilers' memory (+77 MiB adding 19k points to 200k, measured)."""
+    key = (fn.__name__, tuple((a.shape, a.dtype) for a in args), tuple(sorted(static.items())))
+    compile_fn = lambda: jax.jit(functools.partial(fn, **static)).lower(*args).compile()  # noqa: E731
     lock, limit = _add_programs_lock, _ADD_PROGRAMS
-    return search_lib.lru_program(_add_programs, lock, limit, key, compile_part)(*args)
-
-
-def _add_part_candidates(
-    rows, queries, codes, graph, entries, first, row_start, count, *, k_batch, out_k, **walk
-):
-    """Candidates of a part of a batch, `rows` = queries[row_start : row_start + R] uint32
-    [R, W]: a beam search over the graph (search.beam_search's walk parameters), then
-    _batch_candidates. One program, one dispatch per part."""
-    g_i, g_d = search_lib.beam_search(rows, codes, graph, entries, **walk)
-    return _batch_candidates(g_i, g_d, rows, queries, first, row_start, count, k_batch, out_k)
+    return search_lib.lru_program(_add_programs, lock, limit, key, compile_fn)(*args)
 
 
 def _capacity(n: int) -> int:

@@ -69,7 +69,8 @@ def test_add_delete_compact_and_save_load(data, tmp_path):
     index = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x)
     new_ids = np.arange(len(xa)) + 10_000
     index.add(xa, new_ids)
-    shapes = [key[0][3][0] for key in index_lib._add_programs]  # the graphs' [cap, R]
+    walks = [key for key in index_lib._add_programs if key[0] == "beam_search"]
+    shapes = [key[1][2][0] for key in walks]  # the graphs' [cap, R]
     assert (index_lib._capacity(len(index.ids)), 16) in shapes  # this add's walk is kept
     assert len(index_lib._add_programs) <= index_lib._ADD_PROGRAMS
     _, found = index.search(xa, 1)
