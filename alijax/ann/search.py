@@ -289,18 +289,33 @@ def _rerank(queries, cand, vectors, k: int, metric: str, deleted):
     x = vectors[jnp.maximum(cand, 0)].astype(jnp.float32)  # [Q, L, D]; float16 stored
     if metric == "l2":
         s = jnp.sum((x - queries[:, None, :]) ** 2, axis=-1)
-        key = -s
     else:
         s = jnp.einsum("qld,qd->ql", x, queries)
-        key = s
     bad = cand < 0
     if deleted is not None:
         bad = bad | deleted[jnp.maximum(cand, 0)]
-    key = jnp.where(bad, -jnp.inf, key)
-    top, pos = lax.top_k(key, k)
-    idx = jnp.where(jnp.isneginf(top), -1, jnp.take_along_axis(cand, pos, axis=1))
-    scores = -top if metric == "l2" else top
+    # Best first: ascending distance (l2), descending similarity, ties to the earlier list
+    # position, as lax.top_k ordered them; but by a sorting network across the lists, where
+    # XLA:CPU's top_k runs row by row (0.37 ms for k = 24 of 24 on 200 rows). The whole
+    # rerank, same results, 2 cores: 200 queries, L=24, k=24, 0.54 -> 0.27 ms; 1000 queries
+    # L=64 k=10 5.2 -> 3.0 ms; L=128 k=100 31 -> 23 ms (1M vectors, random candidates).
+    order = ordered_key(s if metric == "l2" else -s)
+    pos = jnp.broadcast_to(jnp.arange(cand.shape[1], dtype=jnp.uint32), cand.shape)
+    keys = bitonic.Pairs(jnp.where(bad, SENTINEL, order).T, pos.T)  # [L, Q]
+    best = bitonic.sort(bitonic.pad_rows(keys, bitonic.next_pow2(cand.shape[1])))[:k].T
+    found = best.hi != SENTINEL
+    pos = jnp.where(found, best.lo, 0).astype(jnp.int32)
+    idx = jnp.where(found, jnp.take_along_axis(cand, pos, axis=1), -1)
+    missing = jnp.inf if metric == "l2" else -jnp.inf
+    scores = jnp.where(found, jnp.take_along_axis(s, pos, axis=1), missing)
     return scores, idx
+
+
+def ordered_key(x):
+    """float32 -> uint32 in the same order (-0.0 as 0.0; x not NaN, below the SENTINEL key
+    0xFFFFFFFF, which is a NaN's): the sign bit set for x >= 0, every bit flipped for x < 0."""
+    bits = lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | np.uint32(0x80000000))
 
 
 @functools.partial(jax.jit, static_argnames=("candidates",))

@@ -133,6 +133,41 @@ def test_rerank_matches_numpy(metric, chunk_bytes, monkeypatch):
         np.testing.assert_allclose(s[row], ref, rtol=1e-5)
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_rerank_ties_go_to_the_earlier_candidate(metric):
+    # Duplicate vectors give equal scores: the earlier list position comes first, as
+    # lax.top_k orders them; missing (-1) and deleted candidates come last, as -1.
+    rng = np.random.default_rng(1)
+    x = rng.integers(-2, 3, size=(12, 4)).astype(np.float32)
+    x[5] = x[2]
+    x[7] = x[2]
+    q = rng.integers(-2, 3, size=(6, 4)).astype(np.float32)
+    cand = rng.integers(-1, 12, size=(6, 24)).astype(np.int32)  # L=24: padded to 32
+    deleted = np.zeros(12, bool)
+    deleted[3] = True
+    s, i = search.rerank(
+        jnp.asarray(q), jnp.asarray(x), jnp.asarray(cand), 20, metric, jnp.asarray(deleted)
+    )
+    xs = x[np.maximum(cand, 0)]
+    score = ((xs - q[:, None]) ** 2).sum(-1) if metric == "l2" else (xs * q[:, None]).sum(-1)
+    bad = (cand < 0) | deleted[np.maximum(cand, 0)]
+    for row in range(len(q)):
+        key = np.where(bad[row], np.inf, score[row] if metric == "l2" else -score[row])
+        order = np.lexsort((np.arange(24), key))[:20]
+        want = np.where(bad[row][order], -1, cand[row][order])
+        np.testing.assert_array_equal(i[row], want)
+        miss = np.inf if metric == "l2" else -np.inf
+        np.testing.assert_array_equal(s[row], np.where(want < 0, miss, score[row][order]))
+
+
+def test_ordered_key_keeps_the_float_order():
+    # (No subnormals: XLA:CPU compares them as zero, and so ties them with 0 as top_k did.)
+    x = np.array([-np.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 3e38, np.inf], np.float32)
+    keys = np.asarray(search.ordered_key(jnp.asarray(x))).astype(np.int64)
+    assert (np.diff(keys[[0, 1, 2, 3]]) > 0).all() and keys[3] == keys[4]
+    assert (np.diff(keys[4:]) > 0).all() and keys[-1] < 0xFFFFFFFF
+
+
 def test_recall_at_10_after_rerank(setup):
     x, q, c, qc, g, entries = setup
     truth = exact_topk(x, q, 10)
