@@ -497,7 +497,8 @@ class BinaryGraphIndex:
             # 0.9905, 0.9903 (a build of all 200k: 0.9937).
             iterations=big_l // 2 + 4,
         )
-        knn = dict(k_batch=min(deg + 1, batch), out_k=2 * deg)
+        layout = _layout_for(codes_on_device.shape[0], codes.shape[1] * 32)
+        knn = dict(k_batch=min(deg + 1, batch), out_k=2 * deg, layout=layout)
         first, count = np.int32(nodes[0]), np.int32(m)
         part = min(_ADD_PART, batch)
 
@@ -750,13 +751,14 @@ def _capacity(n: int) -> int:
     return -(-n // step) * step
 
 
-@functools.partial(jax.jit, static_argnames=("k_batch", "out_k"))
-def _batch_candidates(g_i, g_d, rows, queries, first, row_start, count, k_batch, out_k):
+@functools.partial(jax.jit, static_argnames=("k_batch", "out_k", "layout"))
+def _batch_candidates(g_i, g_d, rows, queries, first, row_start, count, k_batch, out_k, layout):
     """Candidates of the batch's rows `rows` uint32 [R, W] (= queries[row_start : row_start +
     R]): the walk's (g_i, g_d [R, L]) and each row's k_batch nearest among the batch's `count`
     points (queries uint32 [B, W], nodes first ..; rows past count are padding), merged into
-    the out_k best distinct (ids, distances) [R, out_k], no self loops. The batch kNN is exact,
-    ties to the lower index (as hamming_topk)."""
+    the out_k best distinct (ids, distances) [R, out_k] by (distance, id) keys in `layout`
+    (_layout_for the index), no self loops. The batch kNN is exact, ties to the lower index (as
+    hamming_topk)."""
     col = jnp.arange(queries.shape[0], dtype=jnp.int32)
     row = row_start + jnp.arange(rows.shape[0], dtype=jnp.int32)
     d = hamming_pairs(rows[:, None, :], queries[None, :, :])  # [R, B]
@@ -764,9 +766,9 @@ def _batch_candidates(g_i, g_d, rows, queries, first, row_start, count, k_batch,
     _, pos = lax.top_k(-d.astype(jnp.float32), k_batch)
     b_d = jnp.take_along_axis(d, pos, axis=1)
     b_i = jnp.where((b_d < graph_lib.BIG) & (pos != row[:, None]), pos + first, -1)
-    cat_i = jnp.concatenate([g_i, b_i], axis=1)
-    cat_d = jnp.concatenate([g_d, b_d], axis=1)
-    return graph_lib.topk_unique(cat_i, cat_d, out_k)
+    keys = layout.pack(jnp.concatenate([g_d, b_d], axis=1), jnp.concatenate([g_i, b_i], axis=1))
+    best = bitonic.unique_smallest(keys.T, out_k)[:out_k].T  # as _closest_block's
+    return layout.ids(best), layout.dist(best)
 
 
 # Rows per jitted graph-edit step (pruning, linking back, relinking): one compiled shape for
@@ -848,11 +850,16 @@ def _closest_block(row_codes, cand_codes, cand, degree: int, layout):
     return layout.ids(bitonic.unique_smallest(keys, degree)[:degree]).T
 
 
+def _layout_for(n_ids: int, n_bits: int):
+    """The (distance, id) key layout of n_ids codes of n_bits: one word where it fits, else
+    Pairs (as graph._plan and search._layout choose theirs)."""
+    fits = bitonic.KeyLayout.fits(n_ids, n_bits)
+    return bitonic.KeyLayout.for_ids(n_ids) if fits else bitonic.PairLayout()
+
+
 def _closest_rows(codes, rows: np.ndarray, cand: np.ndarray, degree: int) -> np.ndarray:
     """_closest_block over blocks of rows (node ids int [R]) and their candidates [R, M]."""
-    n_ids, n_bits = len(codes), codes.shape[1] * 32
-    fits = bitonic.KeyLayout.fits(n_ids, n_bits)
-    layout = bitonic.KeyLayout.for_ids(n_ids) if fits else bitonic.PairLayout()
+    layout = _layout_for(len(codes), codes.shape[1] * 32)
 
     def one_block(start, stop):
         block = _pad_rows(cand[start:stop].astype(np.int32), -1)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from alijax.ann import cli
+from alijax.ann import bitonic, cli
 from alijax.ann import codes as codes_lib
 from alijax.ann import graph as graph_lib
 from alijax.ann import index as index_lib
@@ -186,36 +186,34 @@ def test_failed_add_keeps_the_finished_batches(data, monkeypatch):
     assert (found[:, 0] == np.arange(150) + N).mean() >= 0.95
 
 
-def test_batch_candidates_are_the_exact_batch_knn():
-    # No walk results (all -1): the candidates are each point's nearest among the batch's
-    # first `count` rows by Hamming distance, ties to the lower index, no self, padding unused.
+@pytest.mark.parametrize("pairs", [False, True])
+def test_batch_candidates_merge_the_walk_and_the_exact_batch_knn(pairs):
+    # Each point's candidates: its walk's (old nodes, repeats included) and its k_batch nearest
+    # among the batch's first `count` rows (exact Hamming, ties to the lower index, no self,
+    # padding unused), the out_k best distinct by (distance, id), in either key layout.
     rng = np.random.default_rng(3)
     codes = rng.integers(0, 4, (40, 2)).astype(np.uint32)  # many ties
-    count, first, k = 29, 500, 6
-    none = np.full((40, 8), -1, np.int32)
-    ids, dist = index_lib._batch_candidates(
-        none, np.full((40, 8), graph_lib.BIG, np.int32), codes, codes, first, 0, count, k + 1, k
-    )
+    count, first, k_batch, out_k = 29, 500, 7, 9
+    g_i = rng.integers(-1, 12, (40, 8)).astype(np.int32)
+    g_d = np.where(g_i >= 0, (g_i * 7) % 5, graph_lib.BIG).astype(np.int32)  # one per id
+    layout = bitonic.PairLayout() if pairs else index_lib._layout_for(first + 40, 64)
+    args = (codes, codes, first, 0, count, k_batch, out_k, layout)
+    ids, dist = (np.asarray(a) for a in index_lib._batch_candidates(g_i, g_d, *args))
     bits = np.unpackbits(codes[:count].view(np.uint8), axis=1).astype(np.int64)
     d = (bits[:, None, :] != bits[None, :, :]).sum(-1)
     for i in range(count):
-        others = [j for j in np.lexsort((np.arange(count), d[i])) if j != i][:k]
-        np.testing.assert_array_equal(np.asarray(ids)[i], np.asarray(others) + first)
-        np.testing.assert_array_equal(np.asarray(dist)[i], d[i, others])
+        near = [j for j in np.lexsort((np.arange(count), d[i]))[:k_batch] if j != i]
+        pairs_i = {(int(d[i, j]), j + first) for j in near}
+        pairs_i |= {(int(dd), int(ii)) for ii, dd in zip(g_i[i], g_d[i]) if ii >= 0}
+        want = sorted(pairs_i)[:out_k]
+        np.testing.assert_array_equal(ids[i], [p[1] for p in want])
+        np.testing.assert_array_equal(dist[i], [p[0] for p in want])
     # A part of the batch's rows (as one thread of add() runs it): the same rows' candidates.
-    part_ids, part_dist = index_lib._batch_candidates(
-        none[:16],
-        np.full((16, 8), graph_lib.BIG, np.int32),
-        codes[8:24],
-        codes,
-        first,
-        8,
-        count,
-        k + 1,
-        k,
+    part = index_lib._batch_candidates(
+        g_i[8:24], g_d[8:24], codes[8:24], codes, first, 8, count, k_batch, out_k, layout
     )
-    np.testing.assert_array_equal(part_ids, np.asarray(ids)[8:24])
-    np.testing.assert_array_equal(part_dist, np.asarray(dist)[8:24])
+    np.testing.assert_array_equal(part[0], ids[8:24])
+    np.testing.assert_array_equal(part[1], dist[8:24])
 
 
 def test_id_order_merges_added_ids():
