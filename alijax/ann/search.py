@@ -324,27 +324,19 @@ def seed_batch(query_codes, codes, entries, *, candidates):
     return seed_list(query_codes, codes, entries, candidates=candidates)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "metric", "candidates", "width", "iterations"))
-def walk_batch(
-    queries,
-    query_codes,
-    codes,
-    graph,
-    vectors,
-    top,
-    deleted,
-    *,
-    k,
-    metric,
-    candidates,
-    width,
-    iterations,
-):
-    """One batch from its start lists: queries f32 [Q, D], query_codes uint32 [Q, W], top
-    (seed_batch) -> (scores [Q, k], idx [Q, k])."""
+@functools.partial(jax.jit, static_argnames=("candidates", "width", "iterations"))
+def walk_batch(query_codes, codes, graph, top, *, candidates, width, iterations):
+    """One batch's walk from its start lists (seed_batch): query_codes uint32 [Q, W] -> the
+    candidates int32 [Q, L] to rerank, a program of its own: see compiled_search_batch."""
     cand, _ = walk(
         query_codes, codes, graph, top, candidates=candidates, width=width, iterations=iterations
     )
+    return cand
+
+
+@functools.partial(jax.jit, static_argnames=("k", "metric"))
+def rerank_batch(queries, vectors, cand, deleted, *, k, metric):
+    """One batch's rerank (rerank), a program of its own: see compiled_search_batch."""
     return rerank(queries, vectors, cand, k, metric, deleted)
 
 
@@ -359,9 +351,12 @@ def compiled_search_batch(queries, query_codes, codes, graph, vectors, entries, 
     kept about 100 MB that the next compilation's own ~100 MB peak then stood on (2 cores,
     2026-11-26). An evicted program is freed; using it again compiles it again (1-2 s).
 
-    The seed and the walk are two programs: XLA:CPU's compilation peaks far above what it
-    keeps (its fusion emitters), and apart they peaked at ~41 and ~80 MB against ~110 as one
-    (100k codes, L=64)."""
+    The seed, the walk and the rerank are three programs: XLA:CPU's compilation peaks far
+    above what it keeps (its fusion emitters), and apart they peaked at ~41 and ~80 MB against
+    ~110 as one (seed and walk, 100k codes, L=64). The rerank's sorting network in the walk's
+    program took a 1M index's first search at L=128 from +65 to +118 MiB (VmHWM), and the
+    1M benchmark's peak past hnswlib's; apart, +83 (L=256: +77, +126, +62), and a sweep of L
+    from 16 to 256 after the build stays under the build's own peak (692 MiB), as before."""
     args = (queries, query_codes, codes, graph, vectors, entries, deleted)
     key = (
         tuple((a.shape, jnp.dtype(a.dtype), getattr(a, "sharding", None)) for a in args),
@@ -391,22 +386,27 @@ def _compile_search(queries, query_codes, codes, graph, vectors, entries, delete
         .compile()
     )
     top = seed.out_info  # the start lists' shape, as the seed program makes them
-    walk_program = (
-        walk_batch.trace(queries, query_codes, codes, graph, vectors, top, deleted, **static)
-        .lower()
-        .compile()
+    walk_static = {name: static[name] for name in ("candidates", "width", "iterations")}
+    walk_program = walk_batch.trace(query_codes, codes, graph, top, **walk_static).lower().compile()
+    heap.release_free_heap()  # between compilations too: each peaks on what the last freed
+    cand = walk_program.out_info
+    rerank_static = {name: static[name] for name in ("k", "metric")}
+    rerank_program = (
+        rerank_batch.trace(queries, vectors, cand, deleted, **rerank_static).lower().compile()
     )
     # jax's own caches (the traces, their lowerings, the executables) would keep every
     # program alive too; only compiled_search_batch's cache holds them.
     seed_batch.clear_cache()
     walk_batch.clear_cache()
+    rerank_batch.clear_cache()
     # A compilation's freed heap stays resident otherwise: 40-80 MB per new search shape at
     # 1M, which the next search's peak then stands on (VmRSS, measured).
     heap.release_free_heap()
 
     def run(queries, query_codes, codes, graph, vectors, entries, deleted):
         top = seed(query_codes, codes, entries)
-        return walk_program(queries, query_codes, codes, graph, vectors, top, deleted)
+        cand = walk_program(query_codes, codes, graph, top)
+        return rerank_program(queries, vectors, cand, deleted)
 
     return run
 
