@@ -774,22 +774,26 @@ def _batch_candidates(g_i, g_d, rows, queries, first, row_start, count, k_batch,
 # Rows per jitted graph-edit step (pruning, linking back, relinking): one compiled shape for
 # every call, and [1024, 64, 64] pair distances are 16 MB.
 _EDIT_ROWS = 1024
+_EDIT_ROWS_MIN = 64  # the smallest block (see _by_blocks)
 
 
 def _by_blocks(n: int, width: int, one_block) -> np.ndarray:
-    """int32 [n, width] (-1 where a block gives fewer columns): one_block(start, stop) gives
-    the rows of consecutive blocks of _EDIT_ROWS rows (padded ones past stop - start cut).
+    """int32 [n, width] (-1 where a block gives fewer columns): one_block(start, stop, rows)
+    gives the rows of consecutive blocks of `rows` rows (padded ones past stop - start cut):
+    _EDIT_ROWS, or for fewer rows the next power of two, at least _EDIT_ROWS_MIN (few compiled
+    shapes, and an add of 10 points prunes 64 rows, not 1024).
 
     Blocks run on one thread per core: one block's small steps keep about one core busy
     (linking back a batch of 4096 at 200k: 190 -> 130 ms on 2 cores, 2026-12-05)."""
     out = np.full((n, width), -1, np.int32)
+    rows = min(_EDIT_ROWS, bitonic.next_pow2(max(n, _EDIT_ROWS_MIN)))
 
     def fill(start):
-        stop = min(n, start + _EDIT_ROWS)
-        got = np.asarray(one_block(start, stop))[: stop - start]
+        stop = min(n, start + rows)
+        got = np.asarray(one_block(start, stop, rows))[: stop - start]
         out[start:stop, : got.shape[1]] = got
 
-    starts = range(0, n, _EDIT_ROWS)
+    starts = range(0, n, rows)
     cores = search_lib.default_threads() if jax.default_backend() == "cpu" else 1
     threads = min(cores, len(starts))
     if threads > 1:
@@ -808,9 +812,9 @@ def _rows_of(codes: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.take(codes, np.maximum(ids, 0), axis=0)
 
 
-def _pad_rows(x: np.ndarray, fill) -> np.ndarray:
-    """x padded with `fill` rows to _EDIT_ROWS rows (a block's one compiled shape)."""
-    return np.pad(x, [(0, _EDIT_ROWS - len(x))] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+def _pad_rows(x: np.ndarray, fill, rows: int) -> np.ndarray:
+    """x padded with `fill` rows to `rows` rows (a block's compiled shape)."""
+    return np.pad(x, [(0, rows - len(x))] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
 
 
 @functools.partial(jax.jit, static_argnames="degree")
@@ -832,9 +836,9 @@ def _prune_rows(codes, cand_i, cand_d, degree: int) -> np.ndarray:
     """RNG-prune candidate lists (sorted, [M, K]) into rows int32 [M, degree], kept edges first."""
     cand_i, cand_d = np.asarray(cand_i), np.asarray(cand_d)
 
-    def one_block(start, stop):
-        ids = _pad_rows(cand_i[start:stop], -1)
-        dist = _pad_rows(cand_d[start:stop], graph_lib.BIG)
+    def one_block(start, stop, rows):
+        ids = _pad_rows(cand_i[start:stop], -1, rows)
+        dist = _pad_rows(cand_d[start:stop], graph_lib.BIG, rows)
         return _prune_block(_rows_of(codes, ids), ids, dist, degree)
 
     return _by_blocks(len(cand_i), degree, one_block)
@@ -861,9 +865,9 @@ def _closest_rows(codes, rows: np.ndarray, cand: np.ndarray, degree: int) -> np.
     """_closest_block over blocks of rows (node ids int [R]) and their candidates [R, M]."""
     layout = _layout_for(len(codes), codes.shape[1] * 32)
 
-    def one_block(start, stop):
-        block = _pad_rows(cand[start:stop].astype(np.int32), -1)
-        row_codes = _pad_rows(_rows_of(codes, rows[start:stop]), 0)
+    def one_block(start, stop, size):
+        block = _pad_rows(cand[start:stop].astype(np.int32), -1, size)
+        row_codes = _pad_rows(_rows_of(codes, rows[start:stop]), 0, size)
         return _closest_block(row_codes, _rows_of(codes, block), block, degree, layout)
 
     return _by_blocks(len(rows), degree, one_block)

@@ -216,6 +216,22 @@ def test_batch_candidates_merge_the_walk_and_the_exact_batch_knn(pairs):
     np.testing.assert_array_equal(part[1], dist[8:24])
 
 
+def test_edit_blocks_fit_the_rows():
+    # Graph edits run in blocks of one of few sizes: 1024 rows, or for fewer rows the next
+    # power of two from 64 (an add of 10 points prunes 64 rows, not 1024); every row once.
+    for n, size in ((10, 64), (100, 128), (1024, 1024), (2500, 1024)):
+        calls = []
+
+        def one_block(start, stop, rows, calls=calls):
+            calls.append((start, stop, rows))
+            return np.tile(np.arange(start, start + rows, dtype=np.int32)[:, None], (1, 3))
+
+        out = index_lib._by_blocks(n, 3, one_block)
+        assert {c[2] for c in calls} == {size}
+        assert sorted(c[:2] for c in calls) == [(s, min(n, s + size)) for s in range(0, n, size)]
+        np.testing.assert_array_equal(out[:, 0], np.arange(n))
+
+
 def test_id_order_merges_added_ids():
     # add() keeps the ids' sort order by merging the new ids in: the same as sorting again,
     # for ids of any sign and order, so lookups after adds find added and old ids alike.
