@@ -167,6 +167,22 @@ def _set_rows(buf, rows, values):
     return buf.at[rows].set(values.astype(buf.dtype), mode="drop")
 
 
+def _unfinished_rows_cleared(dev: dict, start: int, stop: int, cap: int) -> dict:
+    """dev with rows start..stop (an add's unfinished batches) back to padding: no edges,
+    deleted. No earlier row leads to them, so they are unreachable either way; this keeps the
+    padding what _PAD_FILL says it is. Best effort: after a failed device the error raised
+    already tells, and this one would hide it."""
+    rows = np.arange(start, stop)
+    try:
+        for name, fill in (("graph", -1), ("deleted", True)):
+            shape = (len(rows),) + dev[name].shape[1:]
+            values = np.full(shape, fill, dev[name].dtype)
+            dev = {**dev, name: _set_rows(dev[name], *_padded_rows(rows, values, cap))}
+    except Exception:  # noqa: BLE001 (see the docstring)
+        pass
+    return dev
+
+
 def _padded_rows(rows: np.ndarray, values: np.ndarray, end: int) -> tuple:
     """(rows int32 [K], values [K, ...]) padded to the next power of two >= 256 with row `end`
     (past the buffer: dropped by _set_rows), so that _set_rows compiles for few shapes."""
@@ -400,7 +416,9 @@ class BinaryGraphIndex:
     # ------------------------------------------------------------------ updates
 
     def add(self, vectors, ids) -> "BinaryGraphIndex":
-        """Inserts vectors float [M, D] with new unique ids int [M], linked both ways."""
+        """Inserts vectors float [M, D] with new unique ids int [M], linked both ways. Not to be
+        run beside a search of the same index on another thread (it updates the arrays the
+        search reads, in place)."""
         self._require_built()
         x = self._prepare(vectors, "vectors", stored=True)
         ids = _check_ids(ids, len(x))
@@ -422,6 +440,7 @@ class BinaryGraphIndex:
         dev = self._device_rows(cap)
         done = n  # points in so far: those of finished batches
         try:
+            self._drop_views()  # so that the writes below go in place (see _host_view)
             new = np.arange(n, n + m)
             dev["codes"] = _set_rows(dev["codes"], *_padded_rows(new, new_codes, cap))
             dev["vectors"] = _set_rows(dev["vectors"], *_padded_rows(new, x, cap))
@@ -435,28 +454,31 @@ class BinaryGraphIndex:
                 )
                 rows = _prune_rows(codes, cand_i, cand_d, deg)
                 dev["graph"] = _set_rows(dev["graph"], *_padded_rows(nodes, rows, cap))
-                targets, target_rows = _link_back(codes, dev["graph"], nodes, rows, deg)
-                dev["graph"] = _set_rows(dev["graph"], *_padded_rows(targets, target_rows, cap))
                 live = np.zeros(len(nodes), bool)
                 dev["deleted"] = _set_rows(dev["deleted"], *_padded_rows(nodes, live, cap))
+                targets, target_rows = _link_back(codes, dev["graph"], nodes, rows, deg)
+                # The batch's last write, the only one that makes earlier points lead to it:
+                # up to here an error leaves the earlier rows as they were.
+                dev["graph"] = _set_rows(dev["graph"], *_padded_rows(targets, target_rows, cap))
                 done = int(nodes[-1]) + 1
         finally:
             # The points of finished batches are in: an error (or an interrupt) leaves the
             # index as the last finished batch left it, never half-linked.
+            if done < n + m:
+                dev = _unfinished_rows_cleared(dev, done, n + m, cap)
+            views = {name: _host_view(device)[:done] for name, device in dev.items()}
             self.ids = np.concatenate([old_ids, ids[: done - n]])
             self._id_order = (self.ids, _merged_order(old_ids, old_order, ids[: done - n]))
             for name, device in dev.items():
-                host = _host_view(device)[:done]
-                setattr(self, name, host)
-                self._device_cache[name] = (host, device)
+                setattr(self, name, views[name])
+                self._device_cache[name] = (views[name], device)
             self._grown = True
         return self
 
     def _device_rows(self, cap: int) -> dict:
         """The per-node arrays (_ROW_ARRAYS) as device arrays of `cap` rows (padding:
         _PAD_FILL), for add() to update in place: those already on the device at that size
-        (the previous add's), else padded copies. The index lets go of its own views of them
-        (see _host_view); add() gives it new ones."""
+        (the previous add's), else padded copies."""
         dev = {}
         for name in _ROW_ARRAYS:
             host, held = getattr(self, name), self._device_cache.get(name)
@@ -466,11 +488,14 @@ class BinaryGraphIndex:
                 fill = _PAD_FILL.get(name, 0)
                 pad = [(0, cap - len(host))] + [(0, 0)] * (host.ndim - 1)
                 dev[name] = jax.device_put(np.pad(host, pad, constant_values=fill))
-        del host, held
-        for name in _ROW_ARRAYS:  # only now: a failed copy above leaves the index as it was
+        return dev
+
+    def _drop_views(self) -> None:
+        """Lets go of the index's own views of its per-node device arrays (add() gives it new
+        ones), so that nothing of the index pins them."""
+        for name in _ROW_ARRAYS:
             self._device_cache.pop(name, None)
             setattr(self, name, None)
-        return dev
 
     def _add_candidates(self, codes, codes_on_device, graph, entries, nodes, batch: int):
         """The 2 * degree best distinct candidates (ids, distances [m, 2 * degree]) of the new
@@ -510,7 +535,7 @@ class BinaryGraphIndex:
             args = (*found, rows, queries, first, np.int32(start), count)
             return [np.asarray(a) for a in _add_program(_batch_candidates, args, knn)]
 
-        starts = range(0, batch, part)
+        starts = range(0, m, part)  # parts past the batch's m points would be all padding
         cores = search_lib.default_threads() if jax.default_backend() == "cpu" else 1
         threads = min(cores, len(starts))
         if threads > 1:

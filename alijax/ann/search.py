@@ -273,7 +273,8 @@ def rerank(queries, vectors, cand, k: int, metric: str, deleted=None):
     """Exact scores of candidates cand int32 [Q, L] (-1 = none) against vectors float32 or
     float16 [N, D] (scored in float32) -> (scores f32 [Q, k], idx int32 [Q, k]). l2: squared
     distances, ascending; ip / cosine: similarities, descending. Missing results: idx -1 and
-    score +inf (l2) or -inf (ip, cosine).
+    score +inf (l2) or -inf (ip, cosine); a NaN score counts as missing (a found candidate's
+    score can be infinite, for a query of huge norm).
 
     Runs in chunks of queries whose gathered [q, L, D] float32 candidates are at most 16 MB
     (whole batches of 500 at L=256 were 65 MB each, the peak of a 1M index's searches)."""
@@ -291,7 +292,7 @@ def _rerank(queries, cand, vectors, k: int, metric: str, deleted):
         s = jnp.sum((x - queries[:, None, :]) ** 2, axis=-1)
     else:
         s = jnp.einsum("qld,qd->ql", x, queries)
-    bad = cand < 0
+    bad = (cand < 0) | jnp.isnan(s)  # a NaN (inf - inf) would sort by its sign bit
     if deleted is not None:
         bad = bad | deleted[jnp.maximum(cand, 0)]
     # Best first: ascending distance (l2), descending similarity, ties to the earlier list

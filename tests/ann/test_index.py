@@ -159,31 +159,39 @@ def test_adds_update_the_device_arrays_in_place(data):
     assert (found[:, 0] == np.arange(30) + N).mean() >= 0.95  # measured 1.0
 
 
-def test_failed_add_keeps_the_finished_batches(data, monkeypatch):
-    # An error in the second of three batches: the first batch's points are in and linked,
-    # the rest are not, and the index searches and takes adds as before.
+@pytest.mark.parametrize("fail", [("_prune_rows", 2), ("_link_back", 2), ("_set_rows", 8)])
+def test_failed_add_keeps_the_finished_batches(data, monkeypatch, fail):
+    # An error in the second of three batches -- before its rows are made, before its links
+    # back, or in writing them (_set_rows' calls: codes, vectors, then per batch its rows,
+    # deleted flags, links back) -- leaves the first batch's points in and linked, no edge to
+    # the rest, padding rows clean, and the index searching and taking adds as before.
     x, q, xa = data
     monkeypatch.setattr(index_lib, "_ADD_BATCH", 64)
     index = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x)
-    prune, calls = index_lib._prune_rows, []
+    name, when = fail
+    real, calls = getattr(index_lib, name), []
 
     def failing(*args):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == when:
             raise RuntimeError("interrupted")
-        return prune(*args)
+        return real(*args)
 
-    monkeypatch.setattr(index_lib, "_prune_rows", failing)
+    monkeypatch.setattr(index_lib, name, failing)
     with pytest.raises(RuntimeError, match="interrupted"):
         index.add(xa[:150], np.arange(150) + N)
     assert len(index.ids) == index.graph.shape[0] == index.vectors.shape[0] == N + 64
     assert index.graph.max() < N + 64 and not index.deleted.any()
+    padding = index_lib._host_view(index._device_cache["graph"][1])[N + 64 :]
+    assert (padding == -1).all()
+    assert index_lib._host_view(index._device_cache["deleted"][1])[N + 64 :].all()
     _, found = index.search(xa[:64], 1)
     assert (found[:, 0] == np.arange(64) + N).mean() >= 0.95  # measured 1.0
-    monkeypatch.setattr(index_lib, "_prune_rows", prune)
+    monkeypatch.setattr(index_lib, name, real)
     index.add(xa[64:150], np.arange(64, 150) + N)
     _, found = index.search(xa[:150], 1)
     assert (found[:, 0] == np.arange(150) + N).mean() >= 0.95
+    assert index.compact() is index and index.graph.max() < N + 150
 
 
 @pytest.mark.parametrize("pairs", [False, True])

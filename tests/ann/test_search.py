@@ -160,6 +160,18 @@ def test_rerank_ties_go_to_the_earlier_candidate(metric):
         np.testing.assert_array_equal(s[row], np.where(want < 0, miss, score[row][order]))
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_rerank_skips_nan_scores(metric):
+    # A NaN score (here from a NaN vector) is no result, whatever its sign bit.
+    x = np.array([[1.0, 0.0], [np.nan, 0.0], [-np.nan, 1.0], [0.5, 0.5]], np.float32)
+    q = np.array([[1.0, 1.0]], np.float32)
+    cand = jnp.asarray([[1, 2, 0, 3]], jnp.int32)
+    s, i = search.rerank(jnp.asarray(q), jnp.asarray(x), cand, 4, metric)
+    want = [3, 0] if metric == "l2" else [0, 3]  # l2: 0.5 < 1.0; ip: 1.0 == 1.0, earlier first
+    np.testing.assert_array_equal(i[0], want + [-1, -1])
+    assert not np.isnan(s).any()
+
+
 def test_ordered_key_keeps_the_float_order():
     # (No subnormals: XLA:CPU compares them as zero, and so ties them with 0 as top_k did.)
     x = np.array([-np.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 3e38, np.inf], np.float32)
