@@ -522,8 +522,7 @@ class BinaryGraphIndex:
             # 0.9905, 0.9903 (a build of all 200k: 0.9937).
             iterations=big_l // 2 + 4,
         )
-        layout = _layout_for(codes_on_device.shape[0], codes.shape[1] * 32)
-        knn = dict(k_batch=min(deg + 1, batch), out_k=2 * deg, layout=layout)
+        knn = dict(k_batch=min(deg + 1, batch), out_k=2 * deg)
         first, count = np.int32(nodes[0]), np.int32(m)
         part = min(_ADD_PART, batch)
 
@@ -776,14 +775,13 @@ def _capacity(n: int) -> int:
     return -(-n // step) * step
 
 
-@functools.partial(jax.jit, static_argnames=("k_batch", "out_k", "layout"))
-def _batch_candidates(g_i, g_d, rows, queries, first, row_start, count, k_batch, out_k, layout):
+@functools.partial(jax.jit, static_argnames=("k_batch", "out_k"))
+def _batch_candidates(g_i, g_d, rows, queries, first, row_start, count, k_batch, out_k):
     """Candidates of the batch's rows `rows` uint32 [R, W] (= queries[row_start : row_start +
     R]): the walk's (g_i, g_d [R, L]) and each row's k_batch nearest among the batch's `count`
     points (queries uint32 [B, W], nodes first ..; rows past count are padding), merged into
-    the out_k best distinct (ids, distances) [R, out_k] by (distance, id) keys in `layout`
-    (_layout_for the index), no self loops. The batch kNN is exact, ties to the lower index (as
-    hamming_topk)."""
+    the out_k best distinct (ids, distances) [R, out_k] by (distance, id), no self loops. The
+    batch kNN is exact, ties to the lower index (as hamming_topk)."""
     col = jnp.arange(queries.shape[0], dtype=jnp.int32)
     row = row_start + jnp.arange(rows.shape[0], dtype=jnp.int32)
     d = hamming_pairs(rows[:, None, :], queries[None, :, :])  # [R, B]
@@ -791,9 +789,12 @@ def _batch_candidates(g_i, g_d, rows, queries, first, row_start, count, k_batch,
     _, pos = lax.top_k(-d.astype(jnp.float32), k_batch)
     b_d = jnp.take_along_axis(d, pos, axis=1)
     b_i = jnp.where((b_d < graph_lib.BIG) & (pos != row[:, None]), pos + first, -1)
-    keys = layout.pack(jnp.concatenate([g_d, b_d], axis=1), jnp.concatenate([g_i, b_i], axis=1))
-    best = bitonic.unique_smallest(keys.T, out_k)[:out_k].T  # as _closest_block's
-    return layout.ids(best), layout.dist(best)
+    cat_i = jnp.concatenate([g_i, b_i], axis=1)
+    cat_d = jnp.concatenate([g_d, b_d], axis=1)
+    # lax.sort, not bitonic keys as _closest_block: those ran a part in 4.6 ms against 6.0 but
+    # compiled in 0.66 s against 0.21, once per batch size and process (256 of 4096 queries,
+    # 2 cores, 2026-12-05), and an add of 19k points to 200k ran 14% slower for it.
+    return graph_lib.topk_unique(cat_i, cat_d, out_k)
 
 
 # Rows per jitted graph-edit step (pruning, linking back, relinking): one compiled shape for

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from alijax.ann import bitonic, cli
+from alijax.ann import cli
 from alijax.ann import codes as codes_lib
 from alijax.ann import graph as graph_lib
 from alijax.ann import index as index_lib
@@ -194,18 +194,16 @@ def test_failed_add_keeps_the_finished_batches(data, monkeypatch, fail):
     assert index.compact() is index and index.graph.max() < N + 150
 
 
-@pytest.mark.parametrize("pairs", [False, True])
-def test_batch_candidates_merge_the_walk_and_the_exact_batch_knn(pairs):
+def test_batch_candidates_merge_the_walk_and_the_exact_batch_knn():
     # Each point's candidates: its walk's (old nodes, repeats included) and its k_batch nearest
     # among the batch's first `count` rows (exact Hamming, ties to the lower index, no self,
-    # padding unused), the out_k best distinct by (distance, id), in either key layout.
+    # padding unused), the out_k best distinct by (distance, id).
     rng = np.random.default_rng(3)
     codes = rng.integers(0, 4, (40, 2)).astype(np.uint32)  # many ties
     count, first, k_batch, out_k = 29, 500, 7, 9
     g_i = rng.integers(-1, 12, (40, 8)).astype(np.int32)
     g_d = np.where(g_i >= 0, (g_i * 7) % 5, graph_lib.BIG).astype(np.int32)  # one per id
-    layout = bitonic.PairLayout() if pairs else index_lib._layout_for(first + 40, 64)
-    args = (codes, codes, first, 0, count, k_batch, out_k, layout)
+    args = (codes, codes, first, 0, count, k_batch, out_k)
     ids, dist = (np.asarray(a) for a in index_lib._batch_candidates(g_i, g_d, *args))
     bits = np.unpackbits(codes[:count].view(np.uint8), axis=1).astype(np.int64)
     d = (bits[:, None, :] != bits[None, :, :]).sum(-1)
@@ -218,7 +216,7 @@ def test_batch_candidates_merge_the_walk_and_the_exact_batch_knn(pairs):
         np.testing.assert_array_equal(dist[i], [p[0] for p in want])
     # A part of the batch's rows (as one thread of add() runs it): the same rows' candidates.
     part = index_lib._batch_candidates(
-        g_i[8:24], g_d[8:24], codes[8:24], codes, first, 8, count, k_batch, out_k, layout
+        g_i[8:24], g_d[8:24], codes[8:24], codes, first, 8, count, k_batch, out_k
     )
     np.testing.assert_array_equal(part[0], ids[8:24])
     np.testing.assert_array_equal(part[1], dist[8:24])
