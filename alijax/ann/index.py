@@ -151,6 +151,12 @@ _PAD_FILL = {"graph": -1, "deleted": True}  # padding rows (see _on_device); oth
 _ROW_ARRAYS = ("codes", "graph", "vectors", "deleted")
 
 
+def _padded_to(host: np.ndarray, rows: int, name: str) -> np.ndarray:
+    """The per-node array `name` padded to `rows` rows with its _PAD_FILL (a copy)."""
+    pad = [(0, rows - len(host))] + [(0, 0)] * (host.ndim - 1)
+    return np.pad(host, pad, constant_values=_PAD_FILL.get(name, 0))
+
+
 def _host_view(device) -> np.ndarray:
     """A numpy array of a device array's contents: on CPU a read-only view of its memory
     (np.from_dlpack: np.asarray would also cache a view on the jax array, and while any view
@@ -394,10 +400,7 @@ class BinaryGraphIndex:
                 n = len(host)
                 padded = host
                 if rows is not None and name != "entries" and n < rows:
-                    fill = _PAD_FILL.get(name, 0)
-                    padded = np.pad(
-                        host, [(0, rows - n)] + [(0, 0)] * (host.ndim - 1), constant_values=fill
-                    )
+                    padded = _padded_to(host, rows, name)
                 # device_put, not jnp.asarray: that staged a second host copy (1M x 128
                 # floats: 977 MB peak against 488 MB, VmHWM); device_put copies once.
                 device = jax.device_put(padded)
@@ -485,9 +488,7 @@ class BinaryGraphIndex:
             if held is not None and held[0] is host and held[1].shape[0] == cap:
                 dev[name] = held[1]
             else:
-                fill = _PAD_FILL.get(name, 0)
-                pad = [(0, cap - len(host))] + [(0, 0)] * (host.ndim - 1)
-                dev[name] = jax.device_put(np.pad(host, pad, constant_values=fill))
+                dev[name] = jax.device_put(_padded_to(host, cap, name))
         return dev
 
     def _drop_views(self) -> None:
@@ -534,14 +535,8 @@ class BinaryGraphIndex:
             args = (*found, rows, queries, first, np.int32(start), count)
             return [np.asarray(a) for a in _add_program(_batch_candidates, args, knn)]
 
-        starts = range(0, m, part)  # parts past the batch's m points would be all padding
-        cores = search_lib.default_threads() if jax.default_backend() == "cpu" else 1
-        threads = min(cores, len(starts))
-        if threads > 1:
-            with ThreadPoolExecutor(threads) as pool:
-                parts = list(pool.map(one_part, starts))
-        else:
-            parts = [one_part(start) for start in starts]
+        # Parts past the batch's m points would be all padding.
+        parts = _map_on_cores(one_part, range(0, m, part))
         cand_i, cand_d = (np.concatenate(a)[:m] for a in zip(*parts))
         return cand_i, cand_d
 
@@ -819,16 +814,19 @@ def _by_blocks(n: int, width: int, one_block) -> np.ndarray:
         got = np.asarray(one_block(start, stop, rows))[: stop - start]
         out[start:stop, : got.shape[1]] = got
 
-    starts = range(0, n, rows)
-    cores = search_lib.default_threads() if jax.default_backend() == "cpu" else 1
-    threads = min(cores, len(starts))
-    if threads > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(fill, starts))
-    else:
-        for start in starts:
-            fill(start)
+    _map_on_cores(fill, range(0, n, rows))
     return out
+
+
+def _map_on_cores(fn, items) -> list:
+    """[fn(item) for item in items], on one thread per core on CPU (one XLA:CPU execution of
+    the add's small steps keeps about one core busy); in order, on one thread elsewhere."""
+    cores = search_lib.default_threads() if jax.default_backend() == "cpu" else 1
+    threads = min(cores, len(items))
+    if threads <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, items))
 
 
 def _rows_of(codes: np.ndarray, ids: np.ndarray) -> np.ndarray:
