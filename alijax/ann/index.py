@@ -157,13 +157,61 @@ def _padded_to(host: np.ndarray, rows: int, name: str) -> np.ndarray:
     return np.pad(host, pad, constant_values=_PAD_FILL.get(name, 0))
 
 
+def _shares_host_memory(device) -> bool:
+    """Whether numpy can view the device array's memory (CPU devices), so that the index's
+    host arrays need not be copies."""
+    return all(d.platform == "cpu" for d in device.devices())
+
+
 def _host_view(device) -> np.ndarray:
     """A numpy array of a device array's contents: on CPU a read-only view of its memory
     (np.from_dlpack: np.asarray would also cache a view on the jax array, and while any view
     of a buffer lives, _set_rows copies it instead of updating it in place); elsewhere a copy."""
-    if all(d.platform == "cpu" for d in device.devices()):
+    if _shares_host_memory(device):
         return np.from_dlpack(jax.block_until_ready(device))
     return np.asarray(device)
+
+
+def _read_only(x: np.ndarray) -> np.ndarray:
+    view = x.view()
+    view.flags.writeable = False
+    return view
+
+
+class _RowArrays:
+    """The per-node arrays (_ROW_ARRAYS) that an add() updates: device arrays of `cap` rows,
+    written in place by donated scatters (_set_rows), and their contents on the host.
+
+    On CPU the host side is a view of the device memory (_host_view), taken only while no
+    write is due. On an accelerator `mirror` holds host arrays of `cap` rows that get the same
+    writes, so reading the codes or the graph on the host costs the rows read: copying the
+    device arrays back instead cost an add at 1M the whole graph (128 MB) per batch and all
+    four arrays (~0.5 GB) at its end, whatever the number of points."""
+
+    def __init__(self, device: dict, mirror: dict | None, cap: int):
+        self.device, self.mirror, self.cap = device, mirror, cap
+
+    def write(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
+        self.device[name] = _set_rows(self.device[name], *_padded_rows(rows, values, self.cap))
+        if self.mirror is not None:
+            self.mirror[name][rows] = values
+
+    def host(self, name: str) -> np.ndarray:
+        """The array's contents, all `cap` rows (on CPU a view: drop it before the next write)."""
+        return _host_view(self.device[name]) if self.mirror is None else self.mirror[name]
+
+    def clear_unfinished(self, start: int, stop: int) -> None:
+        """Rows start..stop (an add's unfinished batches) back to padding: no edges, deleted.
+        No earlier row leads to them, so they are unreachable either way; this keeps the
+        padding what _PAD_FILL says it is. Best effort: after a failed device the error raised
+        already tells, and this one would hide it."""
+        rows = np.arange(start, stop)
+        try:
+            for name, fill in (("graph", -1), ("deleted", True)):
+                shape = (len(rows),) + self.device[name].shape[1:]
+                self.write(name, rows, np.full(shape, fill, self.device[name].dtype))
+        except Exception:  # noqa: BLE001 (see the docstring)
+            pass
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -171,22 +219,6 @@ def _set_rows(buf, rows, values):
     """buf with buf[rows] = values, updated in place (buf is donated); rows past its end, the
     padding of _padded_rows, are dropped."""
     return buf.at[rows].set(values.astype(buf.dtype), mode="drop")
-
-
-def _unfinished_rows_cleared(dev: dict, start: int, stop: int, cap: int) -> dict:
-    """dev with rows start..stop (an add's unfinished batches) back to padding: no edges,
-    deleted. No earlier row leads to them, so they are unreachable either way; this keeps the
-    padding what _PAD_FILL says it is. Best effort: after a failed device the error raised
-    already tells, and this one would hide it."""
-    rows = np.arange(start, stop)
-    try:
-        for name, fill in (("graph", -1), ("deleted", True)):
-            shape = (len(rows),) + dev[name].shape[1:]
-            values = np.full(shape, fill, dev[name].dtype)
-            dev = {**dev, name: _set_rows(dev[name], *_padded_rows(rows, values, cap))}
-    except Exception:  # noqa: BLE001 (see the docstring)
-        pass
-    return dev
 
 
 def _padded_rows(rows: np.ndarray, values: np.ndarray, end: int) -> tuple:
@@ -270,6 +302,9 @@ class BinaryGraphIndex:
         self.binarizer: codes_lib.Binarizer | None = None
         self.vectors = self.codes = self.graph = self.ids = self.deleted = self.entries = None
         self._device_cache: dict = {}  # name -> (host array, its device copy)
+        # name -> (host array, the host array of _capacity rows it is the start of): on an
+        # accelerator, what add() writes besides the device arrays (see _RowArrays).
+        self._mirrors: dict = {}
         self._grown = False  # added to: search arrays padded to _capacity (see _on_device)
         self._id_order = None  # (self.ids, its argsort), see _lookup
 
@@ -397,6 +432,7 @@ class BinaryGraphIndex:
             host = getattr(self, name)
             held = self._device_cache.get(name)
             if held is None or held[0] is not host:
+                self._mirrors.pop(name, None)  # (a stale one: host is a new array)
                 n = len(host)
                 padded = host
                 if rows is not None and name != "entries" and n < rows:
@@ -404,13 +440,17 @@ class BinaryGraphIndex:
                 # device_put, not jnp.asarray: that staged a second host copy (1M x 128
                 # floats: 977 MB peak against 488 MB, VmHWM); device_put copies once.
                 device = jax.device_put(padded)
-                if all(d.platform == "cpu" for d in device.devices()):
+                if _shares_host_memory(device):
                     # On CPU a numpy view of a device array shares its memory, so the host
                     # array becomes a read-only view and the data are held once, not twice
                     # (1M x 128 floats are 512 MB). Updates replace arrays; only add() writes
                     # into the device arrays, once it has let go of the views (_device_rows).
                     host = _host_view(device)[:n]
                     setattr(self, name, host)
+                elif padded is not host:  # the next add writes on into this padded copy
+                    host = _read_only(padded[:n])
+                    setattr(self, name, host)
+                    self._mirrors[name] = (host, padded)
                 held = (host, device)
                 self._device_cache[name] = held
             out.append(held[1])
@@ -440,62 +480,77 @@ class BinaryGraphIndex:
         cap = _capacity(n + m)
         new_codes = np.asarray(codes_lib.encode(self.binarizer, x))
         old_ids, old_order = self.ids, self._id_order[1]  # the order: set by _lookup above
-        dev = self._device_rows(cap)
+        arrays = self._row_arrays(cap)
         done = n  # points in so far: those of finished batches
         try:
             self._drop_views()  # so that the writes below go in place (see _host_view)
             new = np.arange(n, n + m)
-            dev["codes"] = _set_rows(dev["codes"], *_padded_rows(new, new_codes, cap))
-            dev["vectors"] = _set_rows(dev["vectors"], *_padded_rows(new, x, cap))
-            codes = _host_view(dev["codes"])  # not updated again in this add
+            arrays.write("codes", new, new_codes)
+            arrays.write("vectors", new, x)
+            codes = arrays.host("codes")  # not written again in this add
             entries = jax.device_put(self.entries)
             batch = min(_ADD_BATCH, bitonic.next_pow2(max(m, _ADD_PART)))  # few compiled shapes
             for start in range(n, n + m, batch):
                 nodes = np.arange(start, min(n + m, start + batch), dtype=np.int32)
                 cand_i, cand_d = self._add_candidates(
-                    codes, dev["codes"], dev["graph"], entries, nodes, batch
+                    codes, arrays.device["codes"], arrays.device["graph"], entries, nodes, batch
                 )
                 rows = _prune_rows(codes, cand_i, cand_d, deg)
-                dev["graph"] = _set_rows(dev["graph"], *_padded_rows(nodes, rows, cap))
-                live = np.zeros(len(nodes), bool)
-                dev["deleted"] = _set_rows(dev["deleted"], *_padded_rows(nodes, live, cap))
-                targets, target_rows = _link_back(codes, dev["graph"], nodes, rows, deg)
+                arrays.write("graph", nodes, rows)
+                arrays.write("deleted", nodes, np.zeros(len(nodes), bool))
+                # (arrays.host("graph") is let go of on return: the next write goes in place.)
+                targets, target_rows = _link_back(codes, arrays.host("graph"), nodes, rows, deg)
                 # The batch's last write, the only one that makes earlier points lead to it:
                 # up to here an error leaves the earlier rows as they were.
-                dev["graph"] = _set_rows(dev["graph"], *_padded_rows(targets, target_rows, cap))
+                arrays.write("graph", targets, target_rows)
                 done = int(nodes[-1]) + 1
         finally:
             # The points of finished batches are in: an error (or an interrupt) leaves the
             # index as the last finished batch left it, never half-linked.
             if done < n + m:
-                dev = _unfinished_rows_cleared(dev, done, n + m, cap)
-            views = {name: _host_view(device)[:done] for name, device in dev.items()}
+                arrays.clear_unfinished(done, n + m)
+            views = {name: _read_only(arrays.host(name)[:done]) for name in _ROW_ARRAYS}
             self.ids = np.concatenate([old_ids, ids[: done - n]])
             self._id_order = (self.ids, _merged_order(old_ids, old_order, ids[: done - n]))
-            for name, device in dev.items():
+            for name, device in arrays.device.items():
                 setattr(self, name, views[name])
                 self._device_cache[name] = (views[name], device)
+                if arrays.mirror is not None:
+                    self._mirrors[name] = (views[name], arrays.mirror[name])
             self._grown = True
         return self
 
-    def _device_rows(self, cap: int) -> dict:
-        """The per-node arrays (_ROW_ARRAYS) as device arrays of `cap` rows (padding:
-        _PAD_FILL), for add() to update in place: those already on the device at that size
-        (the previous add's), else padded copies."""
-        dev = {}
+    def _row_arrays(self, cap: int) -> _RowArrays:
+        """The per-node arrays (_ROW_ARRAYS) at `cap` rows (padding: _PAD_FILL), for add() to
+        update in place: on the device those already there at that size (the previous
+        add's), else padded copies; on an accelerator also their host mirrors, likewise."""
+        device, mirror = {}, {}
         for name in _ROW_ARRAYS:
-            host, held = getattr(self, name), self._device_cache.get(name)
+            host = getattr(self, name)
+            held, kept = self._device_cache.get(name), self._mirrors.get(name)
+            if kept is not None and kept[0] is host and kept[1].shape[0] == cap:
+                mirror[name] = kept[1]
             if held is not None and held[0] is host and held[1].shape[0] == cap:
-                dev[name] = held[1]
+                device[name] = held[1]
             else:
-                dev[name] = jax.device_put(_padded_to(host, cap, name))
-        return dev
+                if name not in mirror:
+                    mirror[name] = _padded_to(host, cap, name)
+                device[name] = jax.device_put(mirror[name])
+        if _shares_host_memory(device["codes"]):  # the index's arrays live on one device
+            return _RowArrays(device, None, cap)
+        for name in _ROW_ARRAYS:  # a device array kept without its mirror: make one
+            if name not in mirror:
+                mirror[name] = _padded_to(getattr(self, name), cap, name)
+        # The mirrors are written from here on: not while a copy from one may still be read.
+        jax.block_until_ready(device)
+        return _RowArrays(device, mirror, cap)
 
     def _drop_views(self) -> None:
         """Lets go of the index's own views of its per-node device arrays (add() gives it new
         ones), so that nothing of the index pins them."""
         for name in _ROW_ARRAYS:
             self._device_cache.pop(name, None)
+            self._mirrors.pop(name, None)
             setattr(self, name, None)
 
     def _add_candidates(self, codes, codes_on_device, graph, entries, nodes, batch: int):
@@ -899,8 +954,8 @@ def _closest_rows(codes, rows: np.ndarray, cand: np.ndarray, degree: int) -> np.
 
 def _link_back(codes, graph, new_nodes, new_rows, degree: int) -> tuple:
     """Each new node p (new_nodes, ascending) proposes itself to the nodes of its row; a
-    target keeps the `degree` closest of its edges (graph: a device array, the new rows in
-    it) and proposals, ties to the lower index. Returns (targets int [T], their rows int32
+    target keeps the `degree` closest of its edges (graph: on the host, the new rows in it)
+    and proposals, ties to the lower index. Returns (targets int [T], their rows int32
     [T, degree]).
 
     Only a target's `degree` closest proposals can be kept, so it gets no more than those
@@ -923,9 +978,7 @@ def _link_back(codes, graph, new_nodes, new_rows, degree: int) -> tuple:
     targets, slot = tgt[first], np.cumsum(first) - 1
     props = np.full((len(targets), degree), -1, np.int32)
     props[slot, rank] = src
-    # A copy of the targets' rows: the view is gone on return, so the graph can be updated
-    # in place again (see _host_view).
-    cand = np.concatenate([np.take(_host_view(graph), targets, axis=0), props], axis=1)
+    cand = np.concatenate([np.take(graph, targets, axis=0), props], axis=1)
     return targets, _closest_rows(codes, targets, cand, degree)
 
 

@@ -194,6 +194,64 @@ def test_failed_add_keeps_the_finished_batches(data, monkeypatch, fail):
     assert index.compact() is index and index.graph.max() < N + 150
 
 
+def _adds_deletes_and_a_failed_add(index, xa, patch, q):
+    """index after adds within and past its capacity (N = 2000: 2048, then 3072), a delete,
+    and an add failing in its second batch's links back; and the searches between them."""
+    found = []
+    index.add(xa[:10], np.arange(10) + N)
+    index.delete([N + 3, 5])
+    found.append(index.search(q, 10))
+    index.add(xa[10:60], np.arange(10, 60) + N)
+    real, calls = index_lib._link_back, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return real(*args)
+
+    patch.setattr(index_lib, "_link_back", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        index.add(xa[60:200], np.arange(60, 200) + N)
+    patch.setattr(index_lib, "_link_back", real)
+    found.append(index.search(q, 10))
+    index.add(xa[124:200], np.arange(124, 200) + N)
+    found.append(index.search(q, 10))
+    return found
+
+
+def test_adds_off_cpu_write_host_mirrors_and_match_the_cpu_path(data, monkeypatch):
+    # Off CPU numpy cannot view the device arrays: add() then writes host mirrors of them
+    # beside the device arrays, and copies none back (_host_view would). Forced here on CPU,
+    # the index must end as the CPU path's does, each mirror equal to its device array to the
+    # last padding row, the host arrays read-only.
+    x, q, xa = data
+    monkeypatch.setattr(index_lib, "_ADD_BATCH", 64)
+
+    def copied_back(device):
+        raise AssertionError("a device array copied back to the host")
+
+    states, found = [], []
+    for mirrored in (False, True):
+        index = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x)
+        with monkeypatch.context() as patch:
+            if mirrored:
+                patch.setattr(index_lib, "_shares_host_memory", lambda device: False)
+                patch.setattr(index_lib, "_host_view", copied_back)
+            found.append(_adds_deletes_and_a_failed_add(index, xa, patch, q))
+            states.append({k: np.array(getattr(index, k)) for k in (*index_lib._ROW_ARRAYS, "ids")})
+    assert len(states[1]["ids"]) == N + 200 and states[1]["deleted"].sum() == 2
+    for name, want in states[0].items():
+        np.testing.assert_array_equal(states[1][name], want, err_msg=name)
+    for (s0, i0), (s1, i1) in zip(found[0], found[1]):
+        np.testing.assert_array_equal(i1, i0)
+        np.testing.assert_array_equal(s1, s0)
+    for name in index_lib._ROW_ARRAYS:
+        view, mirror = index._mirrors[name]
+        assert view is getattr(index, name) and not view.flags.writeable
+        np.testing.assert_array_equal(np.asarray(index._device_cache[name][1]), mirror)
+
+
 def test_batch_candidates_merge_the_walk_and_the_exact_batch_knn():
     # Each point's candidates: its walk's (old nodes, repeats included) and its k_batch nearest
     # among the batch's first `count` rows (exact Hamming, ties to the lower index, no self,
