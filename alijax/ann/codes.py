@@ -175,9 +175,12 @@ def quantization_loss(binarizer: Binarizer, vectors) -> float:
     return float(jnp.mean(jnp.sum((b - v) ** 2, axis=1)))
 
 
-@jax.jit
-def _encode_batch(binarizer: Binarizer, x: jax.Array) -> jax.Array:
+def codes_of(binarizer: Binarizer, x: jax.Array) -> jax.Array:
+    """float [N, D] -> uint32 [N, bits // 32] (traceable: encode inside another program)."""
     return pack_bits(project(binarizer, x) > 0)
+
+
+_encode_batch = jax.jit(codes_of)
 
 
 def encode(binarizer: Binarizer, vectors, batch_size: int = 65536) -> np.ndarray:

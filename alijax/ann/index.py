@@ -402,11 +402,10 @@ class BinaryGraphIndex:
             width=int(width) if width else cfg.width,  # None: auto_width of the index's size
         )
         cfg = cfg.for_codes(len(self.ids))  # the index's size, not its padded arrays'
-        qc = codes_lib.encode(self.binarizer, q)
         codes, graph, vectors, entries, deleted = self._on_device()
         scores, idx = search_lib.search(
             q,
-            qc,
+            self.binarizer,  # the queries are encoded in the search's program
             codes,
             graph,
             vectors,

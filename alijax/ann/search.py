@@ -43,6 +43,7 @@ from jax import lax
 
 from alijax.ann import bitonic, heap
 from alijax.ann.bitonic import SENTINEL, KeyLayout, PairLayout
+from alijax.ann.codes import Binarizer, codes_of
 from alijax.ann.hamming import hamming_pairs, hamming_pairs_word_major
 
 METRICS = ("l2", "ip", "cosine")
@@ -320,9 +321,13 @@ def ordered_key(x):
 
 
 @functools.partial(jax.jit, static_argnames=("candidates",))
-def seed_batch(query_codes, codes, entries, *, candidates):
-    """One batch's start lists (seed_list), a program of its own: see compiled_search_batch."""
-    return seed_list(query_codes, codes, entries, candidates=candidates)
+def seed_batch(queries, query_codes, codes, entries, *, candidates):
+    """One batch's (start lists (seed_list), query codes), a program of its own: see
+    compiled_search_batch. query_codes: uint32 [Q, W], or the Binarizer that makes them from
+    the queries, here (a dispatch and a round trip through the host less than encoding apart)."""
+    if isinstance(query_codes, Binarizer):
+        query_codes = codes_of(query_codes, queries)
+    return seed_list(query_codes, codes, entries, candidates=candidates), query_codes
 
 
 @functools.partial(jax.jit, static_argnames=("candidates", "width", "iterations"))
@@ -359,12 +364,39 @@ def compiled_search_batch(queries, query_codes, codes, graph, vectors, entries, 
     1M benchmark's peak past hnswlib's; apart, +83 (L=256: +77, +126, +62), and a sweep of L
     from 16 to 256 after the build stays under the build's own peak (692 MiB), as before."""
     args = (queries, query_codes, codes, graph, vectors, entries, deleted)
+    leaves, structure = jax.tree.flatten(args)  # query_codes may be a Binarizer
     key = (
-        tuple((a.shape, jnp.dtype(a.dtype), getattr(a, "sharding", None)) for a in args),
+        structure,
+        tuple((a.shape, jnp.dtype(a.dtype), getattr(a, "sharding", None)) for a in leaves),
         tuple(sorted(static.items())),
     )
     compile_search = functools.partial(_compile_search, *args, **static)
-    return lru_program(_PROGRAMS, _PROGRAMS_LOCK, SEARCH_PROGRAMS, key, compile_search)
+    return lru_program(
+        _PROGRAMS, _PROGRAMS_LOCK, programs_kept(codes.shape[0]), key, compile_search
+    )
+
+
+def programs_kept(n: int) -> int:
+    """How many compiled search programs the cache keeps while searching n codes.
+
+    Each holds ~14 MB (VmRSS after malloc_trim, digits, 2 cores, 2026-12-05) and a compilation
+    takes 1.3-1.8 s there. A large index's programs stand under every search's peak memory,
+    which is a target (the 1M benchmark's sweep of L keeps SEARCH_PROGRAMS); a small index's
+    searches are interactive, and a query count in a third batch bucket (batch_rows) should
+    not compile again the first two's programs."""
+    return SEARCH_PROGRAMS if n >= LARGE_INDEX else SMALL_INDEX_SEARCH_PROGRAMS
+
+
+def batch_rows(rows: int) -> int:
+    """The rows of a compiled query batch that holds `rows` queries: the next power of two up
+    to 16, then the next of four steps an octave (20, 24, 28, 32, 40, 48, ...): at most a
+    quarter of a batch is padding, and queries of any count run on one of ~4 programs an
+    octave. Compiled for the exact count instead, each new count compiled again (1.5 s on
+    digits, 2 cores, 2026-12-05), and one query at a time with varying counts ran at that."""
+    if rows <= 16:
+        return bitonic.next_pow2(max(rows, 1))
+    step = bitonic.next_pow2(rows) // 8
+    return -(-rows // step) * step
 
 
 def lru_program(cache: collections.OrderedDict, lock, limit: int, key, compile_fn):
@@ -382,11 +414,11 @@ def lru_program(cache: collections.OrderedDict, lock, limit: int, key, compile_f
 
 def _compile_search(queries, query_codes, codes, graph, vectors, entries, deleted, **static):
     seed = (
-        seed_batch.trace(query_codes, codes, entries, candidates=static["candidates"])
+        seed_batch.trace(queries, query_codes, codes, entries, candidates=static["candidates"])
         .lower()
         .compile()
     )
-    top = seed.out_info  # the start lists' shape, as the seed program makes them
+    top, query_codes = seed.out_info  # the start lists' and codes' shapes, as seed makes them
     walk_static = {name: static[name] for name in ("candidates", "width", "iterations")}
     walk_program = walk_batch.trace(query_codes, codes, graph, top, **walk_static).lower().compile()
     heap.release_free_heap()  # between compilations too: each peaks on what the last freed
@@ -405,14 +437,16 @@ def _compile_search(queries, query_codes, codes, graph, vectors, entries, delete
     heap.release_free_heap()
 
     def run(queries, query_codes, codes, graph, vectors, entries, deleted):
-        top = seed(query_codes, codes, entries)
+        top, query_codes = seed(queries, query_codes, codes, entries)
         cand = walk_program(query_codes, codes, graph, top)
         return rerank_program(queries, vectors, cand, deleted)
 
     return run
 
 
-SEARCH_PROGRAMS = 2  # compiled search programs kept (see compiled_search_batch)
+SEARCH_PROGRAMS = 2  # compiled search programs kept for a large index (see programs_kept)
+SMALL_INDEX_SEARCH_PROGRAMS = 6  # and for one of fewer than LARGE_INDEX codes
+LARGE_INDEX = 200_000
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
 _PROGRAMS_LOCK = threading.Lock()
 
@@ -464,7 +498,9 @@ def search(
     deleted=None,
 ):
     """Batched search over all queries (numpy or jax inputs) -> (scores f32 [Q, k], idx int32
-    [Q, k]) as numpy. Queries run in padded batches of one size (one compilation). On CPU the
+    [Q, k]) as numpy. query_codes: uint32 [Q, W], or the Binarizer that makes them (then
+    encoded inside the search's first program). Queries run in padded batches of one size,
+    batch_rows of the queries a batch holds (few compilations for any query count). On CPU the
     batches run on up to `config.threads` threads at once (thread_count): one XLA:CPU execution
     keeps ~1.6 of 2 cores busy, and batches in parallel use the rest (1.2x at L=128, 1000
     queries) when each is large enough to pay for another execution."""
@@ -478,10 +514,14 @@ def search(
     if config.batch_size < 1:
         raise ValueError(f"config.batch_size={config.batch_size} must be >= 1")
     queries = np.asarray(queries, np.float32)
-    query_codes = np.asarray(query_codes, np.uint32)
+    encode_here = isinstance(query_codes, Binarizer)
+    if encode_here and queries.shape[1:] != (query_codes.dim,):
+        raise ValueError(f"queries.shape={queries.shape} must be [Q, {query_codes.dim}]")
+    if not encode_here:
+        query_codes = np.asarray(query_codes, np.uint32)
     nq = queries.shape[0]
     threads = thread_count(nq, config, cpu=jax.default_backend() == "cpu")
-    bs = max(1, min(config.batch_size, -(-nq // threads)))
+    bs = min(config.batch_size, batch_rows(-(-nq // threads)))
     deleted = jnp.zeros((n,), bool) if deleted is None else jnp.asarray(deleted)
     args = [jnp.asarray(a) for a in (codes, graph, vectors, entries)]
     static = dict(
@@ -492,20 +532,24 @@ def search(
         iterations=config.iterations(),
     )
 
-    batch = (
-        jax.ShapeDtypeStruct((bs, queries.shape[1]), jnp.float32),
-        jax.ShapeDtypeStruct((bs, query_codes.shape[1]), jnp.uint32),
-    )
-    program = compiled_search_batch(*batch, *args, deleted, **static)
+    if encode_here:
+        codes_spec = query_codes
+    else:
+        codes_spec = jax.ShapeDtypeStruct((bs, query_codes.shape[1]), jnp.uint32)
+    queries_spec = jax.ShapeDtypeStruct((bs, queries.shape[1]), jnp.float32)
+    program = compiled_search_batch(queries_spec, codes_spec, *args, deleted, **static)
+
+    def batch_of(rows: np.ndarray) -> jax.Array:
+        # Padded with copies of the last query: one compiled shape for every batch.
+        if len(rows) < bs:
+            rows = np.concatenate([rows, np.repeat(rows[-1:], bs - len(rows), axis=0)])
+        return jnp.asarray(rows)
 
     def run(start):
-        qv, qc = queries[start : start + bs], query_codes[start : start + bs]
-        m = qv.shape[0]
-        if m < bs:  # pad with copies of the last query: one compiled shape for every batch
-            qv = np.concatenate([qv, np.repeat(qv[-1:], bs - m, axis=0)])
-            qc = np.concatenate([qc, np.repeat(qc[-1:], bs - m, axis=0)])
-        s, i = program(jnp.asarray(qv), jnp.asarray(qc), *args, deleted)
-        return np.asarray(s)[:m], np.asarray(i)[:m]
+        qv = queries[start : start + bs]
+        qc = query_codes if encode_here else batch_of(query_codes[start : start + bs])
+        s, i = program(batch_of(qv), qc, *args, deleted)
+        return np.asarray(s)[: len(qv)], np.asarray(i)[: len(qv)]
 
     starts = range(0, nq, bs)
     if threads > 1 and len(starts) > 1:

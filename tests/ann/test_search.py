@@ -313,11 +313,14 @@ def test_small_searches_run_on_one_thread_and_accelerators_always_do():
     assert count(10_000, search.SearchConfig(128, threads=4), cpu=False) == 1
 
 
-def test_search_keeps_only_the_latest_compiled_programs(setup):
+def test_search_keeps_only_the_latest_compiled_programs(setup, monkeypatch):
     # A compiled search program holds 10-20 MB; a sweep over list sizes must not keep them all
     # (jax.jit's own caches would), and an evicted program gives the same results when the
-    # shape comes back (compiled again).
+    # shape comes back (compiled again). These 2000 codes count as a large index here.
     x, q, c, qc, g, entries = setup
+    assert search.programs_kept(len(x)) == search.SMALL_INDEX_SEARCH_PROGRAMS
+    assert search.programs_kept(search.LARGE_INDEX) == search.SEARCH_PROGRAMS
+    monkeypatch.setattr(search, "LARGE_INDEX", len(x))
     run = lambda cand: search.search(  # noqa: E731
         q, qc, c, g, x, entries, 10, config=search.SearchConfig(cand, threads=1)
     )
@@ -329,7 +332,35 @@ def test_search_keeps_only_the_latest_compiled_programs(setup):
         assert len(search._PROGRAMS) == search.SEARCH_PROGRAMS
         gc.collect()  # jax's caches hold none of them (weak keys: gone with the trace)
         assert pxla._cached_compilation.cache_info().currsize <= cached
-    assert all(dict(key[1])["candidates"] != 16 for key in search._PROGRAMS)
+    assert all(dict(key[-1])["candidates"] != 16 for key in search._PROGRAMS)
     again = run(16)
     np.testing.assert_array_equal(first[1], again[1])
     np.testing.assert_array_equal(first[0], again[0])
+
+
+def test_query_counts_in_one_batch_bucket_share_a_program(setup):
+    # Counts 17 to 20 run on one compiled program (batch_rows: 20 rows), and a query's results
+    # do not depend on the queries searched with it (the padding, the other rows).
+    x, q, c, qc, g, entries = setup
+    config = search.SearchConfig(32, threads=1)
+    full = search.search(q, qc, c, g, x, entries, 10, config=config)
+    search._PROGRAMS.clear()
+    for m in (17, 18, 20, 19):
+        scores, idx = search.search(q[:m], qc[:m], c, g, x, entries, 10, config=config)
+        np.testing.assert_array_equal(idx, full[1][:m])
+        np.testing.assert_allclose(scores, full[0][:m], rtol=1e-6)
+    assert len(search._PROGRAMS) == 1
+    rows = (0, 1, 3, 16, 17, 20, 21, 32, 33, 200, 257, 1000)
+    assert [search.batch_rows(r) for r in rows] == [1, 1, 4, 16, 20, 20, 24, 32, 40, 224, 320, 1024]
+
+
+def test_queries_encoded_inside_the_program_match_codes_given(setup):
+    x, q, c, qc, g, entries = setup
+    binarizer = codes.fit_itq(x, 256, iterations=20, rng=jax.random.key(0))  # setup's
+    np.testing.assert_array_equal(codes.encode(binarizer, q), qc)
+    given = search.search(q, qc, c, g, x, entries, 10)
+    encoded = search.search(q, binarizer, c, g, x, entries, 10)
+    np.testing.assert_array_equal(encoded[1], given[1])
+    np.testing.assert_array_equal(encoded[0], given[0])
+    with pytest.raises(ValueError, match=r"queries.shape=\(200, 32\) must be \[Q, 64\]"):
+        search.search(q[:, :32], binarizer, c, g, x, entries, 10)
