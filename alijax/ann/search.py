@@ -389,14 +389,33 @@ def programs_kept(n: int) -> int:
 
 def batch_rows(rows: int) -> int:
     """The rows of a compiled query batch that holds `rows` queries: the next power of two up
-    to 16, then the next of four steps an octave (20, 24, 28, 32, 40, 48, ...): at most a
-    quarter of a batch is padding, and queries of any count run on one of ~4 programs an
-    octave. Compiled for the exact count instead, each new count compiled again (1.5 s on
-    digits, 2 cores, 2026-12-05), and one query at a time with varying counts ran at that."""
+    to 16, then one of four steps an octave, offset so that it is never a multiple of 64 (20,
+    24, 28, 32, 36, 44, 52, 60, 68, 72, 88, ..., 208, ..., 544, ...). At most a quarter of a
+    batch is padding, and queries of any count run on one of ~4 programs an octave: compiled
+    for the exact count instead, each new count compiled again (1.5 s on digits, 2 cores,
+    2026-12-05), and one query at a time with varying counts ran at that.
+
+    Not a multiple of 64: the list is [L, Q] with Q minor, and rows of a multiple of 64
+    queries (256 bytes) ran the walk's networks up to 2x slower on XLA:CPU (cache sets, we
+    think): 100k codes, L=256, two batches, us a query: Q=496 148, 500 159, 504 158, 512 313,
+    520 144, 528 144, 544 149, 576 283, 592 146, 448 296, 480 163, 384 335, 320 278, 352 146;
+    at L=64, 512 19.0 against 14.7-15.9 (2 cores, 2026-12-05)."""
     if rows <= 16:
         return bitonic.next_pow2(max(rows, 1))
     step = bitonic.next_pow2(rows) // 8
-    return -(-rows // step) * step
+    offset = 0 if step <= 4 else min(step // 2, 32)  # offset + k * step: never 0 mod 64
+    return -(-(rows - offset) // step) * step + offset
+
+
+def query_batches(num_queries: int, batch_size: int, threads: int) -> tuple[int, int]:
+    """(queries a batch holds, the rows it is compiled for: batch_rows of that): at most batch_size
+    queries a batch, at least `threads` batches where there are queries enough, and the
+    queries spread evenly over the batches (1025 queries in batches of at most 1024 are two of
+    513, not 1024 and a batch of 1023 padding rows)."""
+    per = max(1, min(batch_size, -(-num_queries // threads)))
+    batches = max(1, -(-num_queries // per))
+    per = max(1, -(-num_queries // batches))
+    return per, batch_rows(per)
 
 
 def lru_program(cache: collections.OrderedDict, lock, limit: int, key, compile_fn):
@@ -521,7 +540,7 @@ def search(
         query_codes = np.asarray(query_codes, np.uint32)
     nq = queries.shape[0]
     threads = thread_count(nq, config, cpu=jax.default_backend() == "cpu")
-    bs = min(config.batch_size, batch_rows(-(-nq // threads)))
+    per, bs = query_batches(nq, config.batch_size, threads)
     deleted = jnp.zeros((n,), bool) if deleted is None else jnp.asarray(deleted)
     args = [jnp.asarray(a) for a in (codes, graph, vectors, entries)]
     static = dict(
@@ -546,12 +565,12 @@ def search(
         return jnp.asarray(rows)
 
     def run(start):
-        qv = queries[start : start + bs]
-        qc = query_codes if encode_here else batch_of(query_codes[start : start + bs])
+        qv = queries[start : start + per]
+        qc = query_codes if encode_here else batch_of(query_codes[start : start + per])
         s, i = program(batch_of(qv), qc, *args, deleted)
         return np.asarray(s)[: len(qv)], np.asarray(i)[: len(qv)]
 
-    starts = range(0, nq, bs)
+    starts = range(0, nq, per)
     if threads > 1 and len(starts) > 1:
         with ThreadPoolExecutor(min(threads, len(starts))) as pool:
             parts = list(pool.map(run, starts))

@@ -351,7 +351,10 @@ def test_query_counts_in_one_batch_bucket_share_a_program(setup):
         np.testing.assert_allclose(scores, full[0][:m], rtol=1e-6)
     assert len(search._PROGRAMS) == 1
     rows = (0, 1, 3, 16, 17, 20, 21, 32, 33, 200, 257, 1000)
-    assert [search.batch_rows(r) for r in rows] == [1, 1, 4, 16, 20, 20, 24, 32, 40, 224, 320, 1024]
+    assert [search.batch_rows(r) for r in rows] == [1, 1, 4, 16, 20, 20, 24, 32, 36, 208, 288, 1056]
+    assert all(search.batch_rows(r) % 64 for r in range(1, 5000))
+    assert search.query_batches(1025, 1024, 1) == (513, 544)  # two even batches
+    assert search.query_batches(1000, 1024, 2) == (500, 544)
 
 
 def test_queries_encoded_inside_the_program_match_codes_given(setup):
