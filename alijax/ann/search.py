@@ -75,7 +75,7 @@ class SearchConfig:
     candidates: int = 64
     width: int | None = None  # None: auto_width(N) of the index searched
     max_iterations: int | None = None
-    batch_size: int = 1024
+    batch_size: int = 1024  # queries a batch holds at most (compiled rows: batch_rows of them)
     threads: int | None = None  # CPU batches run at once (None: the cores available)
 
     def for_codes(self, n: int) -> SearchConfig:
