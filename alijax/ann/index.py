@@ -579,7 +579,7 @@ class BinaryGraphIndex:
         )
         knn = dict(k_batch=min(deg + 1, batch), out_k=2 * deg)
         first, count = np.int32(nodes[0]), np.int32(m)
-        part = min(_ADD_PART, batch)
+        part = _part_rows(m)
 
         def one_part(start):
             rows = queries[start : start + part]
@@ -794,6 +794,18 @@ _ADD_PROGRAMS = 6
 # to 200k after 1000 compiled again: 3.0 s, now 2.1 s). Parts of 256, 512: that add 9.2k, 9.0k
 # points/s; adds of 10 points 29, 38 ms each (27 ms with walks of 2 x 128). 2 cores, 2026-12-05.
 _ADD_PART = 256
+
+
+def _part_rows(m: int) -> int:
+    """Queries per call of the add's walk for an add of m points: _ADD_PART, or for fewer
+    points the power of four that holds them (1, 4, 16, 64), so that a small add walks few
+    padding queries and the walk still has few compiled shapes per capacity."""
+    rows = 1
+    while rows < min(m, _ADD_PART):
+        rows *= 4
+    return min(rows, _ADD_PART)
+
+
 _add_programs: collections.OrderedDict = collections.OrderedDict()
 _add_programs_lock = threading.Lock()
 
@@ -849,19 +861,21 @@ def _batch_candidates(g_i, g_d, rows, queries, first, row_start, count, k_batch,
 # Rows per jitted graph-edit step (pruning, linking back, relinking): one compiled shape for
 # every call, and [1024, 64, 64] pair distances are 16 MB.
 _EDIT_ROWS = 1024
-_EDIT_ROWS_MIN = 64  # the smallest block (see _by_blocks)
+_EDIT_ROWS_MIN = 64  # below it, blocks are powers of four (see _by_blocks)
 
 
 def _by_blocks(n: int, width: int, one_block) -> np.ndarray:
     """int32 [n, width] (-1 where a block gives fewer columns): one_block(start, stop, rows)
     gives the rows of consecutive blocks of `rows` rows (padded ones past stop - start cut):
-    _EDIT_ROWS, or for fewer rows the next power of two, at least _EDIT_ROWS_MIN (few compiled
-    shapes, and an add of 10 points prunes 64 rows, not 1024).
+    _EDIT_ROWS, or for fewer rows the next power of two, or below _EDIT_ROWS_MIN the next power
+    of four (few compiled shapes, and an add of 10 points prunes 16 rows, not 1024: one point
+    at 200k took 10.2 ms with walks of 256 queries and blocks of 64 rows, 3.6 ms with
+    _part_rows and blocks of 1, 2 cores, 2026-12-05).
 
     Blocks run on one thread per core: one block's small steps keep about one core busy
     (linking back a batch of 4096 at 200k: 190 -> 130 ms on 2 cores, 2026-12-05)."""
     out = np.full((n, width), -1, np.int32)
-    rows = min(_EDIT_ROWS, bitonic.next_pow2(max(n, _EDIT_ROWS_MIN)))
+    rows = min(_EDIT_ROWS, bitonic.next_pow2(n)) if n > _EDIT_ROWS_MIN else _part_rows(n)
 
     def fill(start):
         stop = min(n, start + rows)

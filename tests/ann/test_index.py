@@ -282,8 +282,18 @@ def test_batch_candidates_merge_the_walk_and_the_exact_batch_knn():
 
 def test_edit_blocks_fit_the_rows():
     # Graph edits run in blocks of one of few sizes: 1024 rows, or for fewer rows the next
-    # power of two from 64 (an add of 10 points prunes 64 rows, not 1024); every row once.
-    for n, size in ((10, 64), (100, 128), (1024, 1024), (2500, 1024)):
+    # power of two, below 64 the next power of four (an add of 10 points prunes 16 rows, not
+    # 1024); every row once. The add's walk parts are likewise powers of four up to 256.
+    assert [index_lib._part_rows(m) for m in (1, 2, 5, 17, 64, 65, 4096)] == [
+        1,
+        4,
+        16,
+        64,
+        64,
+        256,
+        256,
+    ]
+    for n, size in ((1, 1), (10, 16), (64, 64), (100, 128), (1024, 1024), (2500, 1024)):
         calls = []
 
         def one_block(start, stop, rows, calls=calls):
