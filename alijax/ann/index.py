@@ -42,6 +42,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -172,6 +173,18 @@ def _host_view(device) -> np.ndarray:
     return np.asarray(device)
 
 
+def _viewed_elsewhere(kept: tuple) -> bool:
+    """Whether anything but the index holds or views the mirror of `kept` = (the index's
+    view of it, the mirror): every numpy view keeps its base array referenced, so the mirror's
+    references are the tuple's, its view's, and this call's own unless others exist."""
+    return sys.getrefcount(kept[1]) > _MIRROR_OWN_REFS
+
+
+# References to a mirror that _viewed_elsewhere finds when only the index holds it: the
+# `kept` tuple, the index's view (its base), and getrefcount's argument.
+_MIRROR_OWN_REFS = 3
+
+
 def _read_only(x: np.ndarray) -> np.ndarray:
     view = x.view()
     view.flags.writeable = False
@@ -194,7 +207,14 @@ class _RowArrays:
     def write(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
         self.device[name] = _set_rows(self.device[name], *_padded_rows(rows, values, self.cap))
         if self.mirror is not None:
-            self.mirror[name][rows] = values
+            # Read-only between writes, so that no view of it can be made writeable (as on
+            # CPU, where the host arrays view read-only device memory).
+            mirror = self.mirror[name]
+            mirror.flags.writeable = True
+            try:
+                mirror[rows] = values
+            finally:
+                mirror.flags.writeable = False
 
     def host(self, name: str) -> np.ndarray:
         """The array's contents, all `cap` rows (on CPU a view: drop it before the next write)."""
@@ -447,6 +467,7 @@ class BinaryGraphIndex:
                     host = _host_view(device)[:n]
                     setattr(self, name, host)
                 elif padded is not host:  # the next add writes on into this padded copy
+                    padded.flags.writeable = False  # see _RowArrays.write
                     host = _read_only(padded[:n])
                     setattr(self, name, host)
                     self._mirrors[name] = (host, padded)
@@ -515,6 +536,7 @@ class BinaryGraphIndex:
                 setattr(self, name, views[name])
                 self._device_cache[name] = (views[name], device)
                 if arrays.mirror is not None:
+                    arrays.mirror[name].flags.writeable = False  # see _RowArrays.write
                     self._mirrors[name] = (views[name], arrays.mirror[name])
             self._grown = True
         return self
@@ -528,7 +550,10 @@ class BinaryGraphIndex:
             host = getattr(self, name)
             held, kept = self._device_cache.get(name), self._mirrors.get(name)
             if kept is not None and kept[0] is host and kept[1].shape[0] == cap:
-                mirror[name] = kept[1]
+                # What a user still holds of the host array (index.graph from before, or a
+                # slice of it) must not change, as on CPU, where jax copies a donated buffer
+                # that a numpy view pins: a mirror viewed from outside the index is copied.
+                mirror[name] = kept[1].copy() if _viewed_elsewhere(kept) else kept[1]
             if held is not None and held[0] is host and held[1].shape[0] == cap:
                 device[name] = held[1]
             else:

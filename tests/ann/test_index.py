@@ -194,14 +194,23 @@ def test_failed_add_keeps_the_finished_batches(data, monkeypatch, fail):
     assert index.compact() is index and index.graph.max() < N + 150
 
 
-def _adds_deletes_and_a_failed_add(index, xa, patch, q):
-    """index after adds within and past its capacity (N = 2000: 2048, then 3072), a delete,
-    and an add failing in its second batch's links back; and the searches between them."""
+def _mirrors_match_the_device(index):
+    for name in index_lib._ROW_ARRAYS:
+        view, mirror = index._mirrors[name]
+        assert view is getattr(index, name) and not view.flags.writeable, name
+        np.testing.assert_array_equal(np.asarray(index._device_cache[name][1]), mirror, name)
+
+
+def _adds_deletes_and_a_failed_add(index, xa, patch, q, mirrored):
+    """index after adds within and past its capacity (N = 2000: 2048, then 3072), an add right
+    after a delete, an add failing in its second batch's links back, and an add of other points
+    than the failed one's; the searches between them. A graph held across an add is unchanged."""
     found = []
     index.add(xa[:10], np.arange(10) + N)
     index.delete([N + 3, 5])
+    index.add(xa[10:20], np.arange(10, 20) + N)  # the tombstones' new array, no search between
+    index.add(xa[20:60], np.arange(20, 60) + N)  # past the capacity
     found.append(index.search(q, 10))
-    index.add(xa[10:60], np.arange(10, 60) + N)
     real, calls = index_lib._link_back, []
 
     def failing(*args):
@@ -214,8 +223,14 @@ def _adds_deletes_and_a_failed_add(index, xa, patch, q):
     with pytest.raises(RuntimeError, match="interrupted"):
         index.add(xa[60:200], np.arange(60, 200) + N)
     patch.setattr(index_lib, "_link_back", real)
+    if mirrored:
+        _mirrors_match_the_device(index)  # the unfinished rows cleared on both sides
     found.append(index.search(q, 10))
-    index.add(xa[124:200], np.arange(124, 200) + N)
+    held = index.graph[: N + 100]
+    before = held.copy()
+    index.add(xa[150:200], np.arange(150, 200) + N)  # rows up to N + 174: some stay padding
+    np.testing.assert_array_equal(held, before)
+    assert (index.graph[: N + 100] != before).any()  # linked back to
     found.append(index.search(q, 10))
     return found
 
@@ -224,7 +239,8 @@ def test_adds_off_cpu_write_host_mirrors_and_match_the_cpu_path(data, monkeypatc
     # Off CPU numpy cannot view the device arrays: add() then writes host mirrors of them
     # beside the device arrays, and copies none back (_host_view would). Forced here on CPU,
     # the index must end as the CPU path's does, each mirror equal to its device array to the
-    # last padding row, the host arrays read-only.
+    # last padding row, the host arrays read-only; a mirror is copied only while something
+    # outside the index views it.
     x, q, xa = data
     monkeypatch.setattr(index_lib, "_ADD_BATCH", 64)
 
@@ -238,18 +254,22 @@ def test_adds_off_cpu_write_host_mirrors_and_match_the_cpu_path(data, monkeypatc
             if mirrored:
                 patch.setattr(index_lib, "_shares_host_memory", lambda device: False)
                 patch.setattr(index_lib, "_host_view", copied_back)
-            found.append(_adds_deletes_and_a_failed_add(index, xa, patch, q))
+            found.append(_adds_deletes_and_a_failed_add(index, xa, patch, q, mirrored))
             states.append({k: np.array(getattr(index, k)) for k in (*index_lib._ROW_ARRAYS, "ids")})
-    assert len(states[1]["ids"]) == N + 200 and states[1]["deleted"].sum() == 2
+            if mirrored:
+                # (ids, not the arrays: holding one here would count as a view from outside)
+                kept = {name: id(index._mirrors[name][1]) for name in index_lib._ROW_ARRAYS}
+                index.add(xa[124:134], np.arange(124, 134) + N)  # nothing outside holds them
+                assert {k: id(index._mirrors[k][1]) for k in kept} == kept
+    assert len(states[1]["ids"]) == N + 174 and states[1]["deleted"].sum() == 2
     for name, want in states[0].items():
         np.testing.assert_array_equal(states[1][name], want, err_msg=name)
     for (s0, i0), (s1, i1) in zip(found[0], found[1]):
         np.testing.assert_array_equal(i1, i0)
         np.testing.assert_array_equal(s1, s0)
-    for name in index_lib._ROW_ARRAYS:
-        view, mirror = index._mirrors[name]
-        assert view is getattr(index, name) and not view.flags.writeable
-        np.testing.assert_array_equal(np.asarray(index._device_cache[name][1]), mirror)
+    _mirrors_match_the_device(index)
+    with pytest.raises(ValueError):
+        index.graph.flags.writeable = True
 
 
 def test_batch_candidates_merge_the_walk_and_the_exact_batch_knn():
