@@ -564,18 +564,23 @@ def search(
             rows = np.concatenate([rows, np.repeat(rows[-1:], bs - len(rows), axis=0)])
         return jnp.asarray(rows)
 
-    def run(start):
+    def launch(start):
         qv = queries[start : start + per]
         qc = query_codes if encode_here else batch_of(query_codes[start : start + per])
-        s, i = program(batch_of(qv), qc, *args, deleted)
-        return np.asarray(s)[: len(qv)], np.asarray(i)[: len(qv)]
+        return len(qv), program(batch_of(qv), qc, *args, deleted)
+
+    def collect(launched):
+        m, (s, i) = launched
+        return np.asarray(s)[:m], np.asarray(i)[:m]
 
     starts = range(0, nq, per)
     if threads > 1 and len(starts) > 1:
         with ThreadPoolExecutor(min(threads, len(starts))) as pool:
-            parts = list(pool.map(run, starts))
+            parts = list(pool.map(lambda start: collect(launch(start)), starts))
     else:
-        parts = [run(start) for start in starts]
+        # Every batch is dispatched before the first is waited for, so that the host pads and
+        # copies the next batches while the device runs this one.
+        parts = [collect(launched) for launched in [launch(start) for start in starts]]
     if not parts:
         return np.empty((0, k), np.float32), np.empty((0, k), np.int32)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
