@@ -10,7 +10,8 @@ the same shapes (compiled). Search is swept over L, the query batch size and the
 a GPU each beam-search iteration is a handful of small kernels, so a batch of 1024 queries (the
 CPU default) leaves the card mostly idle; larger batches amortise that per-iteration latency,
 and wider beams need fewer iterations. Last, --add points are inserted (`index.add`): 1000 first
-(compiling), then the rest in calls of 1000, reported as points/s.
+(compiling), then the rest in calls of 1000, reported as points/s; the data are then one draw
+of n + add points (--add 0: session 5's data, n points).
 Runs anywhere (CPU: use a small --n); needs no faiss.
 """
 
@@ -105,6 +106,8 @@ def main(argv=None):
     parser.add_argument("--add", type=int, default=10_000, help="points added after (0: none)")
     parser.add_argument("--out", default="benchmarks/results/ann-gpu.json")
     args = parser.parse_args(argv)
+    if 0 < args.add <= ADD_FIRST:
+        parser.error(f"--add {args.add}: 0 (none) or more than {ADD_FIRST} (the first call's)")
     device = str(jax.devices()[0])
     x, q = synthetic(args.n + args.add, args.nq)
     x, extra = x[: args.n], x[args.n :]
@@ -145,11 +148,13 @@ def main(argv=None):
         "rows": rows,
         "add": None,
     }
-    _write(args.out, report)  # the search's results kept should the adds run past a time limit
-    if len(extra) > ADD_FIRST:
+    # The search's results written and printed first: kept should the adds run past a limit.
+    _write(args.out, report)
+    print("\n".join(_summary(report)), flush=True)
+    if len(extra):
         report["add"] = _timed_adds(index, extra, args.n)
         _write(args.out, report)
-    print("\n".join(_summary(report)), flush=True)
+        print(_summary(report)[-1], flush=True)
 
 
 def _write(path: str, report: dict) -> None:

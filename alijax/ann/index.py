@@ -173,16 +173,13 @@ def _host_view(device) -> np.ndarray:
     return np.asarray(device)
 
 
-def _viewed_elsewhere(kept: tuple) -> bool:
-    """Whether anything but the index holds or views the mirror of `kept` = (the index's
-    view of it, the mirror): every numpy view keeps its base array referenced, so the mirror's
-    references are the tuple's, its view's, and this call's own unless others exist."""
-    return sys.getrefcount(kept[1]) > _MIRROR_OWN_REFS
-
-
-# References to a mirror that _viewed_elsewhere finds when only the index holds it: the
-# `kept` tuple, the index's view (its base), and getrefcount's argument.
-_MIRROR_OWN_REFS = 3
+def _viewed_elsewhere(kept: tuple, own_view_refs: int) -> bool:
+    """Whether anything but the index holds the mirror of `kept` = (the index's view of it,
+    the mirror), or that view itself. Every numpy view keeps its base referenced, so other
+    views raise the mirror's count; the view itself (index.graph as handed out, np.asarray of
+    it, a memoryview) raises its own past the index's own_view_refs."""
+    mirror_refs = 3  # the tuple, the view's base, getrefcount's argument
+    return sys.getrefcount(kept[1]) > mirror_refs or sys.getrefcount(kept[0]) > own_view_refs
 
 
 def _read_only(x: np.ndarray) -> np.ndarray:
@@ -553,7 +550,10 @@ class BinaryGraphIndex:
                 # What a user still holds of the host array (index.graph from before, or a
                 # slice of it) must not change, as on CPU, where jax copies a donated buffer
                 # that a numpy view pins: a mirror viewed from outside the index is copied.
-                mirror[name] = kept[1].copy() if _viewed_elsewhere(kept) else kept[1]
+                # (The view's references of the index's own: `kept`, the attribute, `host`,
+                # _device_cache's tuple where it holds this view, getrefcount's argument.)
+                own = 4 + (held is not None and held[0] is host)
+                mirror[name] = kept[1].copy() if _viewed_elsewhere(kept, own) else kept[1]
             if held is not None and held[0] is host and held[1].shape[0] == cap:
                 device[name] = held[1]
             else:
