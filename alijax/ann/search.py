@@ -464,6 +464,7 @@ def _compile_search(queries, query_codes, codes, graph, vectors, entries, delete
 
 
 SEARCH_PROGRAMS = 2  # compiled search programs kept for a large index (see programs_kept)
+_IN_FLIGHT = 2  # batches one thread dispatches ahead of the one it waits for (see search)
 SMALL_INDEX_SEARCH_PROGRAMS = 6  # and for one of fewer than LARGE_INDEX codes
 LARGE_INDEX = 200_000
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
@@ -578,9 +579,15 @@ def search(
         with ThreadPoolExecutor(min(threads, len(starts))) as pool:
             parts = list(pool.map(lambda start: collect(launch(start)), starts))
     else:
-        # Every batch is dispatched before the first is waited for, so that the host pads and
-        # copies the next batches while the device runs this one.
-        parts = [collect(launched) for launched in [launch(start) for start in starts]]
+        # _IN_FLIGHT batches are dispatched before the first is waited for, so that the host
+        # pads and copies the next batch while the device runs this one; not all of them, so
+        # that a huge query set does not hold every batch's buffers at once.
+        parts, in_flight = [], collections.deque()
+        for start in starts:
+            in_flight.append(launch(start))
+            if len(in_flight) > _IN_FLIGHT:
+                parts.append(collect(in_flight.popleft()))
+        parts += [collect(launched) for launched in in_flight]
     if not parts:
         return np.empty((0, k), np.float32), np.empty((0, k), np.int32)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -302,6 +302,12 @@ def test_threads_give_the_same_results(setup, monkeypatch):
     )
     np.testing.assert_array_equal(one[1], two[1])
     np.testing.assert_array_equal(one[0], two[0])
+    # One thread, 13 batches dispatched ahead of the one waited for: the same, in order.
+    many = search.search(
+        q, qc, c, g, x, entries, 10, config=search.SearchConfig(32, threads=1, batch_size=16)
+    )
+    np.testing.assert_array_equal(many[1], one[1])
+    np.testing.assert_allclose(many[0], one[0], rtol=1e-6)
 
 
 def test_small_searches_run_on_one_thread_and_accelerators_always_do():
