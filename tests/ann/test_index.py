@@ -338,8 +338,9 @@ def test_id_order_merges_added_ids():
     rng = np.random.default_rng(5)
     ids = rng.choice(np.arange(-(10**9), 10**9, 997), 700, replace=False).astype(np.int64)
     old, new = ids[:500], ids[500:]
-    merged = index_lib._merged_order(old, np.argsort(old), new)
+    merged, values = index_lib._merged_order(np.argsort(old), np.sort(old), new)
     np.testing.assert_array_equal(ids[merged], np.sort(ids))
+    np.testing.assert_array_equal(values, np.sort(ids))
 
 
 def test_lookup_after_adds(data):
