@@ -204,6 +204,13 @@ def _tree(fn, *keys):
     return jax.tree.map(fn, *keys)
 
 
+def layout_for(n_ids: int, n_bits: int) -> KeyLayout | PairLayout:
+    """The (distance, id) entries of n_ids codes of n_bits, no flag: one uint32 key where it
+    fits, else Pairs (the same order either way). graph._plan makes the same choice inline, on
+    its module's KeyLayout name, which its tests replace to force Pairs."""
+    return KeyLayout.for_ids(n_ids) if KeyLayout.fits(n_ids, n_bits) else PairLayout()
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

@@ -464,7 +464,7 @@ class BinaryGraphIndex:
                     # On CPU a numpy view of a device array shares its memory, so the host
                     # array becomes a read-only view and the data are held once, not twice
                     # (1M x 128 floats are 512 MB). Updates replace arrays; only add() writes
-                    # into the device arrays, once it has let go of the views (_device_rows).
+                    # into the device arrays, once it has let go of the views (_drop_views).
                     host = _host_view(device)[:n]
                     setattr(self, name, host)
                 elif padded is not host:  # the next add writes on into this padded copy
@@ -537,7 +537,6 @@ class BinaryGraphIndex:
                 setattr(self, name, views[name])
                 self._device_cache[name] = (views[name], device)
                 if arrays.mirror is not None:
-                    arrays.mirror[name].flags.writeable = False  # see _RowArrays.write
                     self._mirrors[name] = (views[name], arrays.mirror[name])
             self._grown = True
         return self
@@ -571,6 +570,8 @@ class BinaryGraphIndex:
                 mirror[name] = _padded_to(getattr(self, name), cap, name)
         # The mirrors are written from here on: not while a copy from one may still be read.
         jax.block_until_ready(device)
+        for array in mirror.values():
+            array.flags.writeable = False  # between writes (see _RowArrays.write)
         return _RowArrays(device, mirror, cap)
 
     def _drop_views(self) -> None:
@@ -826,14 +827,19 @@ _ADD_PROGRAMS = 6
 _ADD_PART = 256
 
 
+def _next_pow4(n: int) -> int:
+    """The smallest power of four >= n (1 for n <= 1)."""
+    rows = 1
+    while rows < n:
+        rows *= 4
+    return rows
+
+
 def _part_rows(m: int) -> int:
     """Queries per call of the add's walk for an add of m points: _ADD_PART, or for fewer
     points the power of four that holds them (1, 4, 16, 64), so that a small add walks few
     padding queries and the walk still has few compiled shapes per capacity."""
-    rows = 1
-    while rows < min(m, _ADD_PART):
-        rows *= 4
-    return min(rows, _ADD_PART)
+    return min(_next_pow4(m), _ADD_PART)
 
 
 _add_programs: collections.OrderedDict = collections.OrderedDict()
@@ -900,12 +906,12 @@ def _by_blocks(n: int, width: int, one_block) -> np.ndarray:
     _EDIT_ROWS, or for fewer rows the next power of two, or below _EDIT_ROWS_MIN the next power
     of four (few compiled shapes, and an add of 10 points prunes 16 rows, not 1024: one point
     at 200k took 10.2 ms with walks of 256 queries and blocks of 64 rows, 3.6 ms with
-    _part_rows and blocks of 1, 2 cores, 2026-12-05).
+    _part_rows and blocks of _next_pow4, 2 cores, 2026-12-05).
 
     Blocks run on one thread per core: one block's small steps keep about one core busy
     (linking back a batch of 4096 at 200k: 190 -> 130 ms on 2 cores, 2026-12-05)."""
     out = np.full((n, width), -1, np.int32)
-    rows = min(_EDIT_ROWS, bitonic.next_pow2(n)) if n > _EDIT_ROWS_MIN else _part_rows(n)
+    rows = min(_EDIT_ROWS, bitonic.next_pow2(n)) if n > _EDIT_ROWS_MIN else _next_pow4(n)
 
     def fill(start):
         stop = min(n, start + rows)
@@ -976,16 +982,9 @@ def _closest_block(row_codes, cand_codes, cand, degree: int, layout):
     return layout.ids(bitonic.unique_smallest(keys, degree)[:degree]).T
 
 
-def _layout_for(n_ids: int, n_bits: int):
-    """The (distance, id) key layout of n_ids codes of n_bits: one word where it fits, else
-    Pairs (as graph._plan and search._layout choose theirs)."""
-    fits = bitonic.KeyLayout.fits(n_ids, n_bits)
-    return bitonic.KeyLayout.for_ids(n_ids) if fits else bitonic.PairLayout()
-
-
 def _closest_rows(codes, rows: np.ndarray, cand: np.ndarray, degree: int) -> np.ndarray:
     """_closest_block over blocks of rows (node ids int [R]) and their candidates [R, M]."""
-    layout = _layout_for(len(codes), codes.shape[1] * 32)
+    layout = bitonic.layout_for(len(codes), codes.shape[1] * 32)
 
     def one_block(start, stop, size):
         block = _pad_rows(cand[start:stop].astype(np.int32), -1, size)

@@ -464,9 +464,9 @@ def _compile_search(queries, query_codes, codes, graph, vectors, entries, delete
 
 
 SEARCH_PROGRAMS = 2  # compiled search programs kept for a large index (see programs_kept)
-_IN_FLIGHT = 2  # batches one thread dispatches ahead of the one it waits for (see search)
 SMALL_INDEX_SEARCH_PROGRAMS = 6  # and for one of fewer than LARGE_INDEX codes
 LARGE_INDEX = 200_000
+_IN_FLIGHT = 2  # batches one thread dispatches ahead of the one it waits for (see search)
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
 _PROGRAMS_LOCK = threading.Lock()
 
