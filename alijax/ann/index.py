@@ -203,6 +203,10 @@ class _RowArrays:
 
     def write(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
         self.device[name] = _set_rows(self.device[name], *_padded_rows(rows, values, self.cap))
+        self.write_mirror(name, rows, values)
+
+    def write_mirror(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
+        """The host side of a write that a program made on the device (none on CPU)."""
         if self.mirror is not None:
             # Read-only between writes, so that no view of it can be made writeable (as on
             # CPU, where the host arrays view read-only device memory).
@@ -272,15 +276,64 @@ def _check_ids(ids, n: int, name: str = "ids") -> np.ndarray:
     return ids
 
 
-def _merged_order(old_order: np.ndarray, old_sorted: np.ndarray, new_ids: np.ndarray) -> tuple:
-    """(argsort, sorted values) of concatenate([old ids, new_ids]) from the old ids' (argsort,
-    sorted values), in O(n + m log m): two inserts at memory speed, no gather of the old ids
-    in their order (which was 1.6 of a 1-point add's ~6 ms at 1M, under cProfile)."""
-    new_order = np.argsort(new_ids)
-    new_sorted = new_ids[new_order]
-    at = np.searchsorted(old_sorted, new_sorted)
-    merged_order = np.insert(old_order, at, len(old_order) + new_order)
-    return merged_order, np.insert(old_sorted, at, new_sorted)
+def _merge_sorted(order, sorted_ids, more_order, more_sorted) -> tuple:
+    """Two (rows, ids) lists, each sorted by id, merged into one: two inserts at memory speed,
+    no gather of the ids in their order (which was 1.6 of a 1-point add's ~6 ms at 1M, under
+    cProfile)."""
+    at = np.searchsorted(sorted_ids, more_sorted)
+    return np.insert(order, at, more_order), np.insert(sorted_ids, at, more_sorted)
+
+
+class _IdTable:
+    """The index's user ids and their rows by value, for lookups by binary search, kept across
+    adds: sorting 200k ids again on every add cost 20-40 ms of a 1000-point add.
+
+    Added ids go into a buffer with room to spare (`ids` is a read-only view of its rows in
+    use; rows past them are written, never rows a view shows) and into a small sorted `tail`
+    that lookups search too, merged into the main order once it holds _ID_TAIL ids. So an add
+    costs O(its ids), not O(all ids): concatenating and merging 1M ids were ~1.5 of a 1-point
+    add's ~4.5 ms."""
+
+    def __init__(self, ids: np.ndarray):
+        self.ids = ids
+        self._buffer = None  # made by the first append
+        order = np.argsort(ids)
+        self._main = (order, ids[order])
+        self._tail = (np.empty(0, np.int64), np.empty(0, ids.dtype))
+
+    def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, found) of ids int64 [K] (rows valid where found)."""
+        rows, found = _find_sorted(*self._main, ids)
+        if len(self._tail[0]):
+            tail_rows, in_tail = _find_sorted(*self._tail, ids)
+            rows, found = np.where(in_tail, tail_rows, rows), found | in_tail
+        return rows, found
+
+    def append(self, new_ids: np.ndarray) -> np.ndarray:
+        """Adds ids int64 [M] as the next rows; returns the new `ids`."""
+        n, m = len(self.ids), len(new_ids)
+        if self._buffer is None or len(self._buffer) < n + m:
+            self._buffer = np.empty(_capacity(n + m), np.int64)
+            self._buffer[:n] = self.ids
+        self._buffer[n : n + m] = new_ids
+        self.ids = _read_only(self._buffer[: n + m])
+        new_order = np.argsort(new_ids)
+        self._tail = _merge_sorted(*self._tail, n + new_order, new_ids[new_order])
+        if len(self._tail[0]) >= _ID_TAIL:
+            self._main = _merge_sorted(*self._main, *self._tail)
+            self._tail = (self._tail[0][:0], self._tail[1][:0])
+        return self.ids
+
+
+_ID_TAIL = 4096  # ids kept in _IdTable's tail before a merge into the main order: O(N) each
+
+
+def _find_sorted(rows: np.ndarray, sorted_ids: np.ndarray, ids: np.ndarray) -> tuple:
+    """(rows, found) of ids in one of _IdTable's lists."""
+    if not len(rows):
+        return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(rows) - 1)
+    return rows[pos], sorted_ids[pos] == ids
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -327,7 +380,7 @@ class BinaryGraphIndex:
         # accelerator, what add() writes besides the device arrays (see _RowArrays).
         self._mirrors: dict = {}
         self._grown = False  # added to: search arrays padded to _capacity (see _on_device)
-        self._id_order = None  # (self.ids, its argsort, its sorted values), see _lookup
+        self._ids = None  # the lookup table of self.ids (_id_table)
 
     # ------------------------------------------------------------------ properties
 
@@ -499,40 +552,24 @@ class BinaryGraphIndex:
         # 1M were 339 ms, and the search after them 392 ms, when every add rebuilt the arrays
         # (2 cores, 2026-12-05).
         cap = _capacity(n + m)
-        new_codes = np.asarray(codes_lib.encode(self.binarizer, x))
-        old_ids, old_order, old_sorted = self._id_order  # set by _lookup above
         arrays = self._row_arrays(cap)
         done = n  # points in so far: those of finished batches
         try:
             self._drop_views()  # so that the writes below go in place (see _host_view)
-            new = np.arange(n, n + m)
-            arrays.write("codes", new, new_codes)
-            arrays.write("vectors", new, x)
-            codes = arrays.host("codes")  # not written again in this add
-            entries = jax.device_put(self.entries)
-            batch = min(_ADD_BATCH, bitonic.next_pow2(max(m, _ADD_PART)))  # few compiled shapes
-            for start in range(n, n + m, batch):
-                nodes = np.arange(start, min(n + m, start + batch), dtype=np.int32)
-                cand_i, cand_d = self._add_candidates(
-                    codes, arrays.device["codes"], arrays.device["graph"], entries, nodes, batch
-                )
-                rows = _prune_rows(codes, cand_i, cand_d, deg)
-                arrays.write("graph", nodes, rows)
-                arrays.write("deleted", nodes, np.zeros(len(nodes), bool))
-                # (arrays.host("graph") is let go of on return: the next write goes in place.)
-                targets, target_rows = _link_back(codes, arrays.host("graph"), nodes, rows, deg)
-                # The batch's last write, the only one that makes earlier points lead to it:
-                # up to here an error leaves the earlier rows as they were.
-                arrays.write("graph", targets, target_rows)
-                done = int(nodes[-1]) + 1
+            entries = self._device_entries()
+            if _part_rows(m) <= min(_SMALL_ADD, deg):
+                self._add_small(arrays, x, n, entries)
+                done = n + m
+            else:
+                for done in self._add_batches(arrays, x, n, entries):  # noqa: B007
+                    pass  # (done: the rows in so far, for the cleanup below)
         finally:
             # The points of finished batches are in: an error (or an interrupt) leaves the
             # index as the last finished batch left it, never half-linked.
             if done < n + m:
                 arrays.clear_unfinished(done, n + m)
             views = {name: _read_only(arrays.host(name)[:done]) for name in _ROW_ARRAYS}
-            self.ids = np.concatenate([old_ids, ids[: done - n]])
-            self._id_order = (self.ids, *_merged_order(old_order, old_sorted, ids[: done - n]))
+            self.ids = self._id_table().append(ids[: done - n])
             for name, device in arrays.device.items():
                 setattr(self, name, views[name])
                 self._device_cache[name] = (views[name], device)
@@ -540,6 +577,72 @@ class BinaryGraphIndex:
                     self._mirrors[name] = (views[name], arrays.mirror[name])
             self._grown = True
         return self
+
+    def _device_entries(self):
+        """The entry points on the device, kept where search keeps its arrays (_on_device)."""
+        held = self._device_cache.get("entries")
+        if held is None or held[0] is not self.entries:
+            held = self._device_cache["entries"] = (self.entries, jax.device_put(self.entries))
+        return held[1]
+
+    def _add_batches(self, arrays: _RowArrays, x: np.ndarray, first: int, entries):
+        """Inserts the points x float32 [m, D] as rows first.. in batches of up to _ADD_BATCH,
+        each linked in before the next; yields the rows in after each batch (an error stops
+        it between two: see add)."""
+        m, deg = len(x), self.degree
+        new = np.arange(first, first + m)
+        arrays.write("codes", new, codes_lib.encode(self.binarizer, x))
+        arrays.write("vectors", new, x)
+        codes = arrays.host("codes")  # not written again in this add
+        batch = min(_ADD_BATCH, bitonic.next_pow2(max(m, _ADD_PART)))  # few compiled shapes
+        for start in range(first, first + m, batch):
+            nodes = np.arange(start, min(first + m, start + batch), dtype=np.int32)
+            cand_i, cand_d = self._add_candidates(
+                codes, arrays.device["codes"], arrays.device["graph"], entries, nodes, batch
+            )
+            rows = _prune_rows(codes, cand_i, cand_d, deg)
+            arrays.write("graph", nodes, rows)
+            arrays.write("deleted", nodes, np.zeros(len(nodes), bool))
+            # (arrays.host("graph") is let go of on return: the next write goes in place.)
+            targets, target_rows = _link_back(codes, arrays.host("graph"), nodes, rows, deg)
+            # The batch's last write, the only one that makes earlier points lead to it:
+            # up to here an error leaves the earlier rows as they were.
+            arrays.write("graph", targets, target_rows)
+            yield int(nodes[-1]) + 1
+
+    def _add_small(self, arrays: _RowArrays, x: np.ndarray, first: int, entries) -> None:
+        """Inserts the m <= _SMALL_ADD points x float32 [m, D] as rows first.. with one
+        program (_small_add) that writes the device arrays in place, and its host mirrors
+        after it."""
+        m, deg, cap = len(x), self.degree, arrays.cap
+        rows = _part_rows(m)
+        names = _ROW_ARRAYS
+        args = (
+            np.pad(x, ((0, rows - m), (0, 0))),
+            np.int32(m),
+            np.int32(first),
+            *(arrays.device[name] for name in names),
+            entries,
+            self.binarizer,
+        )
+        static = dict(
+            walk=tuple(sorted(self._add_walk(cap).items())),
+            degree=deg,
+            layout=bitonic.layout_for(cap, self.binarizer.bits),
+            k_batch=min(deg + 1, rows),
+        )
+        donated = tuple(range(3, 3 + len(names)))
+        written, edits = _add_program(_small_add, args, static, donated)
+        arrays.device.update(zip(names, written))
+        if arrays.mirror is not None:
+            new_codes, new_rows, targets, target_rows = (np.asarray(a) for a in edits)
+            new = np.arange(first, first + m)
+            arrays.write_mirror("codes", new, new_codes[:m])
+            arrays.write_mirror("vectors", new, x)
+            arrays.write_mirror("graph", new, new_rows[:m])
+            arrays.write_mirror("deleted", new, np.zeros(m, bool))
+            linked = targets >= 0
+            arrays.write_mirror("graph", targets[linked], target_rows[linked])
 
     def _row_arrays(self, cap: int) -> _RowArrays:
         """The per-node arrays (_ROW_ARRAYS) at `cap` rows (padding: _PAD_FILL), for add() to
@@ -593,20 +696,9 @@ class BinaryGraphIndex:
         each), so the walk has one compiled shape per capacity whatever the batch, and the
         batch kNN one per batch size whatever the index."""
         m, deg = len(nodes), self.degree
-        big_l = max(2 * deg, self.search_config.candidates)
         queries = codes[nodes[0] : nodes[0] + batch]  # rows past the batch's m: padding
         queries = jnp.asarray(np.pad(queries, ((0, batch - len(queries)), (0, 0))))
-        walk = dict(
-            candidates=big_l,
-            # The search's width for this size: adding 20k points to 2M, width 1 / 2 (its
-            # auto_width) / width 1 with 80 iterations gave search recall@10 after it 0.9410 /
-            # 0.9423 / 0.9416 at 2262 / 2403 / 2203 points/s (2 cores, 2026-12-05).
-            width=min(search_lib.auto_width(codes_on_device.shape[0]), big_l),
-            # Adding 100k points to 100k (2 cores, 2026-12-05): L + 16 = 80 iterations 5.6k
-            # points/s, 36 7.1k/s, 20 7.6k/s; search recall@10 after it at L=64 0.9905,
-            # 0.9905, 0.9903 (a build of all 200k: 0.9937).
-            iterations=big_l // 2 + 4,
-        )
+        walk = self._add_walk(codes_on_device.shape[0])
         knn = dict(k_batch=min(deg + 1, batch), out_k=2 * deg)
         first, count = np.int32(nodes[0]), np.int32(m)
         part = _part_rows(m)
@@ -624,18 +716,30 @@ class BinaryGraphIndex:
         cand_i, cand_d = (np.concatenate(a)[:m] for a in zip(*parts))
         return cand_i, cand_d
 
+    def _add_walk(self, cap: int) -> dict:
+        """The static parameters of the add's walk over `cap` rows."""
+        big_l = max(2 * self.degree, self.search_config.candidates)
+        return dict(
+            candidates=big_l,
+            # The search's width for this size: adding 20k points to 2M, width 1 / 2 (its
+            # auto_width) / width 1 with 80 iterations gave search recall@10 after it 0.9410 /
+            # 0.9423 / 0.9416 at 2262 / 2403 / 2203 points/s (2 cores, 2026-12-05).
+            width=min(search_lib.auto_width(cap), big_l),
+            # Adding 100k points to 100k (2 cores, 2026-12-05): L + 16 = 80 iterations 5.6k
+            # points/s, 36 7.1k/s, 20 7.6k/s; search recall@10 after it at L=64 0.9905,
+            # 0.9905, 0.9903 (a build of all 200k: 0.9937).
+            iterations=big_l // 2 + 4,
+        )
+
+    def _id_table(self) -> _IdTable:
+        """The ids' lookup table, made again when self.ids is another array than its own."""
+        if self._ids is None or self._ids.ids is not self.ids:
+            self._ids = _IdTable(self.ids)
+        return self._ids
+
     def _lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(internal rows, found) of user ids int64 [K] (rows where found), by binary search
-        in the ids' sort order, kept while self.ids is the same array (an add merges its new
-        ids in; sorting 200k ids again on every add cost 20-40 ms of a 1000-point add)."""
-        held = self._id_order
-        if held is None or held[0] is not self.ids:
-            order = np.argsort(self.ids)
-            held = self._id_order = (self.ids, order, self.ids[order])
-        _, order, sorted_ids = held
-        pos = np.minimum(np.searchsorted(sorted_ids, ids), len(order) - 1)
-        internal = order[pos]
-        return internal, self.ids[internal] == ids
+        """(internal rows, found) of user ids int64 [K] (rows where found)."""
+        return self._id_table().lookup(ids)
 
     def delete(self, ids) -> int:
         """Tombstones the given user ids (unknown ids are a ValueError); returns how many."""
@@ -846,15 +950,67 @@ _add_programs: collections.OrderedDict = collections.OrderedDict()
 _add_programs_lock = threading.Lock()
 
 
-def _add_program(fn, args: tuple, static: dict):
-    """fn(*args, **static), compiled once per argument shapes and static values and kept in a
-    small LRU (several indexes, or one after compact(), each reuse their own). One lock for
-    compiling: the parts of a batch start together, and two compilations at once would hold
-    two compilers' memory (+77 MiB adding 19k points to 200k, measured)."""
-    key = (fn.__name__, tuple((a.shape, a.dtype) for a in args), tuple(sorted(static.items())))
-    compile_fn = lambda: jax.jit(functools.partial(fn, **static)).lower(*args).compile()  # noqa: E731
+def _add_program(fn, args: tuple, static: dict, donated: tuple = ()):
+    """fn(*args, **static) (args: arrays or pytrees of them; those at positions `donated`
+    donated), compiled once per argument shapes and static values and kept in a small LRU
+    (several indexes, or one after compact(), each reuse their own). One lock for compiling:
+    the parts of a batch start together, and two compilations at once would hold two
+    compilers' memory (+77 MiB adding 19k points to 200k, measured)."""
+    leaves, structure = jax.tree.flatten(args)
+    shapes = tuple((np.shape(a), jnp.result_type(a)) for a in leaves)
+    key = (fn.__name__, structure, shapes, tuple(sorted(static.items())), donated)
+    # (The jit is made only to compile: made on every call, it cost 0.3 ms of a 2 ms add.)
+    jitted = lambda: jax.jit(functools.partial(fn, **static), donate_argnums=donated)  # noqa: E731
+    compile_fn = lambda: jitted().lower(*args).compile()  # noqa: E731
     lock, limit = _add_programs_lock, _ADD_PROGRAMS
     return search_lib.lru_program(_add_programs, lock, limit, key, compile_fn)(*args)
+
+
+# Adds of at most this many points (and at most `degree`) run as one program (_small_add):
+# a stream of one-point adds at 200k took 3.0 ms each as the general path's dozen dispatches,
+# host edits and row writes.
+_SMALL_ADD = 16
+
+
+def _small_add(x, count, first, codes, graph, vectors, deleted, entries, binarizer, **static):
+    """The general add path for one batch of `count` points x float32 [R, D] (rows past count:
+    padding), R <= degree, inserted as nodes first.., in one program: encode, store, walk,
+    batch kNN, prune, link back, each as that path does it, so that the graphs are the same.
+
+    codes, graph, vectors, deleted (the per-node arrays, _ROW_ARRAYS, at their capacity,
+    donated) -> ((codes, graph, vectors, deleted) updated, (new codes [R, W], new rows [R, degree],
+    targets [R * degree] (-1: none, repeats possible), their rows [R * degree, degree])): the
+    edits, for host mirrors."""
+    degree, layout = static["degree"], static["layout"]
+    r, cap = x.shape[0], codes.shape[0]
+    slot = jnp.arange(r, dtype=jnp.int32)
+    nodes = first + slot
+    at = jnp.where(slot < count, nodes, cap)  # padding rows go past the end: dropped
+    new_codes = codes_lib.codes_of(binarizer, x)
+    codes = codes.at[at].set(new_codes, mode="drop")
+    vectors = vectors.at[at].set(x.astype(vectors.dtype), mode="drop")
+    g_i, g_d = search_lib.beam_search(new_codes, codes, graph, entries, **dict(static["walk"]))
+    cand_i, cand_d = _batch_candidates(
+        g_i, g_d, new_codes, new_codes, first, 0, count, static["k_batch"], 2 * degree
+    )
+    new_rows = _prune_block(codes[jnp.maximum(cand_i, 0)], cand_i, cand_d, degree)
+    new_rows = jnp.where((slot < count)[:, None], new_rows, -1)
+    graph = graph.at[at].set(new_rows, mode="drop")
+    deleted = deleted.at[at].set(False, mode="drop")
+    # Linking back (_link_back): each target keeps its `degree` closest among its row (a new
+    # point's row too, written above) and the new points that chose it. R <= degree, so all of
+    # a target's proposals fit the slots _link_back keeps for them; a target chosen by several
+    # points appears once per choice and gets the same row each time.
+    targets = new_rows.reshape(-1)
+    chose = (new_rows[None, :, :] == targets[:, None, None]).any(axis=2) & (targets >= 0)[:, None]
+    proposals = jnp.where(chose, nodes[None, :], -1)
+    proposals = jnp.pad(proposals, ((0, 0), (0, degree - r)), constant_values=-1)
+    cand = jnp.concatenate([graph[jnp.maximum(targets, 0)], proposals], axis=1)
+    target_rows = _closest_block(
+        codes[jnp.maximum(targets, 0)], codes[jnp.maximum(cand, 0)], cand, degree, layout
+    )
+    graph = graph.at[jnp.where(targets >= 0, targets, cap)].set(target_rows, mode="drop")
+    return (codes, graph, vectors, deleted), (new_codes, new_rows, targets, target_rows)
 
 
 def _capacity(n: int) -> int:

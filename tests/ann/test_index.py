@@ -70,7 +70,7 @@ def test_add_delete_compact_and_save_load(data, tmp_path):
     new_ids = np.arange(len(xa)) + 10_000
     index.add(xa, new_ids)
     walks = [key for key in index_lib._add_programs if key[0] == "beam_search"]
-    shapes = [key[1][2][0] for key in walks]  # the graphs' [cap, R]
+    shapes = [key[2][2][0] for key in walks]  # the graphs' [cap, R]
     assert (index_lib._capacity(len(index.ids)), 16) in shapes  # this add's walk is kept
     assert len(index_lib._add_programs) <= index_lib._ADD_PROGRAMS
     _, found = index.search(xa, 1)
@@ -278,6 +278,58 @@ def test_adds_off_cpu_write_host_mirrors_and_match_the_cpu_path(data, monkeypatc
         index.graph.flags.writeable = True
 
 
+def _stream_of_small_adds(index, xa, q) -> list:
+    """Adds of 1 to 16 points (one after a delete), and the searches after them."""
+    start, found = 0, []
+    for m in (1, 3, 16, 5, 1, 10):
+        index.add(xa[start : start + m], np.arange(start, start + m) + N)
+        start += m
+        if m == 16:
+            index.delete([N, 7])
+            found.append(index.search(q, 10))
+    found.append(index.search(q, 10))
+    return found
+
+
+def test_small_adds_in_one_program_give_the_general_paths_index(data, monkeypatch):
+    # Adds of up to _SMALL_ADD points run as one program (_small_add) that must insert and
+    # link them exactly as the general path does: the same arrays bit for bit, the same
+    # search results. A failed one leaves the index as it was.
+    x, q, xa = data
+    states, found, programs = [], [], []
+    for small in (16, 0):
+        monkeypatch.setattr(index_lib, "_SMALL_ADD", small)
+        index_lib._add_programs.clear()
+        index = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x)
+        found.append(_stream_of_small_adds(index, xa, q))
+        states.append({k: np.array(getattr(index, k)) for k in (*index_lib._ROW_ARRAYS, "ids")})
+        programs.append({key[0] for key in index_lib._add_programs})
+    assert programs == [{"_small_add"}, {"beam_search", "_batch_candidates"}]
+    assert len(states[0]["ids"]) == N + 36 and states[0]["deleted"].sum() == 2
+    for name, want in states[1].items():
+        np.testing.assert_array_equal(states[0][name], want, err_msg=name)
+    for (s0, i0), (s1, i1) in zip(found[0], found[1]):
+        np.testing.assert_array_equal(i0, i1)
+        np.testing.assert_array_equal(s0, s1)
+    # Linked back: old nodes lead to the new ones.
+    assert np.isin(np.arange(N, N + 36), states[0]["graph"][:N]).mean() >= 0.9
+
+    monkeypatch.setattr(index_lib, "_SMALL_ADD", 16)
+    before = {k: np.array(getattr(index, k)) for k in (*index_lib._ROW_ARRAYS, "ids")}
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(index_lib, "_add_program", failing)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            index.add(xa[100:104], np.arange(100, 104) + N)
+    for name, want in before.items():
+        np.testing.assert_array_equal(getattr(index, name), want, err_msg=name)
+    index.add(xa[100:104], np.arange(100, 104) + N)
+    assert index.search(xa[100:104], 1)[1][:, 0].tolist() == list(np.arange(100, 104) + N)
+
+
 def test_batch_candidates_merge_the_walk_and_the_exact_batch_knn():
     # Each point's candidates: its walk's (old nodes, repeats included) and its k_batch nearest
     # among the batch's first `count` rows (exact Hamming, ties to the lower index, no self,
@@ -332,15 +384,28 @@ def test_edit_blocks_fit_the_rows():
         np.testing.assert_array_equal(out[:, 0], np.arange(n))
 
 
-def test_id_order_merges_added_ids():
-    # add() keeps the ids' sort order by merging the new ids in: the same as sorting again,
-    # for ids of any sign and order, so lookups after adds find added and old ids alike.
+def test_id_table_finds_ids_across_appends_and_tail_merges(monkeypatch):
+    # add() appends ids to a table whose sort order it merges, not sorts again, with a small
+    # tail merged into the main order now and then: lookups must find every id at its row
+    # (ids of any sign and order), before and after merges, and miss absent ones; views of
+    # the ids handed out earlier keep their contents.
+    monkeypatch.setattr(index_lib, "_ID_TAIL", 50)
     rng = np.random.default_rng(5)
-    ids = rng.choice(np.arange(-(10**9), 10**9, 997), 700, replace=False).astype(np.int64)
-    old, new = ids[:500], ids[500:]
-    merged, values = index_lib._merged_order(np.argsort(old), np.sort(old), new)
-    np.testing.assert_array_equal(ids[merged], np.sort(ids))
-    np.testing.assert_array_equal(values, np.sort(ids))
+    ids = rng.choice(np.arange(-(10**9), 10**9, 997), 900, replace=False).astype(np.int64)
+    table = index_lib._IdTable(ids[:500])
+    shown = []
+    for start, stop in ((500, 501), (501, 530), (530, 560), (560, 700), (700, 701), (701, 900)):
+        shown.append((table.ids, start))
+        out = table.append(ids[start:stop])
+        np.testing.assert_array_equal(out, ids[:stop])
+        rows, found = table.lookup(np.concatenate([ids[:stop], [1, -3, 10**12]]))
+        np.testing.assert_array_equal(found, [True] * stop + [False] * 3)
+        np.testing.assert_array_equal(rows[:stop], np.arange(stop))
+    for view, n in shown:
+        np.testing.assert_array_equal(view, ids[:n])
+    assert len(table._tail[0]) < 50  # merged on the way
+    with pytest.raises(ValueError):
+        table.ids[0] = 1  # read-only: the buffer's rows are the index's
 
 
 def test_lookup_after_adds(data):
