@@ -557,7 +557,7 @@ class BinaryGraphIndex:
         try:
             self._drop_views()  # so that the writes below go in place (see _host_view)
             entries = self._device_entries()
-            if _part_rows(m) <= min(_SMALL_ADD, deg):
+            if _next_pow4(m) <= min(_SMALL_ADD, deg):
                 self._add_small(arrays, x, n, entries)
                 done = n + m
             else:
@@ -615,7 +615,7 @@ class BinaryGraphIndex:
         program (_small_add) that writes the device arrays in place, and its host mirrors
         after it."""
         m, deg, cap = len(x), self.degree, arrays.cap
-        rows = _part_rows(m)
+        rows = _next_pow4(m)
         names = _ROW_ARRAYS
         args = (
             np.pad(x, ((0, rows - m), (0, 0))),
@@ -701,7 +701,7 @@ class BinaryGraphIndex:
         walk = self._add_walk(codes_on_device.shape[0])
         knn = dict(k_batch=min(deg + 1, batch), out_k=2 * deg)
         first, count = np.int32(nodes[0]), np.int32(m)
-        part = _part_rows(m)
+        part = _part_rows(m, _cores())
 
         def one_part(start):
             rows = queries[start : start + part]
@@ -939,11 +939,26 @@ def _next_pow4(n: int) -> int:
     return rows
 
 
-def _part_rows(m: int) -> int:
-    """Queries per call of the add's walk for an add of m points: _ADD_PART, or for fewer
-    points the power of four that holds them (1, 4, 16, 64), so that a small add walks few
-    padding queries and the walk still has few compiled shapes per capacity."""
-    return min(_next_pow4(m), _ADD_PART)
+def _part_rows(m: int, threads: int = 1) -> int:
+    """Queries per call of the add's walk for an add of m points on `threads` threads: the
+    power of four up to _ADD_PART that walks them soonest, each call costing _PART_FIXED +
+    its queries, the calls run `threads` at a time (ties to the larger part: fewer calls).
+    Powers of four keep the compiled shapes per capacity few, and a small add walks few
+    padding queries (10 points: 16 queries, not 256).
+
+    On 2 cores at 200k, a call of 64 queries took about half one of 256 (fixed 128, then):
+    adds of 100 points took 20.4 ms with one part of 256, 15.1 with two of 64; 200 points
+    25.9 and 26.2; 50 points 11.5 with one of 64, 13.0 with four of 16 (2026-12-05)."""
+
+    def rounds_cost(rows: int) -> int:
+        calls = -(-m // rows)
+        return -(-calls // threads) * (_PART_FIXED + rows)
+
+    sizes = [4**i for i in range(5) if 4**i <= _ADD_PART]
+    return min(sizes, key=lambda rows: (rounds_cost(rows), -rows))
+
+
+_PART_FIXED = 128  # a walk call's fixed cost in queries' worth (see _part_rows)
 
 
 _add_programs: collections.OrderedDict = collections.OrderedDict()
@@ -1080,11 +1095,15 @@ def _by_blocks(n: int, width: int, one_block) -> np.ndarray:
     return out
 
 
+def _cores() -> int:
+    """Threads for the add's steps: one per core on CPU (one XLA:CPU execution of the add's
+    small steps keeps about one core busy); one elsewhere."""
+    return search_lib.default_threads() if jax.default_backend() == "cpu" else 1
+
+
 def _map_on_cores(fn, items) -> list:
-    """[fn(item) for item in items], on one thread per core on CPU (one XLA:CPU execution of
-    the add's small steps keeps about one core busy); in order, on one thread elsewhere."""
-    cores = search_lib.default_threads() if jax.default_backend() == "cpu" else 1
-    threads = min(cores, len(items))
+    """[fn(item) for item in items], on _cores() threads; in order on one."""
+    threads = min(_cores(), len(items))
     if threads <= 1:
         return [fn(item) for item in items]
     with ThreadPoolExecutor(threads) as pool:

@@ -361,7 +361,8 @@ def test_batch_candidates_merge_the_walk_and_the_exact_batch_knn():
 def test_edit_blocks_fit_the_rows():
     # Graph edits run in blocks of one of few sizes: 1024 rows, or for fewer rows the next
     # power of two, below 64 the next power of four (an add of 10 points prunes 16 rows, not
-    # 1024); every row once. The add's walk parts are likewise powers of four up to 256.
+    # 1024); every row once. The add's walk parts are likewise powers of four up to 256, on
+    # several threads smaller where that walks the points sooner (two parts of 64 for 100).
     assert [index_lib._part_rows(m) for m in (1, 2, 5, 17, 64, 65, 4096)] == [
         1,
         4,
@@ -371,6 +372,8 @@ def test_edit_blocks_fit_the_rows():
         256,
         256,
     ]
+    sizes = (10, 20, 50, 100, 200, 4096)
+    assert [index_lib._part_rows(m, 2) for m in sizes] == [16, 16, 64, 64, 256, 256]
     for n, size in ((1, 1), (10, 16), (64, 64), (100, 128), (1024, 1024), (2500, 1024)):
         calls = []
 
