@@ -35,6 +35,7 @@ index; `load` refuses a missing, truncated or corrupted file with a FormatError 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -341,6 +342,77 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.where(norm > 0, norm, 1.0)
 
 
+class _ReadWriteLock:
+    """Searches and saves read an index together; build, add, delete and compact change it
+    alone, once those reading have finished (add writes the arrays that search reads in
+    place, and donates them: a search beside it failed or read half-linked rows).
+
+    Phase-fair: a waiting writer goes before readers that arrive after it, and the readers
+    waiting when a writer finishes go before the next writer, so neither a stream of searches
+    nor a loop of adds starves the other."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._readers = self._readers_waiting = self._writers_waiting = 0
+        self._writing = self._readers_turn = False
+
+    @contextlib.contextmanager
+    def reading(self):
+        with self._changed:
+            self._readers_waiting += 1
+            self._changed.wait_for(
+                lambda: not self._writing and (self._readers_turn or not self._writers_waiting)
+            )
+            self._readers_waiting -= 1
+            self._readers_turn = self._readers_turn and self._readers_waiting > 0
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._readers -= 1
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def writing(self):
+        with self._changed:
+            self._writers_waiting += 1
+            self._changed.wait_for(
+                lambda: not (self._writing or self._readers or self._readers_turn)
+            )
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._writing = False
+                self._readers_turn = self._readers_waiting > 0
+                self._changed.notify_all()
+
+
+def _reads(method):
+    """The method runs beside other readers, never beside a writer (_ReadWriteLock)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock.reading():
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+def _writes(method):
+    """The method runs alone on the index (_ReadWriteLock)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock.writing():
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class BinaryGraphIndex:
     """Binary Distributed Graph index (arXiv 2102.04656): build / add / delete / search / save."""
 
@@ -381,6 +453,8 @@ class BinaryGraphIndex:
         self._mirrors: dict = {}
         self._grown = False  # added to: search arrays padded to _capacity (see _on_device)
         self._ids = None  # the lookup table of self.ids (_id_table)
+        self._lock = _ReadWriteLock()  # searches beside each other; updates alone
+        self._cache_lock = threading.Lock()  # _on_device's copies, once for concurrent searches
 
     # ------------------------------------------------------------------ properties
 
@@ -388,6 +462,7 @@ class BinaryGraphIndex:
     def dim(self) -> int | None:
         return None if self.binarizer is None else self.binarizer.dim
 
+    @_reads  # (add lets go of the arrays while it writes them)
     def __len__(self) -> int:
         return 0 if self.ids is None else int((~self.deleted).sum())
 
@@ -408,6 +483,7 @@ class BinaryGraphIndex:
 
     # ------------------------------------------------------------------ build
 
+    @_writes
     def build(self, vectors, ids=None, mesh=None) -> "BinaryGraphIndex":
         """Fits the binarizer and builds the graph over vectors float [N, D] (N >= 2); ids int
         [N] (default 0..N-1) are what search returns. mesh shards the graph build."""
@@ -461,6 +537,7 @@ class BinaryGraphIndex:
 
     # ------------------------------------------------------------------ search
 
+    @_reads
     def search(self, queries, k: int, candidates: int | None = None, width: int | None = None):
         """queries float [Q, D] -> (scores float32 [Q, k], ids int64 [Q, k]); candidates is L,
         the number of binary candidates reranked in float (default max(k, config)); width the
@@ -476,7 +553,8 @@ class BinaryGraphIndex:
             width=int(width) if width else cfg.width,  # None: auto_width of the index's size
         )
         cfg = cfg.for_codes(len(self.ids))  # the index's size, not its padded arrays'
-        codes, graph, vectors, entries, deleted = self._on_device()
+        with self._cache_lock:  # (concurrent searches: one copy of each array, not one each)
+            codes, graph, vectors, entries, deleted = self._on_device()
         scores, idx = search_lib.search(
             q,
             self.binarizer,  # the queries are encoded in the search's program
@@ -532,10 +610,11 @@ class BinaryGraphIndex:
 
     # ------------------------------------------------------------------ updates
 
+    @_writes
     def add(self, vectors, ids) -> "BinaryGraphIndex":
-        """Inserts vectors float [M, D] with new unique ids int [M], linked both ways. Not to be
-        run beside a search of the same index on another thread (it updates the arrays the
-        search reads, in place)."""
+        """Inserts vectors float [M, D] with new unique ids int [M], linked both ways. Safe
+        beside searches on other threads: it waits for those in flight, and new ones wait for
+        it (it updates the arrays that search reads, in place)."""
         self._require_built()
         x = self._prepare(vectors, "vectors", stored=True)
         ids = _check_ids(ids, len(x))
@@ -741,6 +820,7 @@ class BinaryGraphIndex:
         """(internal rows, found) of user ids int64 [K] (rows where found)."""
         return self._id_table().lookup(ids)
 
+    @_writes
     def delete(self, ids) -> int:
         """Tombstones the given user ids (unknown ids are a ValueError); returns how many."""
         self._require_built()
@@ -753,6 +833,7 @@ class BinaryGraphIndex:
         self.deleted[internal] = True
         return newly
 
+    @_writes
     def compact(self) -> "BinaryGraphIndex":
         """Relinks rows around deleted nodes and drops them (internal indices change)."""
         self._require_built()
@@ -787,6 +868,7 @@ class BinaryGraphIndex:
             "search_config": dataclasses.asdict(self.search_config),
         }
 
+    @_reads
     def save(self, directory) -> None:
         """Writes the index to `directory` (replaced atomically if it exists)."""
         self._require_built()

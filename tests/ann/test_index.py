@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -328,6 +329,121 @@ def test_small_adds_in_one_program_give_the_general_paths_index(data, monkeypatc
         np.testing.assert_array_equal(getattr(index, name), want, err_msg=name)
     index.add(xa[100:104], np.arange(100, 104) + N)
     assert index.search(xa[100:104], 1)[1][:, 0].tolist() == list(np.arange(100, 104) + N)
+
+
+def _updates(index, xa):
+    """Adds of 1 and 2 points (all within one capacity), a delete among them, a compact, and
+    an add after it."""
+    for start in range(0, 45, 3):
+        index.add(xa[start : start + 1], [N * 3 + start])
+        index.add(xa[start + 1 : start + 3], [N * 3 + start + 1, N * 3 + start + 2])
+        if start == 21:
+            index.delete([N * 3, 15])
+    index.compact()
+    index.add(xa[45:50], np.arange(45, 50) + N * 3)
+
+
+def test_searches_beside_adds_deletes_and_compact_on_other_threads(built, data, tmp_path):
+    # add() writes in place the arrays search reads (and donates them), and compact() swaps
+    # them all: searches on other threads wait for an update, and an update for the searches
+    # in flight. Two threads search throughout; none fails or sees an id never added, and the
+    # index ends as the same updates leave it with no searches beside them.
+    _, q, xa = data
+    built.save(tmp_path / "index")
+    alone = BinaryGraphIndex.load(tmp_path / "index")
+    _updates(alone, xa)
+    shared = BinaryGraphIndex.load(tmp_path / "index")
+    known = set(range(0, N * 3, 3)) | set(range(N * 3, N * 3 + 50)) | {-1}
+    errors, searches, stop = [], [], threading.Event()
+
+    def search_until_stopped():
+        while not stop.is_set():
+            try:
+                ids = shared.search(q[:20], 10)[1]
+                searches.append(set(ids.ravel().tolist()) <= known)
+            except Exception as err:  # noqa: BLE001 (reported below)
+                errors.append(err)
+
+    shared.search(q[:20], 10)  # (compiled before the threads start)
+    threads = [threading.Thread(target=search_until_stopped) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        _updates(shared, xa)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors[:3]
+    assert len(searches) >= 30 and all(searches)
+    for name in (*index_lib._ROW_ARRAYS, "ids"):
+        np.testing.assert_array_equal(getattr(shared, name), getattr(alone, name), err_msg=name)
+    np.testing.assert_array_equal(shared.search(q, 10)[1], alone.search(q, 10)[1])
+
+
+def test_read_write_lock_lets_readers_share_and_a_writer_wait_for_them():
+    lock, events = index_lib._ReadWriteLock(), []
+    reading, release = threading.Event(), threading.Event()
+
+    def reader(name):
+        with lock.reading():
+            events.append(f"{name} in")
+            reading.set()
+            release.wait(5)
+            events.append(f"{name} out")
+
+    def writer():
+        with lock.writing():
+            events.append("writer")
+
+    first = threading.Thread(target=reader, args=("r1",))
+    first.start()
+    reading.wait(5)
+    with lock.reading():  # a second reader beside the first
+        events.append("r2")
+    waiting = threading.Thread(target=writer)
+    waiting.start()
+    while not lock._writers_waiting:  # the writer waits for r1
+        threading.Event().wait(0.001)
+    late = threading.Thread(target=reader, args=("r3",))
+    late.start()  # and a reader arriving now waits for the writer
+    threading.Event().wait(0.05)
+    assert events == ["r1 in", "r2"]
+    release.set()
+    for thread in (first, waiting, late):
+        thread.join(5)
+    assert events == ["r1 in", "r2", "r1 out", "writer", "r3 in", "r3 out"]
+
+    # The readers waiting when a writer finishes go before the next writer (a loop of adds
+    # does not starve searches).
+    events.clear()
+    release.clear()
+
+    def holding_writer():
+        with lock.writing():
+            events.append("w1")
+            release.wait(5)
+
+    def second_writer():
+        with lock.writing():
+            events.append("w2")
+
+    first = threading.Thread(target=holding_writer)
+    first.start()
+    while not events:
+        threading.Event().wait(0.001)
+    waiting_reader = threading.Thread(target=reader, args=("r",))
+    waiting_reader.start()
+    while not lock._readers_waiting:
+        threading.Event().wait(0.001)
+    waiting_writer = threading.Thread(target=second_writer)
+    waiting_writer.start()
+    while lock._writers_waiting < 1:
+        threading.Event().wait(0.001)
+    release.set()
+    for thread in (first, waiting_reader, waiting_writer):
+        thread.join(5)
+    assert events == ["w1", "r in", "r out", "w2"]
 
 
 def test_batch_candidates_merge_the_walk_and_the_exact_batch_knn():
