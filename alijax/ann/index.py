@@ -43,6 +43,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
 import threading
 import uuid
@@ -189,9 +190,32 @@ def _read_only(x: np.ndarray) -> np.ndarray:
     return view
 
 
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Holds a Ctrl-C (SIGINT) back until the block has run, then raises it: the block hands
+    the index's device arrays to a donating program and stores what it returns, and an
+    interrupt between the two (inside jax's call, on CPU the whole run) lost the arrays and
+    emptied the index. Only the main thread gets signals; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(*received[0])
+            else:  # SIG_DFL or SIG_IGN set by the caller: what Python would do by default
+                raise KeyboardInterrupt
+
+
 class _RowArrays:
     """The per-node arrays (_ROW_ARRAYS) that an add() updates: device arrays of `cap` rows,
-    written in place by donated scatters (_set_rows), and their contents on the host.
+    written in place by donating programs (_set_rows, _small_add), and their contents on the
+    host.
 
     On CPU the host side is a view of the device memory (_host_view), taken only while no
     write is due. On an accelerator `mirror` holds host arrays of `cap` rows that get the same
@@ -203,7 +227,9 @@ class _RowArrays:
         self.device, self.mirror, self.cap = device, mirror, cap
 
     def write(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
-        self.device[name] = _set_rows(self.device[name], *_padded_rows(rows, values, self.cap))
+        rows_and_values = _padded_rows(rows, values, self.cap)
+        with _interrupts_deferred():  # (the array is donated)
+            self.device[name] = _set_rows(self.device[name], *rows_and_values)
         self.write_mirror(name, rows, values)
 
     def write_mirror(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
@@ -217,6 +243,13 @@ class _RowArrays:
                 mirror[rows] = values
             finally:
                 mirror.flags.writeable = False
+
+    def copy_back(self) -> None:
+        """Mirrors made again from the device arrays (after a failure between a program's
+        writes and the mirror's: slow, but the two agree again)."""
+        if self.mirror is not None:
+            for name, device in self.device.items():
+                self.mirror[name] = _read_only(np.array(device))
 
     def host(self, name: str) -> np.ndarray:
         """The array's contents, all `cap` rows (on CPU a view: drop it before the next write)."""
@@ -522,7 +555,7 @@ class BinaryGraphIndex:
         device = _device_vectors(x, self.vector_dtype)
         self.vectors = np.asarray(device)  # on CPU a view of the device array, not a copy
         self._device_cache["vectors"] = (self.vectors, device)
-        self.ids = ids
+        self.ids = _read_only(ids)  # (_IdTable's lookups stand on it: not edited in place)
         self.deleted = np.zeros(len(x), bool)
         self.entries = self._entries(len(x))
         self._on_device()
@@ -637,25 +670,36 @@ class BinaryGraphIndex:
             self._drop_views()  # so that the writes below go in place (see _host_view)
             entries = self._device_entries()
             if _next_pow4(m) <= min(_SMALL_ADD, deg):
-                self._add_small(arrays, x, n, entries)
-                done = n + m
+                program, args = self._small_add_program(arrays, x, n, entries)
+                with _interrupts_deferred():
+                    edits = program(*args)  # (the per-node arrays are donated to it)
+                    arrays.device.update(zip(_ROW_ARRAYS, edits[0]))
+                    done = n + m  # in: the device arrays hold the points, linked
+                    self._mirror_small_add(arrays, x, n, edits[1])
             else:
                 for done in self._add_batches(arrays, x, n, entries):  # noqa: B007
                     pass  # (done: the rows in so far, for the cleanup below)
         finally:
             # The points of finished batches are in: an error (or an interrupt) leaves the
-            # index as the last finished batch left it, never half-linked.
-            if done < n + m:
-                arrays.clear_unfinished(done, n + m)
-            views = {name: _read_only(arrays.host(name)[:done]) for name in _ROW_ARRAYS}
-            self.ids = self._id_table().append(ids[: done - n])
-            for name, device in arrays.device.items():
-                setattr(self, name, views[name])
-                self._device_cache[name] = (views[name], device)
-                if arrays.mirror is not None:
-                    self._mirrors[name] = (views[name], arrays.mirror[name])
-            self._grown = True
+            # index as the last finished batch left it, never half-linked. (A small add is
+            # one batch, in once its program has returned.)
+            with _interrupts_deferred():  # (it waits for the device: an interrupt there
+                self._keep_rows(arrays, ids, n, m, done)  # left the index without arrays)
         return self
+
+    def _keep_rows(self, arrays: _RowArrays, ids: np.ndarray, n: int, m: int, done: int):
+        """The end of add(): rows done.. n + m back to padding, and the index's arrays, ids
+        and caches set to the rows in (done - n of the m new ones)."""
+        if done < n + m:
+            arrays.clear_unfinished(done, n + m)
+        views = {name: _read_only(arrays.host(name)[:done]) for name in _ROW_ARRAYS}
+        self.ids = self._id_table().append(ids[: done - n])
+        for name, device in arrays.device.items():
+            setattr(self, name, views[name])
+            self._device_cache[name] = (views[name], device)
+            if arrays.mirror is not None:
+                self._mirrors[name] = (views[name], arrays.mirror[name])
+        self._grown = True
 
     def _device_entries(self):
         """The entry points on the device, kept where search keeps its arrays (_on_device)."""
@@ -689,18 +733,17 @@ class BinaryGraphIndex:
             arrays.write("graph", targets, target_rows)
             yield int(nodes[-1]) + 1
 
-    def _add_small(self, arrays: _RowArrays, x: np.ndarray, first: int, entries) -> None:
-        """Inserts the m <= _SMALL_ADD points x float32 [m, D] as rows first.. with one
-        program (_small_add) that writes the device arrays in place, and its host mirrors
-        after it."""
+    def _small_add_program(self, arrays: _RowArrays, x: np.ndarray, first: int, entries):
+        """(program, args): _small_add compiled (or from the cache) for inserting the m <=
+        _SMALL_ADD points x float32 [m, D] as rows first.., and its arguments, the device
+        arrays among them (donated: the caller stores what the program returns)."""
         m, deg, cap = len(x), self.degree, arrays.cap
         rows = _next_pow4(m)
-        names = _ROW_ARRAYS
         args = (
             np.pad(x, ((0, rows - m), (0, 0))),
             np.int32(m),
             np.int32(first),
-            *(arrays.device[name] for name in names),
+            *(arrays.device[name] for name in _ROW_ARRAYS),
             entries,
             self.binarizer,
         )
@@ -710,10 +753,15 @@ class BinaryGraphIndex:
             layout=bitonic.layout_for(cap, self.binarizer.bits),
             k_batch=min(deg + 1, rows),
         )
-        donated = tuple(range(3, 3 + len(names)))
-        written, edits = _add_program(_small_add, args, static, donated)
-        arrays.device.update(zip(names, written))
-        if arrays.mirror is not None:
+        donated = tuple(range(3, 3 + len(_ROW_ARRAYS)))
+        return _add_compiled(_small_add, args, static, donated), args
+
+    def _mirror_small_add(self, arrays: _RowArrays, x: np.ndarray, first: int, edits) -> None:
+        """The host mirrors (off CPU) get the writes that _small_add made on the device."""
+        if arrays.mirror is None:
+            return
+        m = len(x)
+        try:
             new_codes, new_rows, targets, target_rows = (np.asarray(a) for a in edits)
             new = np.arange(first, first + m)
             arrays.write_mirror("codes", new, new_codes[:m])
@@ -722,6 +770,9 @@ class BinaryGraphIndex:
             arrays.write_mirror("deleted", new, np.zeros(m, bool))
             linked = targets >= 0
             arrays.write_mirror("graph", targets[linked], target_rows[linked])
+        except BaseException:
+            arrays.copy_back()  # the device arrays hold the points: the mirrors follow them
+            raise
 
     def _row_arrays(self, cap: int) -> _RowArrays:
         """The per-node arrays (_ROW_ARRAYS) at `cap` rows (padding: _PAD_FILL), for add() to
@@ -847,7 +898,8 @@ class BinaryGraphIndex:
         graph = graph[live]
         graph = np.where(graph >= 0, new_index[np.maximum(graph, 0)], -1).astype(np.int32)
         self.graph = graph
-        self.codes, self.vectors, self.ids = self.codes[live], self.vectors[live], self.ids[live]
+        self.codes, self.vectors = self.codes[live], self.vectors[live]
+        self.ids = _read_only(self.ids[live])
         self.deleted = np.zeros(len(self.ids), bool)
         self.entries = self._entries(len(self.ids))
         return self
@@ -963,6 +1015,7 @@ class BinaryGraphIndex:
         index.binarizer = codes_lib.Binarizer(
             jnp.asarray(arrays["mean"]), jnp.asarray(arrays["projection"])
         )
+        arrays["ids"] = _read_only(arrays["ids"].astype(np.int64))  # (int32 in a made file)
         for name in ("vectors", "codes", "graph", "ids", "deleted", "entries"):
             setattr(index, name, arrays[name])
         return index
@@ -1036,7 +1089,10 @@ def _part_rows(m: int, threads: int = 1) -> int:
         calls = -(-m // rows)
         return -(-calls // threads) * (_PART_FIXED + rows)
 
-    sizes = [4**i for i in range(5) if 4**i <= _ADD_PART]
+    # Parts under 16 queries only for adds that small: the model is from 2 cores, and on many
+    # it would split 17 points into 17 calls of one query (not measured there).
+    smallest = min(16, _next_pow4(m))
+    sizes = [4**i for i in range(5) if smallest <= 4**i <= _ADD_PART]
     return min(sizes, key=lambda rows: (rounds_cost(rows), -rows))
 
 
@@ -1047,12 +1103,17 @@ _add_programs: collections.OrderedDict = collections.OrderedDict()
 _add_programs_lock = threading.Lock()
 
 
-def _add_program(fn, args: tuple, static: dict, donated: tuple = ()):
-    """fn(*args, **static) (args: arrays or pytrees of them; those at positions `donated`
-    donated), compiled once per argument shapes and static values and kept in a small LRU
-    (several indexes, or one after compact(), each reuse their own). One lock for compiling:
-    the parts of a batch start together, and two compilations at once would hold two
-    compilers' memory (+77 MiB adding 19k points to 200k, measured)."""
+def _add_program(fn, args: tuple, static: dict):
+    """fn(*args, **static), compiled by _add_compiled."""
+    return _add_compiled(fn, args, static)(*args)
+
+
+def _add_compiled(fn, args: tuple, static: dict, donated: tuple = ()):
+    """fn(**static) compiled for args (arrays or pytrees of them; those at positions `donated`
+    donated), once per argument shapes and static values, and kept in a small LRU (several
+    indexes, or one after compact(), each reuse their own). One lock for compiling: the parts
+    of a batch start together, and two compilations at once would hold two compilers' memory
+    (+77 MiB adding 19k points to 200k, measured)."""
     leaves, structure = jax.tree.flatten(args)
     shapes = tuple((a.shape, a.dtype) for a in leaves)  # (numpy and jax arrays, np scalars)
     key = (fn.__name__, structure, shapes, tuple(sorted(static.items())), donated)
@@ -1060,10 +1121,11 @@ def _add_program(fn, args: tuple, static: dict, donated: tuple = ()):
     jitted = lambda: jax.jit(functools.partial(fn, **static), donate_argnums=donated)  # noqa: E731
     compile_fn = lambda: jitted().lower(*args).compile()  # noqa: E731
     lock, limit = _add_programs_lock, _ADD_PROGRAMS
-    return search_lib.lru_program(_add_programs, lock, limit, key, compile_fn)(*args)
+    return search_lib.lru_program(_add_programs, lock, limit, key, compile_fn)
 
 
-# Adds of at most this many points (and at most `degree`) run as one program (_small_add):
+# Adds of at most this many points (rounded up to a power of four, and that at most `degree`)
+# run as one program (_small_add):
 # a stream of one-point adds at 200k took 3.0 ms each as the general path's dozen dispatches,
 # host edits and row writes.
 _SMALL_ADD = 16

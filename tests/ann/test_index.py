@@ -4,6 +4,7 @@ the command line."""
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 
@@ -319,16 +320,98 @@ def test_small_adds_in_one_program_give_the_general_paths_index(data, monkeypatc
     before = {k: np.array(getattr(index, k)) for k in (*index_lib._ROW_ARRAYS, "ids")}
 
     def failing(*args, **kwargs):
-        raise RuntimeError("interrupted")
+        raise RuntimeError("failed to compile")
 
     with monkeypatch.context() as patch:
-        patch.setattr(index_lib, "_add_program", failing)
-        with pytest.raises(RuntimeError, match="interrupted"):
+        patch.setattr(index_lib, "_add_compiled", failing)
+        with pytest.raises(RuntimeError, match="failed to compile"):
             index.add(xa[100:104], np.arange(100, 104) + N)
     for name, want in before.items():
         np.testing.assert_array_equal(getattr(index, name), want, err_msg=name)
     index.add(xa[100:104], np.arange(100, 104) + N)
     assert index.search(xa[100:104], 1)[1][:, 0].tolist() == list(np.arange(100, 104) + N)
+
+
+def _interrupt_after(fn):
+    """fn, which sends this process a SIGINT (Ctrl-C) right after it runs: as an interrupt
+    inside jax's call of a program that was handed (donated) the index's arrays."""
+
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    return run
+
+
+def _consistent(index, n: int) -> None:
+    """index holds n points, its arrays those rows, and no edge leads past them."""
+    assert len(index.ids) == n
+    for name in index_lib._ROW_ARRAYS:
+        assert getattr(index, name).shape[0] == n, name
+        device = index._device_cache[name][1]
+        np.testing.assert_array_equal(np.asarray(device)[:n], getattr(index, name), name)
+    assert index.graph.max() < n
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_a_ctrl_c_inside_an_add_leaves_the_index_whole(data, monkeypatch, mirrored):
+    # A Ctrl-C landing while a program holds the donated arrays used to empty the index (a
+    # small add's whole run on CPU) or leave edges to rows not in it. It is now raised once
+    # the arrays are stored: a small add is then in; the general path stops at its last
+    # finished batch. Off CPU (mirrored, forced here) a failure between the device's writes
+    # and the mirrors' makes the mirrors again from the device.
+    x, q, xa = data
+    index = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x)
+    monkeypatch.setattr(index_lib, "_ADD_BATCH", 64)
+    if mirrored:
+        monkeypatch.setattr(index_lib, "_shares_host_memory", lambda device: False)
+    index.add(xa[:3], np.arange(3) + N)
+
+    real_compiled = index_lib._add_compiled
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            index_lib, "_add_compiled", lambda *a, **k: _interrupt_after(real_compiled(*a, **k))
+        )
+        with pytest.raises(KeyboardInterrupt):
+            index.add(xa[3:8], np.arange(3, 8) + N)  # small: one program
+    _consistent(index, N + 8)
+
+    real_set_rows, writes = index_lib._set_rows, []
+
+    def set_rows(*args):
+        writes.append(1)
+        return (_interrupt_after if len(writes) == 7 else lambda f: f)(real_set_rows)(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(index_lib, "_set_rows", set_rows)
+        with pytest.raises(KeyboardInterrupt):  # in the second batch's first graph write
+            index.add(xa[8:108], np.arange(8, 108) + N)
+    _consistent(index, N + 8 + 64)
+    if mirrored:
+        _mirrors_match_the_device(index)
+        real_write, calls = index_lib._RowArrays.write_mirror, []
+
+        def write_mirror(self, *args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return real_write(self, *args)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(index_lib._RowArrays, "write_mirror", write_mirror)
+            with pytest.raises(KeyboardInterrupt):
+                index.add(xa[108:110], np.arange(108, 110) + N)
+        _consistent(index, N + 74)
+        _mirrors_match_the_device(index)
+    n = len(index.ids)
+    index.add(xa[110:120], np.arange(110, 120) + N)
+    _consistent(index, n + 10)
+    added = index.ids[N:]  # (those of the interrupted batch are not: they were never in)
+    assert (
+        len(added) == 82 + 2 * mirrored
+        and (index.search(xa[added - N], 1)[1][:, 0] == added).mean() >= 0.9
+    )
 
 
 def _updates(index, xa):
