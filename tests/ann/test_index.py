@@ -196,6 +196,20 @@ def test_failed_add_keeps_the_finished_batches(data, monkeypatch, fail):
     assert index.compact() is index and index.graph.max() < N + 150
 
 
+def _state(index) -> dict:
+    """Copies of the index's per-node arrays and ids."""
+    return {name: np.array(getattr(index, name)) for name in (*index_lib._ROW_ARRAYS, "ids")}
+
+
+def _assert_same(states: list, found: list) -> None:
+    """Two runs' states (_state) and search results [(scores, ids), ...] are equal."""
+    for name, want in states[0].items():
+        np.testing.assert_array_equal(states[1][name], want, err_msg=name)
+    for (s0, i0), (s1, i1) in zip(found[0], found[1]):
+        np.testing.assert_array_equal(i1, i0)
+        np.testing.assert_array_equal(s1, s0)
+
+
 def _mirrors_match_the_device(index):
     for name in index_lib._ROW_ARRAYS:
         view, mirror = index._mirrors[name]
@@ -263,18 +277,14 @@ def test_adds_off_cpu_write_host_mirrors_and_match_the_cpu_path(data, monkeypatc
                 patch.setattr(index_lib, "_shares_host_memory", lambda device: False)
                 patch.setattr(index_lib, "_host_view", copied_back)
             found.append(_adds_deletes_and_a_failed_add(index, xa, patch, q, mirrored))
-            states.append({k: np.array(getattr(index, k)) for k in (*index_lib._ROW_ARRAYS, "ids")})
+            states.append(_state(index))
             if mirrored:
                 # (ids, not the arrays: holding one here would count as a view from outside)
                 kept = {name: id(index._mirrors[name][1]) for name in index_lib._ROW_ARRAYS}
                 index.add(xa[124:134], np.arange(124, 134) + N)  # nothing outside holds them
                 assert {k: id(index._mirrors[k][1]) for k in kept} == kept
     assert len(states[1]["ids"]) == N + 174 and states[1]["deleted"].sum() == 2
-    for name, want in states[0].items():
-        np.testing.assert_array_equal(states[1][name], want, err_msg=name)
-    for (s0, i0), (s1, i1) in zip(found[0], found[1]):
-        np.testing.assert_array_equal(i1, i0)
-        np.testing.assert_array_equal(s1, s0)
+    _assert_same(states, found)
     _mirrors_match_the_device(index)
     with pytest.raises(ValueError):
         index.graph.flags.writeable = True
@@ -304,20 +314,16 @@ def test_small_adds_in_one_program_give_the_general_paths_index(data, monkeypatc
         index_lib._add_programs.clear()
         index = BinaryGraphIndex(bits=256, degree=16, itq_iterations=20).build(x)
         found.append(_stream_of_small_adds(index, xa, q))
-        states.append({k: np.array(getattr(index, k)) for k in (*index_lib._ROW_ARRAYS, "ids")})
+        states.append(_state(index))
         programs.append({key[0] for key in index_lib._add_programs})
     assert programs == [{"_small_add"}, {"beam_search", "_batch_candidates"}]
     assert len(states[0]["ids"]) == N + 36 and states[0]["deleted"].sum() == 2
-    for name, want in states[1].items():
-        np.testing.assert_array_equal(states[0][name], want, err_msg=name)
-    for (s0, i0), (s1, i1) in zip(found[0], found[1]):
-        np.testing.assert_array_equal(i0, i1)
-        np.testing.assert_array_equal(s0, s1)
+    _assert_same(states, found)
     # Linked back: old nodes lead to the new ones.
     assert np.isin(np.arange(N, N + 36), states[0]["graph"][:N]).mean() >= 0.9
 
     monkeypatch.setattr(index_lib, "_SMALL_ADD", 16)
-    before = {k: np.array(getattr(index, k)) for k in (*index_lib._ROW_ARRAYS, "ids")}
+    before = _state(index)
 
     def failing(*args, **kwargs):
         raise RuntimeError("failed to compile")
