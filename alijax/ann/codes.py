@@ -27,6 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from alijax.ann.hamming import pack_bits
 
@@ -164,8 +165,14 @@ def release_fit_programs():
 
 
 def project(binarizer: Binarizer, vectors) -> jax.Array:
-    """float32 [N, bits]: (x - mean) @ projection; the code is its sign."""
-    return (jnp.asarray(vectors, jnp.float32) - binarizer.mean) @ binarizer.projection
+    """float32 [N, bits]: (x - mean) @ projection; the code is its sign.
+
+    In full float32 (HIGHEST): by default a GPU may multiply float32 in TF32 (a TPU in
+    bfloat16), and then a projection near 0 could take either sign depending on the program
+    it was computed in, so one vector's code from encode (the build), from the search's program
+    and from a small add's could differ. On CPU this changes nothing."""
+    centred = jnp.asarray(vectors, jnp.float32) - binarizer.mean
+    return jnp.matmul(centred, binarizer.projection, precision=lax.Precision.HIGHEST)
 
 
 def quantization_loss(binarizer: Binarizer, vectors) -> float:

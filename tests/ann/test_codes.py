@@ -52,6 +52,17 @@ def test_encode_batches_agree():
     np.testing.assert_array_equal(codes.encode(b, x, batch_size=7), codes.encode(b, x))
 
 
+def test_projection_asks_for_full_float32():
+    # A GPU may multiply float32 in TF32 by default (a TPU in bfloat16), and a code would then
+    # depend on the program that computed it (encode, the search's, a small add's): the
+    # projection asks for HIGHEST precision. (On CPU the results are the same either way.)
+    binarizer = codes.Binarizer(np.zeros(16, np.float32), np.eye(16, 32, dtype=np.float32))
+    jaxpr = jax.make_jaxpr(codes.codes_of)(binarizer, np.ones((3, 16), np.float32))
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 1
+    assert str(dots[0].params["precision"]) == "(Precision.HIGHEST, Precision.HIGHEST)"
+
+
 def test_itq_lowers_quantization_loss_vs_pca_sign():
     x = clustered(n=2000)
     pca = codes.fit_pca(x, 32, jax.random.key(0))
