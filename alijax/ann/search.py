@@ -292,7 +292,9 @@ def _rerank(queries, cand, vectors, k: int, metric: str, deleted):
     if metric == "l2":
         s = jnp.sum((x - queries[:, None, :]) ** 2, axis=-1)
     else:
-        s = jnp.einsum("qld,qd->ql", x, queries)
+        # HIGHEST: a GPU's default TF32 would round the scores that the rerank exists to
+        # make exact (a batched mat-vec: memory-bound, so full float32 costs nothing).
+        s = jnp.einsum("qld,qd->ql", x, queries, precision=lax.Precision.HIGHEST)
     bad = (cand < 0) | jnp.isnan(s)  # a NaN (inf - inf) would sort by its sign bit
     if deleted is not None:
         bad = bad | deleted[jnp.maximum(cand, 0)]

@@ -133,6 +133,19 @@ def test_rerank_matches_numpy(metric, chunk_bytes, monkeypatch):
         np.testing.assert_allclose(s[row], ref, rtol=1e-5)
 
 
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_rerank_similarities_ask_for_full_float32(metric):
+    # The rerank exists to make the binary candidates' order exact: its products must not be
+    # left to a GPU's default TF32 (on CPU the results are the same either way).
+    queries, vectors = np.ones((2, 8), np.float32), np.ones((5, 8), np.float32)
+    cand = np.array([[0, 1, 2], [3, 4, -1]], np.int32)
+    jaxpr = jax.make_jaxpr(lambda q, v, c: search.rerank(q, v, c, 2, metric))(
+        queries, vectors, cand
+    )
+    text = str(jaxpr)
+    assert text.count("dot_general") == 1 and "Precision.HIGHEST" in text
+
+
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_rerank_ties_go_to_the_earlier_candidate(metric):
     # Duplicate vectors give equal scores: the earlier list position comes first, as
