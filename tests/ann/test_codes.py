@@ -63,6 +63,20 @@ def test_projection_asks_for_full_float32():
     assert str(dots[0].params["precision"]) == "(Precision.HIGHEST, Precision.HIGHEST)"
 
 
+def test_itq_fits_in_full_float32(monkeypatch):
+    # The fit's program is traced under float32 matmul precision (not a GPU's TF32 default).
+    seen = []
+    real = codes._fit_itq
+
+    def fit(*args):
+        seen.append(jax.config.jax_default_matmul_precision)
+        return real(*args)
+
+    monkeypatch.setattr(codes, "_fit_itq", fit)
+    codes.fit_itq(clustered(n=200), 32, iterations=2)
+    assert seen == ["float32"]
+
+
 def test_itq_lowers_quantization_loss_vs_pca_sign():
     x = clustered(n=2000)
     pca = codes.fit_pca(x, 32, jax.random.key(0))
