@@ -424,26 +424,22 @@ class _ReadWriteLock:
                 self._changed.notify_all()
 
 
-def _reads(method):
-    """The method runs beside other readers, never beside a writer (_ReadWriteLock)."""
+def _holding(mode: str):
+    """A decorator: the method runs holding the index's _ReadWriteLock in `mode` ("reading":
+    beside other readers, never beside a writer; "writing": alone)."""
 
-    @functools.wraps(method)
-    def locked(self, *args, **kwargs):
-        with self._lock.reading():
-            return method(self, *args, **kwargs)
+    def decorate(method):
+        @functools.wraps(method)
+        def locked(self, *args, **kwargs):
+            with getattr(self._lock, mode)():
+                return method(self, *args, **kwargs)
 
-    return locked
+        return locked
+
+    return decorate
 
 
-def _writes(method):
-    """The method runs alone on the index (_ReadWriteLock)."""
-
-    @functools.wraps(method)
-    def locked(self, *args, **kwargs):
-        with self._lock.writing():
-            return method(self, *args, **kwargs)
-
-    return locked
+_reads, _writes = _holding("reading"), _holding("writing")
 
 
 class BinaryGraphIndex:
@@ -611,35 +607,37 @@ class BinaryGraphIndex:
         # every later add within it instead of compiling again (1-2 s) after each. Built or
         # loaded indexes keep their exact size (no extra copy at build time).
         rows = _capacity(len(self.ids)) if self._grown else None
-        out = []
-        for name in _SEARCH_ARRAYS:
-            host = getattr(self, name)
-            held = self._device_cache.get(name)
-            if held is None or held[0] is not host:
-                self._mirrors.pop(name, None)  # (a stale one: host is a new array)
-                n = len(host)
-                padded = host
-                if rows is not None and name != "entries" and n < rows:
-                    padded = _padded_to(host, rows, name)
-                # device_put, not jnp.asarray: that staged a second host copy (1M x 128
-                # floats: 977 MB peak against 488 MB, VmHWM); device_put copies once.
-                device = jax.device_put(padded)
-                if _shares_host_memory(device):
-                    # On CPU a numpy view of a device array shares its memory, so the host
-                    # array becomes a read-only view and the data are held once, not twice
-                    # (1M x 128 floats are 512 MB). Updates replace arrays; only add() writes
-                    # into the device arrays, once it has let go of the views (_drop_views).
-                    host = _host_view(device)[:n]
-                    setattr(self, name, host)
-                elif padded is not host:  # the next add writes on into this padded copy
-                    padded.flags.writeable = False  # see _RowArrays.write
-                    host = _read_only(padded[:n])
-                    setattr(self, name, host)
-                    self._mirrors[name] = (host, padded)
-                held = (host, device)
-                self._device_cache[name] = held
-            out.append(held[1])
-        return tuple(out)
+        return tuple(self._device_array(name, rows) for name in _SEARCH_ARRAYS)
+
+    def _device_array(self, name: str, rows: int | None = None):
+        """The device copy of the array `name`, kept while the attribute is the same array
+        (per-node arrays padded to `rows` when given)."""
+        host = getattr(self, name)
+        held = self._device_cache.get(name)
+        if held is not None and held[0] is host:
+            return held[1]
+        self._mirrors.pop(name, None)  # (a stale one: host is a new array)
+        n = len(host)
+        padded = host
+        if rows is not None and name != "entries" and n < rows:
+            padded = _padded_to(host, rows, name)
+        # device_put, not jnp.asarray: that staged a second host copy (1M x 128 floats: 977
+        # MB peak against 488 MB, VmHWM); device_put copies once.
+        device = jax.device_put(padded)
+        if _shares_host_memory(device):
+            # On CPU a numpy view of a device array shares its memory, so the host array
+            # becomes a read-only view and the data are held once, not twice (1M x 128 floats
+            # are 512 MB). Updates replace arrays; only add() writes into the device arrays,
+            # once it has let go of the views (_drop_views).
+            host = _host_view(device)[:n]
+            setattr(self, name, host)
+        elif padded is not host:  # the next add writes on into this padded copy
+            padded.flags.writeable = False  # see _RowArrays.write
+            host = _read_only(padded[:n])
+            setattr(self, name, host)
+            self._mirrors[name] = (host, padded)
+        self._device_cache[name] = (host, device)
+        return device
 
     # ------------------------------------------------------------------ updates
 
@@ -668,7 +666,7 @@ class BinaryGraphIndex:
         done = n  # points in so far: those of finished batches
         try:
             self._drop_views()  # so that the writes below go in place (see _host_view)
-            entries = self._device_entries()
+            entries = self._device_array("entries")  # (kept for the next add)
             if _next_pow4(m) <= min(_SMALL_ADD, deg):
                 program, args = self._small_add_program(arrays, x, n, entries)
                 with _interrupts_deferred():
@@ -700,13 +698,6 @@ class BinaryGraphIndex:
             if arrays.mirror is not None:
                 self._mirrors[name] = (views[name], arrays.mirror[name])
         self._grown = True
-
-    def _device_entries(self):
-        """The entry points on the device, kept where search keeps its arrays (_on_device)."""
-        held = self._device_cache.get("entries")
-        if held is None or held[0] is not self.entries:
-            held = self._device_cache["entries"] = (self.entries, jax.device_put(self.entries))
-        return held[1]
 
     def _add_batches(self, arrays: _RowArrays, x: np.ndarray, first: int, entries):
         """Inserts the points x float32 [m, D] as rows first.. in batches of up to _ADD_BATCH,
@@ -1143,8 +1134,8 @@ def _small_add(x, count, first, codes, graph, vectors, deleted, entries, binariz
     degree, layout = static["degree"], static["layout"]
     r, cap = x.shape[0], codes.shape[0]
     slot = jnp.arange(r, dtype=jnp.int32)
-    nodes = first + slot
-    at = jnp.where(slot < count, nodes, cap)  # padding rows go past the end: dropped
+    nodes, inserted = first + slot, slot < count
+    at = jnp.where(inserted, nodes, cap)  # padding rows go past the end: dropped
     new_codes = codes_lib.codes_of(binarizer, x)
     codes = codes.at[at].set(new_codes, mode="drop")
     vectors = vectors.at[at].set(x.astype(vectors.dtype), mode="drop")
@@ -1153,7 +1144,7 @@ def _small_add(x, count, first, codes, graph, vectors, deleted, entries, binariz
         g_i, g_d, new_codes, new_codes, first, 0, count, static["k_batch"], 2 * degree
     )
     new_rows = _prune_block(codes[jnp.maximum(cand_i, 0)], cand_i, cand_d, degree)
-    new_rows = jnp.where((slot < count)[:, None], new_rows, -1)
+    new_rows = jnp.where(inserted[:, None], new_rows, -1)
     graph = graph.at[at].set(new_rows, mode="drop")
     deleted = deleted.at[at].set(False, mode="drop")
     # Linking back (_link_back): each target keeps its `degree` closest among its row (a new
