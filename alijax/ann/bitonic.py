@@ -260,6 +260,45 @@ def merge_smallest(a, b):
     return _half_cleaners(minimum(a, b[::-1]), a.shape[0] // 2)
 
 
+def drop_repeats(x):
+    """x [n, ...] (keys or Pairs) sorted along axis 0 -> x with every entry once, still
+    sorted: a repeat equals the entry before it, so it becomes SENTINEL and a sort moves the
+    gaps to the end (n a power of two)."""
+    repeat = equal(x[1:], x[:-1]) & ~is_empty(x[1:])
+    repeat = jnp.concatenate([jnp.zeros((1,) + repeat.shape[1:], bool), repeat])
+    return sort(where(repeat, SENTINEL, x))
+
+
+def contains(sorted_keys, keys):
+    """sorted_keys [S, Q] (keys or Pairs of a layout with a flag bit, bit 0, as search's lists
+    are; each column ascending, distinct entries, S a power of two), keys [F, Q] of the same
+    layout with the flag clear -> bool [F, Q]: whether each key's entry, its flag ignored, is
+    in its column of sorted_keys (an empty key never is).
+
+    A branch-free lower bound per key: log2(S) halving steps, each a gather of one row per
+    lane, then the entry found there is compared with the flag bit set on both sides (an
+    entry's key with the flag clear is its lowest, so the lower bound lands on it)."""
+    size, lanes = sorted_keys.shape[0], keys.shape[1]
+    _check_pow2("sorted_keys.shape[0]", size)
+    flat = jax.tree_util.tree_map(lambda a: a.reshape(-1), sorted_keys)
+    lane = jnp.arange(lanes, dtype=jnp.int32)[None, :]
+
+    def row(pos):
+        return jax.tree_util.tree_map(lambda a: a[pos * lanes + lane], flat)
+
+    below = jnp.zeros(keys.shape, jnp.int32)  # entries known to be below the key
+    step = size // 2
+    while step:
+        below = jnp.where(less(row(below + step - 1), keys), below + step, below)
+        step //= 2
+    found = row(below)  # below <= size - 1: a key past the last entry is compared with it
+
+    def flagged(key):
+        return with_low_word(key, low_word(key) | 1)
+
+    return equal(flagged(found), flagged(keys)) & ~is_empty(keys)
+
+
 # Lists per tile: each network stage is one pass over its array, so the networks run on column
 # tiles small enough to stay in cache ([512, 50000] keys in one piece made every stage a
 # 200 MB round trip to memory; tiles of 256 lists ran 3x faster, measured on 2 cores).

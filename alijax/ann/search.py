@@ -14,9 +14,11 @@ op, and laid out for XLA:CPU, where it runs 4-5x faster than a [Q, L] layout wit
 - Start: `entries` (a fixed sample of nodes) split into L strided groups; the nearest entry of
   each group seeds the list, which therefore always holds the nearest entry of all.
 - Iteration: the `width` best unexpanded entries are expanded; their graph rows give
-  width * degree neighbours; those already in the list are dropped, the rest get Hamming
-  distances, those farther than the current L-th entry are dropped, and a bitonic network
-  sorts the survivors and merges them into the list (Batcher's merge keeping the L smallest).
+  width * degree neighbours; they get Hamming distances; those already in the list (the
+  membership test: compares with every entry for short lists, a binary search of the sorted
+  list from L=256, see _LOOKUP_FROM) and those farther than the current L-th entry are dropped,
+  and a bitonic network sorts the survivors, drops a neighbour's repeats (two parents may
+  share it), and merges them into the list (Batcher's merge keeping the L smallest).
   No visited set is needed: the L-th distance never grows, so a node that left the list (or
   never entered it) can never re-enter, and a node in the list is found by the membership test.
   The loop stops after `max_iterations` or when no query has an unexpanded entry.
@@ -190,13 +192,24 @@ def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterati
     layout = _layout(codes, pairs=isinstance(top, bitonic.Pairs))
     size = top.shape[0]  # the list, padded to a power of two for the networks
     fresh = width * r
+    lookup = size >= _LOOKUP_FROM
 
     def merge_pending(top, pending):
         """Scores the pending neighbours [width*R, Q] (-1: none) and merges those that can enter."""
         d = hamming_pairs(codes[jnp.maximum(pending, 0)], query_codes[None, :, :])
         new = layout.pack(d, pending)
-        new = bitonic.where(bitonic.less(new, top[-1:]), new, SENTINEL)  # cannot enter the list
+        enters = bitonic.less(new, top[-1:])  # else farther than the list's last entry
+        if lookup:  # the membership test, by a binary search of the sorted list
+            enters = enters & ~bitonic.contains(top, new)
+        new = bitonic.where(enters, new, SENTINEL)
         new = bitonic.sort(bitonic.pad_rows(new, bitonic.next_pow2(fresh)))
+        if width > 1:
+            # Two parents may share a neighbour, whose copies sort next to each other: dropping
+            # repeats of the sorted rows beat comparing each row's ids with every earlier row's
+            # (a [width R, width R, Q] broadcast). 1M codes, 1000 queries, ms of a search, width
+            # 2 / 4 (2 cores, 2026-12-05): L=64 31 -> 26 / 50 -> 33, L=128 56 -> 50 / 77 -> 56,
+            # L=256 139 -> 113 / 145 -> 122.
+            new = bitonic.drop_repeats(new)
         new = bitonic.pad_rows(new, size) if new.shape[0] < size else new[:size]
         return bitonic.merge_smallest(top, new)
 
@@ -222,12 +235,13 @@ def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterati
         else:  # the flat index would overflow int32
             rows = graph[parents[:, None, :], jnp.arange(r, dtype=jnp.int32)[None, :, None]]
         nb = jnp.where(live[:, None, :], rows, -1).reshape(fresh, q)
-        known = layout.ids(top)
-        # One compare per list slot, unrolled over rows of Q contiguous ids, which XLA:CPU
-        # vectorises (a reduce over a [L, R, Q] or [Q, R, L] broadcast ran 3-7x slower).
-        ok = functools.reduce(jnp.logical_and, [nb != known[i] for i in range(size)], nb >= 0)
-        if width > 1:  # two parents may share a neighbour: keep its first occurrence
-            ok = ok & ~_shared_with_earlier_rows(nb.reshape(width, r, q)).reshape(fresh, q)
+        if lookup:  # merge_pending drops those in the list
+            ok = nb >= 0
+        else:
+            # One compare per list slot, unrolled over rows of Q contiguous ids, which XLA:CPU
+            # vectorises (a reduce over a [L, R, Q] or [Q, R, L] broadcast ran 3-7x slower).
+            known = layout.ids(top)
+            ok = functools.reduce(jnp.logical_and, [nb != known[i] for i in range(size)], nb >= 0)
         return layout.mark(top, chosen), jnp.where(ok, nb, -1)
 
     def cond(state):
@@ -248,22 +262,14 @@ def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterati
     return layout.ids(top), layout.dist(top)
 
 
-def _shared_with_earlier_rows(rows):
-    """rows int32 [P, R, Q] (parents' graph rows per query) -> bool [P, R, Q]: the id comes
-    earlier in the flattened [P R] order (graph rows hold distinct ids, so that is an earlier
-    parent's row; repeated -1s are flagged too, and dropped anyway).
-
-    One [P R, P R, Q] broadcast reduced over its major axis. Unrolled compares of each row
-    against the earlier rows' ids (the membership test's pattern, a third of the compares)
-    made the whole walk slower at width 4: 2M codes, 1000 queries, L=128, 12 iterations 60 ->
-    77-81 ms (1.15x faster at width 2, 1.05x at L=256; 2 cores, 2026-12-05)."""
-    p, r, q = rows.shape
-    flat = rows.reshape(p * r, q)
-    later = jnp.triu(jnp.ones((p * r, p * r), bool), 1)  # [i, j]: entry j comes after entry i
-    return jnp.any((flat[:, None, :] == flat[None, :, :]) & later[:, :, None], axis=0).reshape(
-        p, r, q
-    )
-
+# The membership test (is a neighbour already in the list?) compares each of the width * R
+# neighbours with every list entry, O(L) per neighbour and, with the iteration cap growing
+# with L, O(L^2) per query: 60-80% of a walk at L=256-512. From this list size it is a binary
+# search of the sorted list instead, log2(L) + 1 gathers per scored neighbour, which XLA:CPU
+# runs slower per step than the vectorised compares but wins from L=256: 100k codes, 1000
+# queries, whole search ms, compares / binary search (2 cores, 2026-12-05): L=64 17 / 23,
+# L=128 35 / 43, L=256 161 / 103, L=512 862 / 250. Same lists either way.
+_LOOKUP_FROM = 256
 
 beam_search_jit = jax.jit(
     beam_search, static_argnames=("candidates", "width", "iterations", "pairs")

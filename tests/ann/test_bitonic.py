@@ -1,5 +1,6 @@
 """alijax.ann.bitonic: the sorting networks against numpy sorts, and the key packing."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -176,3 +177,37 @@ def test_slice_update_threads_a_carry_and_slices_others_along_their_own_axis():
     )
     np.testing.assert_array_equal(whole, x * 3 + rows.T)
     assert int(calls) == 1
+
+
+@pytest.mark.parametrize("size", [1, 2, 8, 256])
+@pytest.mark.parametrize("pairs", [False, True])
+def test_contains_finds_entries_whatever_their_flag(size, pairs):
+    # Columns of distinct sorted entries, about half flagged (expanded), the last quarter
+    # empty; probes: the columns' own entries (flag clear), random (distance, id) pairs, empty
+    # keys, and keys past every entry and before every entry.
+    rng = np.random.default_rng(size)
+    lanes, probes, n_ids = 7, 40, 5000
+    layout = bitonic.PairLayout(flag_bits=1) if pairs else bitonic.KeyLayout.for_ids(n_ids, True)
+    dist = rng.integers(0, 12, (size, lanes))
+    ids = np.stack([rng.choice(n_ids, size, replace=False) for _ in range(lanes)], axis=1)
+    ids[size - size // 4 :] = -1
+    keys = layout.pack(jnp.asarray(dist), jnp.asarray(ids))
+    keys = layout.mark(keys, jnp.asarray(rng.random((size, lanes)) < 0.5) & ~bitonic.is_empty(keys))
+    order = jnp.asarray(np.argsort(_as_u64(keys) if pairs else np.asarray(keys), axis=0))
+    keys = jax.tree.map(lambda a: jnp.take_along_axis(a, order, 0), keys)
+
+    own = rng.integers(0, size, (probes, lanes))
+    is_own = rng.random((probes, lanes)) < 0.5
+    p_dist = np.where(is_own, np.take_along_axis(dist, own, 0), rng.integers(0, 12, own.shape))
+    p_ids = np.where(is_own, np.take_along_axis(ids, own, 0), rng.integers(-1, n_ids, own.shape))
+    p_dist[-2:], p_ids[-2:] = [[13], [0]], [[n_ids - 1], [0]]  # after, before every entry
+    got = np.asarray(bitonic.contains(keys, layout.pack(jnp.asarray(p_dist), jnp.asarray(p_ids))))
+
+    entries = [
+        set(zip(dist[:, j][ids[:, j] >= 0], ids[:, j][ids[:, j] >= 0])) for j in range(lanes)
+    ]
+    want = np.array(
+        [[(p_dist[f, j], p_ids[f, j]) in entries[j] for j in range(lanes)] for f in range(probes)]
+    )
+    np.testing.assert_array_equal(got, want)
+    assert want.any() and not want.all()

@@ -4,7 +4,6 @@ float rerank against exact float ground truth, deleted nodes never returned."""
 import collections
 import functools
 import gc
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -205,18 +204,20 @@ def test_recall_at_10_after_rerank(setup):
     assert recall(idx2, truth) >= 0.95
 
 
-def test_wide_beams_keep_the_first_of_shared_neighbours(setup):
-    # Parents' rows of distinct ids (as graph rows are), sharing some: an id is dropped only
-    # where an earlier parent's row has it, and a wide search lists every node once.
+@pytest.mark.parametrize("pairs", [False, True])
+def test_wide_beams_list_shared_neighbours_once(setup, pairs):
+    # Parents' rows share neighbours: the sorted rows keep each entry once, and a wide
+    # search lists every node once.
     rng = np.random.default_rng(0)
-    p, r, q = 4, 6, 5
-    rows = np.stack([[rng.choice(16, r, replace=False) for _ in range(q)] for _ in range(p)])
-    rows = rows.transpose(0, 2, 1)  # [parents, R, Q]
-    got = np.asarray(search._shared_with_earlier_rows(jnp.asarray(rows, jnp.int32)))
-    want = np.zeros_like(got)
-    for j, col in itertools.product(range(p), range(q)):
-        want[j, :, col] = np.isin(rows[j, :, col], rows[:j, :, col])
-    np.testing.assert_array_equal(got, want)
+    layout = bitonic.PairLayout(1) if pairs else bitonic.KeyLayout.for_ids(16, flag=True)
+    ids = rng.integers(-1, 16, (32, 5))  # repeats and empties in each column
+    keys = layout.pack(jnp.asarray(ids % 3), jnp.asarray(ids))  # an id's distance is its own
+    got = bitonic.drop_repeats(bitonic.sort(keys))
+    for col in range(5):
+        want = sorted({(i % 3, i) for i in ids[:, col] if i >= 0})
+        found = np.asarray(layout.ids(got[:, col]))
+        np.testing.assert_array_equal(found[: len(want)], [i for _, i in want])
+        assert (found[len(want) :] == -1).all()
     _, _, c, qc, g, entries = setup
     ids, _ = search.beam_search_jit(
         jnp.asarray(qc[:50]), c, g, entries, candidates=64, width=4, iterations=20
@@ -303,6 +304,31 @@ def test_pair_keys_walk_exactly_as_one_word_keys(setup, width):
     np.testing.assert_array_equal(pairs[0], keys[0])
     np.testing.assert_array_equal(pairs[1], keys[1])
     assert (np.asarray(keys[0]) >= 0).all()
+
+
+@pytest.mark.parametrize("width, pairs", [(1, False), (3, True)])
+def test_membership_by_binary_search_walks_as_the_compares_do(setup, monkeypatch, width, pairs):
+    # From search._LOOKUP_FROM the list's membership test is a binary search of the sorted list
+    # instead of a compare with every entry: the same neighbours are dropped, so every list is
+    # the same. Both tests at L=48 (a list of 64) and L=256, where the default switches.
+    _, _, c, qc, g, entries = setup
+    args = [jnp.asarray(a) for a in (qc[:64], c, g, entries)]
+    for candidates in (48, 256):
+        results = []
+        for lookup_from in (1, 1 << 20):
+            monkeypatch.setattr(search, "_LOOKUP_FROM", lookup_from)
+            results.append(
+                search.beam_search(
+                    *args, candidates=candidates, width=width, iterations=12, pairs=pairs
+                )
+            )
+        (ids, dist), (ids_c, dist_c) = results
+        np.testing.assert_array_equal(ids, ids_c)
+        np.testing.assert_array_equal(dist, dist_c)
+        ids = np.asarray(ids)
+        for row in ids:  # each node listed once
+            assert len(set(row[row >= 0])) == (row >= 0).sum()
+        assert (ids[:, :48] >= 0).all()
 
 
 def test_threads_give_the_same_results(setup, monkeypatch):
