@@ -167,18 +167,20 @@ def run_ours(x, q, truth, sweep, options=None):
     index = BinaryGraphIndex(bits=256, degree=32, **options).build(x)
     build = time.perf_counter() - t
     rows = []
-    auto, config = search_lib.auto_width(index.codes.shape[0]), index.search_config
+    config = index.search_config
     for width, times, cand in itertools.product(widths, caps, sweep):  # width None: automatic
-        if (width or auto) > cand:
+        if (width or 1) > cand:
             continue
-        cap = times * search_lib.SearchConfig(cand, width=width or auto).iterations()
+        # The width the search resolves (automatic: by the index's size and L), and its cap.
+        resolved = search_lib.SearchConfig(cand, width=width).for_codes(index.codes.shape[0])
+        cap = times * resolved.iterations()
         index.search_config = dataclasses.replace(config, max_iterations=cap)
         k = min(100, cand)
         secs, (_, ids) = timed(index.search, q, k, cand, width)
         param = (
             f"L={cand}" + (f" w={width}" if width else "") + (f" cap={cap}" if times > 1 else "")
         )
-        row = {"param": param, "width": width or auto, "auto": width is None, "cap": cap}
+        row = {"param": param, "width": resolved.width, "auto": width is None, "cap": cap}
         row.update(cap_times=times, qps=len(q) / secs)
         rows.append({**row, **recalls(ids, truth)})
     index.search_config = config
@@ -339,8 +341,10 @@ def markdown(report):
 
 
 def _plot_line(row):
-    """A line per beam width (automatic or chosen) and cap multiple of ours; the others' one."""
-    return row.get("width", 0), row.get("auto", False), row.get("cap_times", 1)
+    """A line per chosen beam width (the automatic one, which varies with L, is one line) and
+    cap multiple of ours; the others' one."""
+    auto = row.get("auto", False)
+    return 0 if auto else row.get("width", 0), auto, row.get("cap_times", 1)
 
 
 def plot(report, path):
@@ -360,7 +364,7 @@ def plot(report, path):
                 for r in res["rows"]
                 if "recall@10" in r and line(r) == (width, auto, times)
             ]
-            label = f"{method}, width {width}" + (" (auto)" if auto else "") if width else method
+            label = f"{method}, width {'auto' if auto else width}" if width or auto else method
             label += f", cap x{times}" if times > 1 else ""
             ax.plot(*zip(*pts), marker="o", label=f"{label} (build {res['build_s']:.0f} s)")
     ax.set_yscale("log")

@@ -62,8 +62,8 @@ from alijax.ann import search as search_lib
 from alijax.ann.hamming import hamming_pairs
 from alijax.data.files import FormatError, atomic_write
 
-# 2: search_config.width may be null (automatic, search.auto_width). Version 1 files stored the
-# then default width 1 and load with it (the same results as before); set
+# 2: search_config.width may be null (automatic, search.SearchConfig.for_codes). Version 1
+# files stored the then default width 1 and load with it (the same results as before); set
 # index.search_config = dataclasses.replace(index.search_config, width=None) for the automatic one.
 FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
@@ -570,7 +570,8 @@ class BinaryGraphIndex:
     def search(self, queries, k: int, candidates: int | None = None, width: int | None = None):
         """queries float [Q, D] -> (scores float32 [Q, k], ids int64 [Q, k]); candidates is L,
         the number of binary candidates reranked in float (default max(k, config)); width the
-        parents expanded per iteration (default the config's; its None: search.auto_width)."""
+        parents expanded per iteration (default the config's; its None: automatic, by the index's
+        size and L, see search.SearchConfig.for_codes)."""
         self._require_built()
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k={k!r} must be a positive int")
@@ -579,7 +580,7 @@ class BinaryGraphIndex:
         cfg = dataclasses.replace(
             cfg,
             candidates=int(candidates or max(k, cfg.candidates)),
-            width=int(width) if width else cfg.width,  # None: auto_width of the index's size
+            width=int(width) if width else cfg.width,  # None: automatic (for_codes)
         )
         cfg = cfg.for_codes(len(self.ids))  # the index's size, not its padded arrays'
         with self._cache_lock:  # (concurrent searches: one copy of each array, not one each)

@@ -80,6 +80,12 @@ def test_automatic_width_grows_with_the_index():
     assert auto.for_codes(2_000_000).iterations() == 12
     assert search.SearchConfig(64, width=3).for_codes(5_000_000).width == 3  # chosen: kept
     assert search.SearchConfig(2).for_codes(5_000_000).width == 2  # no wider than the list
+    # A long list: a parent per 128 slots of its power-of-two size where that is wider.
+    widths = [search.SearchConfig(L).for_codes(1000).width for L in (128, 129, 256, 512, 1024)]
+    assert widths == [1, 2, 2, 4, 8]
+    assert search.SearchConfig(512).for_codes(5_000_000).width == 4
+    assert search.SearchConfig(1024).for_codes(5_000_000).width == 8
+    assert search.SearchConfig(512).for_codes(1000).iterations() == 512 // 16 + 4
     with pytest.raises(ValueError, match="for_codes"):
         auto.iterations()
 
