@@ -88,8 +88,8 @@ class SearchConfig:
         A long list needs many expansions: at width 1 its cap (L // 4 + 4) grows with L while
         each iteration's merge costs O(L), and a wider beam expands as many parents in fewer
         merges. With a parent per 128 slots the cap stays at L=128's 36 iterations however
-        long the list. Measured (one process a data set, 2 cores, 2026-12-05; RESULTS.md,
-        session 16), QPS by width 1 / 2 / 4 / 8:
+        long the list. Measured (2 cores, 2026-12-05, 1M in one process, 100k a process a
+        width; RESULTS.md, session 16), QPS by width 1 / 2 / 4 / 8:
         - 1M codes, 1000 queries: L=128 17.8k / 17.2k / 17.5k / 14.6k (recall@10 0.977 /
           0.978 / 0.982 / 0.985); L=256 7.7k / 7.5k / 8.2k / 7.6k (recall@100 0.948 / 0.949 /
           0.951 / 0.954); L=512 3.2k / 3.9k / 4.1k / 4.0k (0.987-0.989).
