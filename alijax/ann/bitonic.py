@@ -280,11 +280,11 @@ def contains(sorted_keys, keys):
     entry's key with the flag clear is its lowest, so the lower bound lands on it)."""
     size, lanes = sorted_keys.shape[0], keys.shape[1]
     _check_pow2("sorted_keys.shape[0]", size)
-    flat = jax.tree_util.tree_map(lambda a: a.reshape(-1), sorted_keys)
+    flat = jax.tree.map(lambda a: a.reshape(-1), sorted_keys)
     lane = jnp.arange(lanes, dtype=jnp.int32)[None, :]
 
     def row(pos):
-        return jax.tree_util.tree_map(lambda a: a[pos * lanes + lane], flat)
+        return jax.tree.map(lambda a: a[pos * lanes + lane], flat)
 
     below = jnp.zeros(keys.shape, jnp.int32)  # entries known to be below the key
     step = size // 2

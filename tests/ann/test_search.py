@@ -37,6 +37,11 @@ def setup():
     return x, q, c, qc, g, entries
 
 
+def _assert_each_node_listed_once(ids):
+    for row in np.asarray(ids):
+        assert len(set(row[row >= 0])) == (row >= 0).sum()
+
+
 def _path_graph(n=64):
     """Nodes 0..n-1 on a line: codes uint32 [n, 2] (node i = i ones), graph int32 [n, 2]."""
     bits = np.arange(64)[None, :] < np.arange(n)[:, None]
@@ -228,9 +233,7 @@ def test_wide_beams_list_shared_neighbours_once(setup, pairs):
     ids, _ = search.beam_search_jit(
         jnp.asarray(qc[:50]), c, g, entries, candidates=64, width=4, iterations=20
     )
-    ids = np.asarray(ids)
-    for row in ids:
-        assert len(set(row[row >= 0])) == (row >= 0).sum()
+    _assert_each_node_listed_once(ids)
 
 
 def test_deleted_never_returned(setup):
@@ -331,10 +334,8 @@ def test_membership_by_binary_search_walks_as_the_compares_do(setup, monkeypatch
         (ids, dist), (ids_c, dist_c) = results
         np.testing.assert_array_equal(ids, ids_c)
         np.testing.assert_array_equal(dist, dist_c)
-        ids = np.asarray(ids)
-        for row in ids:  # each node listed once
-            assert len(set(row[row >= 0])) == (row >= 0).sum()
-        assert (ids[:, :48] >= 0).all()
+        _assert_each_node_listed_once(ids)
+        assert (np.asarray(ids)[:, :48] >= 0).all()
 
 
 def test_threads_give_the_same_results(setup, monkeypatch):
