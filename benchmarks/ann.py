@@ -3,7 +3,7 @@
   python benchmarks/ann.py [--quick] [--n 100000] [--nq 1000] [--fvecs BASE.fvecs
                             --queries Q.fvecs] [--no-digits] [--out-dir benchmarks/results]
                             [--methods ours,hnswlib] [--vector-dtype float16] [--widths auto,1,4]
-                            [--caps 1,2] [--sweep 16,32,64,128,256,512]
+                            [--refines auto,0,8] [--caps 1,2] [--sweep 16,32,64,128,256,512]
 
 Methods: ours (BinaryGraphIndex, 256-bit ITQ codes, degree 32, Hamming beam search + float
 rerank), faiss IndexHNSWFlat (M=16, efConstruction=200), faiss IndexBinaryHNSW (M=16) on our
@@ -163,24 +163,29 @@ def run_ours(x, q, truth, sweep, options=None):
     options = dict(options or {})
     widths = options.pop("search_widths", (None,))  # --widths: parents expanded per iteration
     caps = options.pop("search_caps", (1,))  # --caps: multiples of the default iteration cap
+    refines = options.pop("search_refines", (None,))  # --refines: the rerank's float hop
     t = time.perf_counter()
     index = BinaryGraphIndex(bits=256, degree=32, **options).build(x)
     build = time.perf_counter() - t
     rows = []
     config = index.search_config
-    for width, times, cand in itertools.product(widths, caps, sweep):  # width None: automatic
-        if (width or 1) > cand:
+    # width / refine None: automatic
+    for width, refine, times, cand in itertools.product(widths, refines, caps, sweep):
+        if (width or 1) > cand or (refine or 0) > cand:
             continue
-        # The width the search resolves (automatic: by the index's size and L), and its cap.
-        resolved = search_lib.SearchConfig(cand, width=width).for_codes(index.codes.shape[0])
+        # What the search resolves (automatic: by the index's size and L), and the cap.
+        resolved = search_lib.SearchConfig(cand, width=width, refine=refine)
+        resolved = resolved.for_codes(index.codes.shape[0])
         cap = times * resolved.iterations()
         index.search_config = dataclasses.replace(config, max_iterations=cap)
         k = min(100, cand)
-        secs, (_, ids) = timed(index.search, q, k, cand, width)
-        param = (
-            f"L={cand}" + (f" w={width}" if width else "") + (f" cap={cap}" if times > 1 else "")
+        secs, (_, ids) = timed(index.search, q, k, cand, width, refine)
+        param = f"L={cand}" + (f" w={width}" if width else "")
+        param += (f" refine={refine}" if refine is not None else "") + (
+            f" cap={cap}" if times > 1 else ""
         )
         row = {"param": param, "width": resolved.width, "auto": width is None, "cap": cap}
+        row.update(refine=resolved.refine, refine_auto=refine is None)
         row.update(cap_times=times, qps=len(q) / secs)
         rows.append({**row, **recalls(ids, truth)})
     index.search_config = config
@@ -341,10 +346,11 @@ def markdown(report):
 
 
 def _plot_line(row):
-    """A line per chosen beam width (the automatic one, which varies with L, is one line) and
-    cap multiple of ours; the others' one."""
+    """A line per chosen beam width and float hop (the automatic ones, which vary with L, are
+    one line each) and cap multiple of ours; the others' one."""
     auto = row.get("auto", False)
-    return 0 if auto else row.get("width", 0), auto, row.get("cap_times", 1)
+    refine = "auto" if row.get("refine_auto", True) else str(row["refine"])
+    return 0 if auto else row.get("width", 0), auto, row.get("cap_times", 1), refine
 
 
 def plot(report, path):
@@ -358,13 +364,14 @@ def plot(report, path):
     fig, ax = plt.subplots(figsize=(7, 5))
     for method, res in report["results"].items():
         line = _plot_line
-        for width, auto, times in sorted({line(r) for r in res["rows"]}):
+        for width, auto, times, refine in sorted({line(r) for r in res["rows"]}):
             pts = [
                 (r["recall@10"], r["qps"])
                 for r in res["rows"]
-                if "recall@10" in r and line(r) == (width, auto, times)
+                if "recall@10" in r and line(r) == (width, auto, times, refine)
             ]
             label = f"{method}, width {'auto' if auto else width}" if width or auto else method
+            label += f", refine {refine}" if refine != "auto" else ""
             label += f", cap x{times}" if times > 1 else ""
             ax.plot(*zip(*pts), marker="o", label=f"{label} (build {res['build_s']:.0f} s)")
     ax.set_yscale("log")
@@ -396,6 +403,12 @@ def main(argv=None):
         help="ours: beam widths to sweep, e.g. auto,1,4 (default auto: search.auto_width)",
     )
     parser.add_argument(
+        "--refines",
+        default="auto",
+        help="ours: float hops to sweep (best reranked candidates whose graph neighbours are "
+        "scored too), e.g. auto,0,8 (default auto: 4 from L=256)",
+    )
+    parser.add_argument(
         "--caps",
         default="1",
         help="ours: multiples of the default iteration cap (L // (4 width) + 4) to sweep, e.g. 1,2",
@@ -423,6 +436,10 @@ def main(argv=None):
     if any(w is not None and w < 1 for w in widths):
         raise ValueError(f"--widths={args.widths}: each width must be 'auto' or >= 1")
     OURS_OPTIONS["search_widths"] = widths
+    refines = tuple(None if r == "auto" else int(r) for r in args.refines.split(","))
+    if any(r is not None and r < 0 for r in refines):
+        raise ValueError(f"--refines={args.refines}: each must be 'auto' or >= 0")
+    OURS_OPTIONS["search_refines"] = refines
     caps = tuple(int(c) for c in args.caps.split(","))
     if min(caps) < 1:
         raise ValueError(f"--caps={args.caps}: each multiple must be >= 1")

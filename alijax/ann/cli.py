@@ -1,7 +1,7 @@
 """`python -m alijax index build|search`: the index on .fvecs / .bvecs / .fbin files.
 
   index build  --input X.fvecs --out DIR [--bits 256] [--degree 32] [--metric l2] [--binarizer itq]
-  index search --index DIR --queries Q.fvecs --k 10 [--candidates L] [--width W]
+  index search --index DIR --queries Q.fvecs --k 10 [--candidates L] [--width W] [--refine P]
                [--groundtruth GT.ivecs] --out results.ivecs
 
 Hook: `add_index_commands(subparsers)` adds the `index` command; each sub-command sets
@@ -54,6 +54,13 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="parents expanded per iteration (default: the index's; automatic by its size)",
+    )
+    search.add_argument(
+        "--refine",
+        type=int,
+        default=None,
+        help="best reranked candidates whose graph neighbours are scored too (0: none; "
+        "default: automatic, 4 from L=256)",
     )
     search.add_argument("--groundtruth", default=None, help=".ivecs of true neighbour ids")
     search.add_argument("--out", required=True, help="result ids as .ivecs")
@@ -112,7 +119,7 @@ def _search(args) -> int:
     except FormatError as err:
         raise SystemExit(f"--index: {err}") from None
     q = _read(args.queries)
-    options = dict(candidates=args.candidates, width=args.width)
+    options = dict(candidates=args.candidates, width=args.width, refine=args.refine)
     index.search(q[: min(len(q), 8)], args.k, **options)  # compile
     t0 = time.perf_counter()
     _, ids = index.search(q, args.k, **options)

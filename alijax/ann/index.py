@@ -65,6 +65,8 @@ from alijax.data.files import FormatError, atomic_write
 # 2: search_config.width may be null (automatic, search.SearchConfig.for_codes). Version 1
 # files stored the then default width 1 and load with it (the same results as before); set
 # index.search_config = dataclasses.replace(index.search_config, width=None) for the automatic one.
+# search_config.refine (the rerank's float hop) came later within version 2: a file without it
+# loads with None, automatic.
 FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
 _ARRAYS = ("vectors", "codes", "graph", "ids", "deleted", "entries", "mean", "projection")
@@ -567,11 +569,20 @@ class BinaryGraphIndex:
     # ------------------------------------------------------------------ search
 
     @_reads
-    def search(self, queries, k: int, candidates: int | None = None, width: int | None = None):
+    def search(
+        self,
+        queries,
+        k: int,
+        candidates: int | None = None,
+        width: int | None = None,
+        refine: int | None = None,
+    ):
         """queries float [Q, D] -> (scores float32 [Q, k], ids int64 [Q, k]); candidates is L,
         the number of binary candidates reranked in float (default max(k, config)); width the
         parents expanded per iteration (default the config's; its None: automatic, by the index's
-        size and L, see search.SearchConfig.for_codes)."""
+        size and L, see search.SearchConfig.for_codes); refine how many of the best reranked
+        candidates have their graph neighbours scored in float too (0: none; default the
+        config's; its None: automatic, 4 from L=256, see search._refined)."""
         self._require_built()
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k={k!r} must be a positive int")
@@ -581,6 +592,7 @@ class BinaryGraphIndex:
             cfg,
             candidates=int(candidates or max(k, cfg.candidates)),
             width=int(width) if width else cfg.width,  # None: automatic (for_codes)
+            refine=cfg.refine if refine is None else refine,
         )
         cfg = cfg.for_codes(len(self.ids))  # the index's size, not its padded arrays'
         with self._cache_lock:  # (concurrent searches: one copy of each array, not one each)

@@ -85,6 +85,8 @@ def test_add_delete_compact_and_save_load(data, tmp_path):
     index.delete(gone)
     _, ids = index.search(q, 10)
     assert not np.isin(ids, gone).any()
+    _, ids = index.search(q, 10, candidates=16, refine=8)  # the hop meets deleted nodes too
+    assert not np.isin(ids, gone).any() and (ids >= 0).all()
     assert len(index) == len(all_ids) - len(np.unique(gone))
 
     index.save(tmp_path / "ix")
@@ -667,6 +669,7 @@ def test_format_versions(data, built, tmp_path):
     assert manifest["format_version"] == 2 and manifest["params"]["search_config"]["width"] is None
     manifest["format_version"] = 1
     manifest["params"]["search_config"]["width"] = 1
+    del manifest["params"]["search_config"]["refine"]  # files before the float hop: automatic
     path.write_text(json.dumps(manifest))
     old = BinaryGraphIndex.load(tmp_path / "ix")
     assert old.search_config.width == 1
@@ -689,6 +692,10 @@ def test_bad_input_refused(data, built):
         built.add(x[:5, :63], np.arange(5) + 10**6)
     with pytest.raises(ValueError, match=r"queries.shape\[1\]"):
         built.search(q[:, :10], 5)
+    with pytest.raises(ValueError, match=r"config.refine=17 must be in 0..16"):
+        built.search(q, 5, candidates=16, refine=17)
+    with pytest.raises(ValueError, match=r"config.refine=-1"):
+        built.search(q, 5, candidates=16, refine=-1)
     with pytest.raises(ValueError, match="ids holds duplicates"):
         BinaryGraphIndex(bits=64).build(x[:10], ids=[1] * 10)
     with pytest.raises(ValueError, match="already in the index"):
@@ -735,6 +742,8 @@ def test_command_line_build_and_search(data, tmp_path, capsys):
             "10",
             "--width",
             "2",
+            "--refine",
+            "4",
             "--groundtruth",
             str(tmp_path / "gt.ivecs"),
             "--out",

@@ -95,6 +95,13 @@ def test_automatic_width_grows_with_the_index():
         auto.iterations()
 
 
+def test_automatic_float_hop_from_a_list_of_256():
+    refines = [search.SearchConfig(L).for_codes(1000).refine for L in (64, 128, 255, 256, 512)]
+    assert refines == [0, 0, 0, 4, 4]
+    assert search.SearchConfig(512, refine=0).for_codes(1000).refine == 0  # chosen: kept
+    assert search.SearchConfig(64, refine=8, width=1).for_codes(1000).refine == 8
+
+
 @pytest.mark.parametrize("n_entries", [1, 37, 64, 200])
 def test_seed_is_the_nearest_entry_of_each_strided_group(n_entries):
     rng = np.random.default_rng(n_entries)
@@ -193,6 +200,77 @@ def test_rerank_skips_nan_scores(metric):
     want = [3, 0] if metric == "l2" else [0, 3]  # l2: 0.5 < 1.0; ip: 1.0 == 1.0, earlier first
     np.testing.assert_array_equal(i[0], want + [-1, -1])
     assert not np.isnan(s).any()
+
+
+def _hop_reference(x, q, cand, graph, deleted, k, refine, metric):
+    """The float hop (search._refined) in numpy: the candidates' scores, the graph neighbours
+    of the best `refine`, of those not already candidates the first _hop_rows by node id, and
+    the best k of all (ties to the lower id)."""
+
+    def score(nodes):
+        v = x[nodes].astype(np.float64)
+        return ((v - q) ** 2).sum(-1) if metric == "l2" else -(v @ q)
+
+    ok = lambda n: n[(n >= 0) & ~deleted[np.maximum(n, 0)]]  # noqa: E731
+    listed = ok(cand)
+    parents = listed[np.lexsort((listed, score(listed)))][:refine]
+    hop = np.unique(graph[parents].ravel())
+    fresh = np.setdiff1d(hop[hop >= 0], cand)[: search._hop_rows(refine * graph.shape[1])]
+    nodes = np.concatenate([listed, ok(fresh)])
+    return nodes[np.lexsort((nodes, score(nodes)))][:k]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("refine", [1, 3, 8])
+def test_float_hop_scores_the_best_candidates_neighbours(metric, refine, monkeypatch):
+    # Random graph rows (with missing edges, and neighbours that are candidates already, are
+    # deleted, or repeat across parents): the rerank returns numpy's best k of the candidates
+    # and the hop's new nodes, each once, in chunks of queries too.
+    monkeypatch.setattr(search, "_RERANK_BYTES", 4 * 8 * 200 * 3)  # 3 queries a chunk
+    rng = np.random.default_rng(refine)
+    n, dim, degree, size, k = 60, 8, 6, 12, 10
+    x = rng.integers(-3, 4, size=(n, dim)).astype(np.float32)  # ties between nodes
+    q = rng.normal(size=(7, dim)).astype(np.float32)
+    graph = rng.integers(-1, n, size=(n, degree)).astype(np.int32)
+    cand = np.stack([rng.permutation(n)[:size] for _ in q]).astype(np.int32)
+    cand[1, 3:] = -1  # a short list
+    deleted = np.zeros(n, bool)
+    deleted[rng.choice(n, 8, replace=False)] = True
+    s, i = search.rerank(
+        jnp.asarray(q), jnp.asarray(x), jnp.asarray(cand), k, metric,
+        jnp.asarray(deleted), jnp.asarray(graph), refine,
+    )  # fmt: skip
+    s, i = np.asarray(s), np.asarray(i)
+    for row in range(len(q)):
+        want = _hop_reference(x, q[row], cand[row], graph, deleted, k, refine, metric)
+        np.testing.assert_array_equal(i[row, : len(want)], want)
+        assert (i[row, len(want) :] == -1).all()
+        v = x[want].astype(np.float64)
+        ref = ((v - q[row]) ** 2).sum(-1) if metric == "l2" else v @ q[row]
+        np.testing.assert_allclose(s[row, : len(want)], ref, rtol=1e-5)
+        assert np.isinf(s[row, len(want) :]).all()
+
+
+def test_float_hop_finds_what_the_codes_missed(setup):
+    # A list too short for k: the hop's neighbours lift recall@k, and a search never lists a
+    # node twice.
+    x, q, c, qc, g, entries = setup
+    truth = exact_topk(x, q, 32)
+    found = {}
+    for refine in (0, 8):
+        config = search.SearchConfig(32, refine=refine, threads=1)
+        _, found[refine] = search.search(q, qc, c, g, x, entries, 32, config=config)
+        _assert_each_node_listed_once(found[refine])
+    assert recall(found[8], truth) > recall(found[0], truth) + 0.02, (
+        recall(found[0], truth),
+        recall(found[8], truth),
+    )
+
+
+def test_float_of_ordered_key_inverts_it():
+    x = np.array([-np.inf, -3.5, -1e-30, 0.0, 1e-30, 2.0, 3e38, np.inf], np.float32)
+    back = search.float_of_ordered_key(search.ordered_key(jnp.asarray(x)))
+    np.testing.assert_array_equal(np.asarray(back), x)
 
 
 def test_ordered_key_keeps_the_float_order():
