@@ -582,7 +582,7 @@ class BinaryGraphIndex:
         parents expanded per iteration (default the config's; its None: automatic, by the index's
         size and L, see search.SearchConfig.for_codes); refine how many of the best reranked
         candidates have their graph neighbours scored in float too (0: none; default the
-        config's; its None: automatic, 4 from L=256, see search._refined)."""
+        config's; its None: automatic, 4 from L=256, see search._hop)."""
         self._require_built()
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k={k!r} must be a positive int")

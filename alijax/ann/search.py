@@ -27,7 +27,7 @@ op, and laid out for XLA:CPU, where it runs 4-5x faster than a [Q, L] layout wit
   marked deleted are excluded, and the best k are returned. That is the paper's "recall more
   binary candidates, rerank with float features". With `refine` (automatic from L=256), the
   graph neighbours of the best few are scored in float too: one hop in float space that
-  finds near points whose codes kept them out of the list (see _refined).
+  finds near points whose codes kept them out of the list (see _hop).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class SearchConfig:
 
 
 _SLOTS_PER_PARENT = 128  # SearchConfig.for_codes: list slots per parent of an automatic width
-# The automatic float hop (SearchConfig.refine, see _refined): the neighbours of the best 4
+# The automatic float hop (SearchConfig.refine, see _hop): the neighbours of the best 4
 # from a list of 256. There most of them are candidates already and the rest cost little: 1M,
 # 1000 queries, L=256: recall@100 0.949 -> 0.955 at 113-122 ms either way; L=512 0.9875 ->
 # 0.9876, 238 -> 241 ms. Shorter lists gain as much as a longer list would for the time it
@@ -312,27 +312,46 @@ beam_search_jit = jax.jit(
 )
 
 
-def rerank(queries, vectors, cand, k: int, metric: str, deleted=None, graph=None, refine=0):
+def rerank(queries, vectors, cand, k: int, metric: str, deleted=None, hop=None):
     """Exact scores of candidates cand int32 [Q, L] (-1 = none) against vectors float32 or
     float16 [N, D] (scored in float32) -> (scores f32 [Q, k], idx int32 [Q, k]). l2: squared
     distances, ascending; ip / cosine: similarities, descending. Missing results: idx -1 and
     score +inf (l2) or -inf (ip, cosine); a NaN score counts as missing (a found candidate's
     score can be infinite, for a query of huge norm).
 
-    refine > 0 (graph int32 [N, R] given, -1 = no edge): the graph neighbours of the `refine`
-    best candidates are scored too, and the best k of both, each node once, are returned
-    (see _refined).
+    hop: a FloatHop, whose `refine` best candidates' graph neighbours are scored too; the
+    best k of both, each node once (ties to the lower node id), are returned (see _hop).
+    The search runs it as two programs (rank_batch, hop_batch); this is the same in one.
 
     Runs in chunks of queries whose gathered [q, L, D] float32 candidates are at most 16 MB
     (whole batches of 500 at L=256 were 65 MB each, the peak of a 1M index's searches)."""
-    if refine and graph is None:
-        raise ValueError(f"refine={refine} needs the graph")
-    scored = cand.shape[1] + (refine * graph.shape[1] if refine else 0)
-    rows = max(1, _RERANK_BYTES // (4 * scored * vectors.shape[1]))
-    one = functools.partial(
-        _rerank, vectors=vectors, k=k, metric=metric, deleted=deleted, graph=graph, refine=refine
-    )
-    return bitonic.slice_map(one, (queries, cand), rows, axis=0)
+    rows = max(1, _RERANK_BYTES // (4 * cand.shape[1] * vectors.shape[1]))
+    if hop is None:
+        one = functools.partial(_rerank, vectors=vectors, k=k, metric=metric, deleted=deleted)
+        return bitonic.slice_map(one, (queries, cand), rows, axis=0)
+
+    def one(queries, query_codes, cand):
+        first = _ranked(*_scores(queries, cand, vectors, metric, deleted), cand, metric)
+        dist = hamming_pairs(hop.codes[jnp.maximum(cand, 0)], query_codes[:, None, :])
+        listed = bitonic.sort(
+            bitonic.pad_rows(_layout(hop.codes).pack(dist.T, cand.T), first.shape[0])
+        )
+        return _hop(queries, query_codes, listed, first, vectors, deleted, k, metric, hop)
+
+    return bitonic.slice_map(one, (queries, hop.query_codes, cand), rows, axis=0)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FloatHop:
+    """What rerank's float hop reads: the graph int32 [N, R] (-1: no edge), the codes uint32
+    [N, W] and the queries' codes [Q, W] (to find which neighbours are candidates already), and
+    `refine`, how many of the best candidates' neighbours are scored (static)."""
+
+    graph: jax.Array
+    codes: jax.Array
+    query_codes: jax.Array
+    refine: int = dataclasses.field(metadata=dict(static=True))
 
 
 _RERANK_BYTES = 16 << 20
@@ -364,10 +383,8 @@ def _score_of(key, metric: str):
     return s if metric == "l2" else -s
 
 
-def _rerank(queries, cand, vectors, k: int, metric: str, deleted, graph=None, refine=0):
+def _rerank(queries, cand, vectors, k: int, metric: str, deleted):
     s, bad = _scores(queries, cand, vectors, metric, deleted)
-    if refine:
-        return _refined(queries, cand, s, bad, vectors, graph, deleted, k, metric, refine)
     # Best first: ascending distance, descending similarity, ties to the earlier list
     # position, as lax.top_k ordered them; but by a sorting network across the lists, where
     # XLA:CPU's top_k runs row by row (0.37 ms for k = 24 of 24 on 200 rows). The whole
@@ -384,62 +401,65 @@ def _rerank(queries, cand, vectors, k: int, metric: str, deleted, graph=None, re
     return scores, idx
 
 
-def _refined(queries, cand, s, bad, vectors, graph, deleted, k: int, metric: str, refine: int):
-    """The rerank with one hop in float space: the graph neighbours of the `refine` best
-    candidates by exact score are scored too, and the best k of candidates and neighbours
-    (ties to the lower node id) are returned.
+def _ranked(s, bad, cand, metric: str):
+    """The candidates as (score, node) keys, best first (the node breaks ties): Pairs
+    [next_pow2(L), Q]."""
+    node = cand.astype(jnp.uint32).T  # [L, Q]; -1 (none) is SENTINEL
+    keys = bitonic.Pairs(jnp.where(bad, SENTINEL, _best_first(s, metric)).T, node)
+    return bitonic.sort(bitonic.pad_rows(keys, bitonic.next_pow2(cand.shape[1])))
+
+
+def _hop(queries, query_codes, listed, first, vectors, deleted, k: int, metric: str, hop):
+    """The rerank with one hop in float space (hop: FloatHop): the graph neighbours of the
+    `hop.refine` best candidates by exact score (`first`, _ranked) that are not candidates
+    already (`listed`: the candidates' Hamming keys, sorted) are scored too, and the best k of
+    candidates and neighbours (ties to the lower node id) are returned as (scores, idx).
 
     The codes' errors are what a rerank of the list cannot undo: a near point whose code is
     far from the query's never becomes a candidate. Its code is still near the codes of the
     points near it, though, so the graph rows of the best candidates by exact score hold much
     of what the list missed. 1M synthetic (benchmarks/ann.py data), 1000 queries, the
     neighbours of the best 4: recall@100 at L=256 0.949 -> 0.955, recall@10 at L=64 0.933 ->
-    0.948; the best 32 at L=128: recall@100 0.770 -> 0.954. (At 100k, where even the exact
+    0.951; the best 32 at L=128: recall@100 0.770 -> 0.954. (At 100k, where even the exact
     Hamming top 512 holds only 0.863 of the top 100, the best 32's neighbours added 0.002:
     there the missed points are not near the found ones in code either.)
 
     Most neighbours are candidates already (at L=256 83% of the best 4's 128, at L=64 48%,
     counting repeats), and gathering a float row is the rerank's cost, so only the rest are
-    scored: each neighbour is looked up in the candidates sorted by node id (a binary
-    search, bitonic.contains), repeats are dropped, and the first `_hop_rows` of what is left
-    (by node id, where more are new) are scored and merged into the sorted candidates. The
-    empty rows all gather node 0's, which stays in cache, so the cost follows what is new:
-    at L=256 no slower within the noise (113-122 ms a search either way)."""
-    q, size = cand.shape
-    width = bitonic.next_pow2(size)
-    node = cand.astype(jnp.uint32).T  # [L, Q]; -1 (none) is SENTINEL
-    first = bitonic.sort(
-        bitonic.pad_rows(
-            bitonic.Pairs(jnp.where(bad, SENTINEL, _best_first(s, metric)).T, node), width
-        )
-    )  # (score, node) best first: the node breaks ties
+    scored: the candidates are the walk's list, sorted by (Hamming distance, node), so a
+    binary search for a neighbour's own key (bitonic.contains, the walk's membership test)
+    finds it from its code. The others gather node 0's row instead of their own, which stays
+    in cache, so the gathers cost what is new.
+
+    1M, L=256, 500 queries, 2 cores: the hop takes 8.2 ms beside the ranking's 10.7 (the
+    rerank without it 10.3). Scoring only the new ones, each once, at most 64 (sorting node
+    ids to drop repeats and gaps, then the 64 scores: networks of 128 keys and 64 Pairs
+    where this sorts 128 Pairs twice), took 6.0 ms, but its compilation peaked 40-60 MiB
+    higher (VmHWM of the first search, +145-164 against +107 MiB), past what the 1M
+    benchmark's peak memory allows (see _compile_search); comparing every pair of neighbours
+    to drop repeats, 35 ms a search of 1000 queries."""
+    q = first.shape[1]
+    refine = hop.refine
     parent = jnp.where(first.hi[:refine] != SENTINEL, first.lo[:refine].astype(jnp.int32), -1)
-    hop = jnp.where(parent[..., None] >= 0, graph[jnp.maximum(parent, 0)], -1)  # [P, Q, R]
-    hop = jnp.moveaxis(hop, 2, 1).reshape(-1, q)  # [P * R, Q]
-    # Node n as the key 2n, flag bit clear, as contains expects; a missing one is SENTINEL.
-    as_key = lambda n: jnp.where(n >= 0, n.astype(jnp.uint32) << 1, SENTINEL)  # noqa: E731
-    listed = bitonic.sort(bitonic.pad_rows(as_key(cand.T), width))
-    fresh = jnp.where(bitonic.contains(listed, as_key(hop)), SENTINEL, as_key(hop))
-    rows = _hop_rows(refine * graph.shape[1])
-    fresh = bitonic.unique_smallest(fresh, rows)  # [rows, Q], each node once, gaps last
-    more = jnp.where(fresh != SENTINEL, (fresh >> 1).astype(jnp.int32), -1).T  # [Q, rows]
-    more_s, more_bad = _scores(queries, more, vectors, metric, deleted)
-    more_keys = bitonic.Pairs(
-        jnp.where(more_bad, SENTINEL, _best_first(more_s, metric)).T, more.astype(jnp.uint32).T
+    nb = jnp.where(parent[..., None] >= 0, hop.graph[jnp.maximum(parent, 0)], -1)  # [P, Q, R]
+    nb = jnp.moveaxis(nb, 2, 1).reshape(-1, q)  # [P * R, Q]
+    d = hamming_pairs(hop.codes[jnp.maximum(nb, 0)], query_codes[None, :, :])
+    nb = jnp.where(bitonic.contains(listed, _layout(hop.codes).pack(d, nb)), -1, nb).T
+    nb_s, nb_bad = _scores(queries, nb, vectors, metric, deleted)  # [Q, P * R]
+    nb_keys = bitonic.Pairs(
+        jnp.where(nb_bad, SENTINEL, _best_first(nb_s, metric)).T, nb.astype(jnp.uint32).T
     )
-    span = max(width, rows)
-    best = bitonic.merge_smallest(
-        bitonic.pad_rows(first, span), bitonic.pad_rows(bitonic.sort(more_keys), span)
-    )[:k].T
+    # A neighbour two parents share has one score (one row, scored by one computation), so
+    # its copies sort next to each other and drop_repeats keeps one.
+    nb_keys = bitonic.pad_rows(nb_keys, bitonic.next_pow2(nb.shape[1]))
+    nb_keys = bitonic.drop_repeats(bitonic.sort(nb_keys))
+    span = max(bitonic.next_pow2(k), nb_keys.shape[0])
+    top = bitonic.pad_rows(first, span) if first.shape[0] < span else first[:span]
+    best = bitonic.merge_smallest(top, bitonic.pad_rows(nb_keys, span))[:k].T
     found = best.hi != SENTINEL
     idx = jnp.where(found, best.lo.astype(jnp.int32), -1)
     missing = jnp.inf if metric == "l2" else -jnp.inf
     return jnp.where(found, _score_of(best.hi, metric), missing), idx
-
-
-def _hop_rows(neighbours: int) -> int:
-    """Rows the float hop gathers of its `neighbours` (a power of two): half of them."""
-    return max(1, bitonic.next_pow2(neighbours) // 2)
 
 
 def ordered_key(x):
@@ -468,17 +488,44 @@ def seed_batch(queries, query_codes, codes, entries, *, candidates):
 @functools.partial(jax.jit, static_argnames=("candidates", "width", "iterations"))
 def walk_batch(query_codes, codes, graph, top, *, candidates, width, iterations):
     """One batch's walk from its start lists (seed_batch): query_codes uint32 [Q, W] -> the
-    candidates int32 [Q, L] to rerank, a program of its own: see compiled_search_batch."""
-    cand, _ = walk(
+    candidates int32 [Q, L] to rerank and their Hamming distances (the list, sorted by
+    (distance, node)), a program of its own: see compiled_search_batch."""
+    return walk(
         query_codes, codes, graph, top, candidates=candidates, width=width, iterations=iterations
     )
-    return cand
 
 
-@functools.partial(jax.jit, static_argnames=("k", "metric", "refine"))
-def rerank_batch(queries, vectors, cand, deleted, graph, *, k, metric, refine):
+@functools.partial(jax.jit, static_argnames=("k", "metric"))
+def rerank_batch(queries, vectors, cand, deleted, *, k, metric):
     """One batch's rerank (rerank), a program of its own: see compiled_search_batch."""
-    return rerank(queries, vectors, cand, k, metric, deleted, graph if refine else None, refine)
+    return rerank(queries, vectors, cand, k, metric, deleted)
+
+
+@functools.partial(jax.jit, static_argnames=("metric",))
+def rank_batch(queries, vectors, cand, deleted, *, metric):
+    """One batch's candidates ranked by exact score, Pairs [Q, next_pow2(L)] (_ranked): the
+    first of the float hop's two programs (see compiled_search_batch)."""
+
+    def one(queries, cand):
+        return _ranked(*_scores(queries, cand, vectors, metric, deleted), cand, metric).T
+
+    rows = max(1, _RERANK_BYTES // (4 * cand.shape[1] * vectors.shape[1]))
+    return bitonic.slice_map(one, (queries, cand), rows, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "metric"))
+def hop_batch(queries, vectors, cand, dist, ranked, deleted, hop, *, k, metric):
+    """One batch's float hop (_hop) from its walk's list (cand, dist) and its ranked
+    candidates (rank_batch) -> (scores, idx): the second of the hop's two programs."""
+    layout = _layout(hop.codes)
+
+    def one(queries, query_codes, cand, dist, ranked):
+        listed = bitonic.pad_rows(layout.pack(dist.T, cand.T), ranked.shape[1])  # sorted
+        return _hop(queries, query_codes, listed, ranked.T, vectors, deleted, k, metric, hop)
+
+    rows = max(1, _RERANK_BYTES // (4 * hop.refine * hop.graph.shape[1] * vectors.shape[1]))
+    parts = (queries, hop.query_codes, cand, dist, ranked)
+    return bitonic.slice_map(one, parts, rows, axis=0)
 
 
 def compiled_search_batch(queries, query_codes, codes, graph, vectors, entries, deleted, **static):
@@ -497,7 +544,9 @@ def compiled_search_batch(queries, query_codes, codes, graph, vectors, entries, 
     ~110 as one (seed and walk, 100k codes, L=64). The rerank's sorting network in the walk's
     program took a 1M index's first search at L=128 from +65 to +118 MiB (VmHWM), and the
     1M benchmark's peak past hnswlib's; apart, +83 (L=256: +77, +126, +62), and a sweep of L
-    from 16 to 256 after the build stays under the build's own peak (692 MiB), as before."""
+    from 16 to 256 after the build stays under the build's own peak (692 MiB), as before.
+    With the float hop (config.refine) the rerank is two programs, the ranking and the hop
+    (rank_batch, hop_batch), for the same reason (see _compile_search)."""
     args = (queries, query_codes, codes, graph, vectors, entries, deleted)
     leaves, structure = jax.tree.flatten(args)  # query_codes may be a Binarizer
     key = (
@@ -576,26 +625,50 @@ def _compile_search(queries, query_codes, codes, graph, vectors, entries, delete
     walk_static = {name: static[name] for name in ("candidates", "width", "iterations")}
     walk_program = walk_batch.trace(query_codes, codes, graph, top, **walk_static).lower().compile()
     heap.release_free_heap()  # between compilations too: each peaks on what the last freed
-    cand = walk_program.out_info
-    rerank_static = {name: static[name] for name in ("k", "metric", "refine")}
-    rerank_program = (
-        rerank_batch.trace(queries, vectors, cand, deleted, graph, **rerank_static)
-        .lower()
-        .compile()
-    )
+    cand, dist = walk_program.out_info
+    refine = static["refine"]
+    if refine:
+        # The hop apart from the ranking: XLA:CPU's compilation peak follows a program's
+        # sorting networks. In the rerank's program, the hop took a 1M index's first search
+        # at L=256 from +85 to +229 MiB (VmHWM), past hnswlib's peak in the 1M benchmark;
+        # apart, +107 against +109 without the hop (2 cores, 2026-12-06).
+        rank = rank_batch.trace(queries, vectors, cand, deleted, metric=static["metric"])
+        rank = rank.lower().compile()
+        heap.release_free_heap()
+        hop = FloatHop(graph, codes, query_codes, refine)
+        hop_static = {name: static[name] for name in ("k", "metric")}
+        hop_program = hop_batch.trace(
+            queries, vectors, cand, dist, rank.out_info, deleted, hop, **hop_static
+        )
+        hop_program = hop_program.lower().compile()
+
+        def rerank_program(queries, query_codes, codes, graph, vectors, cand, dist, deleted):
+            ranked = rank(queries, vectors, cand, deleted)
+            hop = FloatHop(graph, codes, query_codes, refine)
+            return hop_program(queries, vectors, cand, dist, ranked, deleted, hop)
+    else:
+        rerank_static = {name: static[name] for name in ("k", "metric")}
+        rerank = rerank_batch.trace(queries, vectors, cand, deleted, **rerank_static)
+        rerank = rerank.lower().compile()
+
+        def rerank_program(queries, query_codes, codes, graph, vectors, cand, dist, deleted):
+            return rerank(queries, vectors, cand, deleted)
+
     # jax's own caches (the traces, their lowerings, the executables) would keep every
     # program alive too; only compiled_search_batch's cache holds them.
     seed_batch.clear_cache()
     walk_batch.clear_cache()
     rerank_batch.clear_cache()
+    rank_batch.clear_cache()
+    hop_batch.clear_cache()
     # A compilation's freed heap stays resident otherwise: 40-80 MB per new search shape at
     # 1M, which the next search's peak then stands on (VmRSS, measured).
     heap.release_free_heap()
 
     def run(queries, query_codes, codes, graph, vectors, entries, deleted):
         top, query_codes = seed(queries, query_codes, codes, entries)
-        cand = walk_program(query_codes, codes, graph, top)
-        return rerank_program(queries, vectors, cand, deleted, graph)
+        cand, dist = walk_program(query_codes, codes, graph, top)
+        return rerank_program(queries, query_codes, codes, graph, vectors, cand, dist, deleted)
 
     return run
 

@@ -203,9 +203,8 @@ def test_rerank_skips_nan_scores(metric):
 
 
 def _hop_reference(x, q, cand, graph, deleted, k, refine, metric):
-    """The float hop (search._refined) in numpy: the candidates' scores, the graph neighbours
-    of the best `refine`, of those not already candidates the first _hop_rows by node id, and
-    the best k of all (ties to the lower id)."""
+    """The float hop (search._hop) in numpy: the candidates' scores, the graph neighbours of
+    the best `refine` that are not candidates, and the best k of all (ties to the lower id)."""
 
     def score(nodes):
         v = x[nodes].astype(np.float64)
@@ -215,31 +214,36 @@ def _hop_reference(x, q, cand, graph, deleted, k, refine, metric):
     listed = ok(cand)
     parents = listed[np.lexsort((listed, score(listed)))][:refine]
     hop = np.unique(graph[parents].ravel())
-    fresh = np.setdiff1d(hop[hop >= 0], cand)[: search._hop_rows(refine * graph.shape[1])]
-    nodes = np.concatenate([listed, ok(fresh)])
+    nodes = np.concatenate([listed, ok(np.setdiff1d(hop[hop >= 0], cand))])
     return nodes[np.lexsort((nodes, score(nodes)))][:k]
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("refine", [1, 3, 8])
-def test_float_hop_scores_the_best_candidates_neighbours(metric, refine, monkeypatch):
+@pytest.mark.parametrize("pairs", [False, True])
+def test_float_hop_scores_the_best_candidates_neighbours(metric, refine, pairs, monkeypatch):
     # Random graph rows (with missing edges, and neighbours that are candidates already, are
     # deleted, or repeat across parents): the rerank returns numpy's best k of the candidates
-    # and the hop's new nodes, each once, in chunks of queries too.
-    monkeypatch.setattr(search, "_RERANK_BYTES", 4 * 8 * 200 * 3)  # 3 queries a chunk
+    # and the hop's new nodes, each once, in chunks of queries too, with the walk's list as
+    # one key or as Pairs.
+    monkeypatch.setattr(search, "_RERANK_BYTES", 4 * 12 * 8 * 3)  # 3 queries a chunk
+    if pairs:
+        monkeypatch.setattr(bitonic.KeyLayout, "fits", staticmethod(lambda *a, **k: False))
     rng = np.random.default_rng(refine)
     n, dim, degree, size, k = 60, 8, 6, 12, 10
     x = rng.integers(-3, 4, size=(n, dim)).astype(np.float32)  # ties between nodes
     q = rng.normal(size=(7, dim)).astype(np.float32)
     graph = rng.integers(-1, n, size=(n, degree)).astype(np.int32)
+    codes_ = rng.integers(0, 2**32, size=(n, 2), dtype=np.uint64).astype(np.uint32)
+    query_codes = rng.integers(0, 2**32, size=(len(q), 2), dtype=np.uint64).astype(np.uint32)
     cand = np.stack([rng.permutation(n)[:size] for _ in q]).astype(np.int32)
     cand[1, 3:] = -1  # a short list
     deleted = np.zeros(n, bool)
     deleted[rng.choice(n, 8, replace=False)] = True
+    hop = search.FloatHop(jnp.asarray(graph), jnp.asarray(codes_), jnp.asarray(query_codes), refine)
     s, i = search.rerank(
-        jnp.asarray(q), jnp.asarray(x), jnp.asarray(cand), k, metric,
-        jnp.asarray(deleted), jnp.asarray(graph), refine,
-    )  # fmt: skip
+        jnp.asarray(q), jnp.asarray(x), jnp.asarray(cand), k, metric, jnp.asarray(deleted), hop
+    )
     s, i = np.asarray(s), np.asarray(i)
     for row in range(len(q)):
         want = _hop_reference(x, q[row], cand[row], graph, deleted, k, refine, metric)
@@ -252,19 +256,30 @@ def test_float_hop_scores_the_best_candidates_neighbours(metric, refine, monkeyp
 
 
 def test_float_hop_finds_what_the_codes_missed(setup):
-    # A list too short for k: the hop's neighbours lift recall@k, and a search never lists a
-    # node twice.
+    # A list too short for k: the hop's neighbours lift recall@k, a search never lists a node
+    # twice, and its two programs (the walk's list as sorted keys) give rerank's results.
     x, q, c, qc, g, entries = setup
     truth = exact_topk(x, q, 32)
     found = {}
     for refine in (0, 8):
         config = search.SearchConfig(32, refine=refine, threads=1)
-        _, found[refine] = search.search(q, qc, c, g, x, entries, 32, config=config)
+        scores, found[refine] = search.search(q, qc, c, g, x, entries, 32, config=config)
         _assert_each_node_listed_once(found[refine])
     assert recall(found[8], truth) > recall(found[0], truth) + 0.02, (
         recall(found[0], truth),
         recall(found[8], truth),
     )
+    config = config.for_codes(len(c))
+    cand, _ = search.beam_search(
+        *map(jnp.asarray, (qc, c, g, entries)),
+        candidates=32,
+        width=config.width,
+        iterations=config.iterations(),
+    )
+    hop = search.FloatHop(jnp.asarray(g), jnp.asarray(c), jnp.asarray(qc), 8)
+    want_scores, want = search.rerank(jnp.asarray(q), jnp.asarray(x), cand, 32, "l2", hop=hop)
+    np.testing.assert_array_equal(found[8], want)
+    np.testing.assert_array_equal(scores, want_scores)
 
 
 def test_float_of_ordered_key_inverts_it():
