@@ -616,6 +616,7 @@ def lru_program(cache: collections.OrderedDict, lock, limit: int, key, compile_f
 
 
 def _compile_search(queries, query_codes, codes, graph, vectors, entries, deleted, **static):
+    heap.release_free_heap()  # what earlier searches freed, before the compilations' peaks
     seed = (
         seed_batch.trace(queries, query_codes, codes, entries, candidates=static["candidates"])
         .lower()
