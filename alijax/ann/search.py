@@ -121,12 +121,12 @@ class SearchConfig:
 
 
 _SLOTS_PER_PARENT = 128  # SearchConfig.for_codes: list slots per parent of an automatic width
-# The automatic float hop (SearchConfig.refine, see _hop): the neighbours of the best 4
-# from a list of 256. There most of them are candidates already and the rest cost little: 1M,
-# 1000 queries, L=256: recall@100 0.949 -> 0.955 at 113-122 ms either way; L=512 0.9875 ->
-# 0.9876, 238 -> 241 ms. Shorter lists gain as much as a longer list would for the time it
-# takes: L=64 recall@10 0.933 -> 0.948, 21.8 -> 32.1 ms, where L=96 gives 0.966 in 40.8 ms;
-# L=128 0.977 -> 0.979, 51.6 -> 62.5 ms (2 cores, 2026-12-06).
+# The automatic float hop (SearchConfig.refine, see _hop): the neighbours of the best 4 from a
+# list of 256, where most of them are candidates already. 1M, 1000 queries (2 cores,
+# 2026-12-06): L=256 recall@100 0.949 -> 0.955 in 123 -> 139 ms (the benchmark's run: 8.31k ->
+# 7.88k QPS); L=512 0.9875 -> 0.9876, 259 -> 274 ms. For shorter lists a longer list is the
+# better trade: L=64 recall@10 0.933 -> 0.951 in 27.7 -> 41.2 ms, where L=96 without the hop
+# gives 0.966 in 41.7 ms; L=128 0.977 -> 0.979 in 54.5 -> 72.8 ms.
 _REFINE_FROM = 256
 _AUTO_REFINE = 4
 
