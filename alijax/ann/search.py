@@ -604,10 +604,13 @@ def query_batches(num_queries: int, batch_size: int, threads: int) -> tuple[int,
 
 def lru_program(cache: collections.OrderedDict, lock, limit: int, key, compile_fn):
     """The program under `key` in `cache` (made by compile_fn() if absent), now the most
-    recently used; past `limit` programs the least recently used is dropped, and freed."""
+    recently used; past `limit` programs the least recently used is dropped, and freed:
+    before a compilation, so that its peak does not stand on a program about to go."""
     with lock:
         program = cache.pop(key, None)
         if program is None:
+            while len(cache) >= limit:
+                cache.popitem(last=False)
             program = compile_fn()
         cache[key] = program  # most recently used last
         while len(cache) > limit:

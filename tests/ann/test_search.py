@@ -4,6 +4,7 @@ float rerank against exact float ground truth, deleted nodes never returned."""
 import collections
 import functools
 import gc
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -456,6 +457,21 @@ def test_small_searches_run_on_one_thread_and_accelerators_always_do():
     assert count(100, search.SearchConfig(128, threads=4), cpu=True) == 1
     assert count(10_000, search.SearchConfig(128, threads=4), cpu=True) == 4
     assert count(10_000, search.SearchConfig(128, threads=4), cpu=False) == 1
+
+
+def test_lru_program_makes_room_before_compiling():
+    # A compilation's peak should not stand on the program it is about to evict.
+    cache, lock = collections.OrderedDict(), threading.Lock()
+    seen = []
+
+    def compile_fn(name):
+        seen.append((name, list(cache)))
+        return name
+
+    for name in ("a", "b", "a", "c"):
+        assert search.lru_program(cache, lock, 2, name, lambda n=name: compile_fn(n)) == name
+    assert seen == [("a", []), ("b", ["a"]), ("c", ["a"])]  # "b", least recent, went first
+    assert list(cache) == ["a", "c"]
 
 
 def test_search_keeps_only_the_latest_compiled_programs(setup, monkeypatch):
