@@ -100,7 +100,10 @@ class SearchConfig:
           0.951 / 0.954); L=512 3.2k / 3.9k / 4.1k / 4.0k (0.987-0.989).
         - 100k: L=128 27.1k / 29.1k / 22.5k; L=256 10.6k / 10.3k / 10.2k; L=512 3.9k / 4.7k /
           5.1k / 5.0k; L=1024, widths 4 / 8 / 16: 1.76k / 1.92k / 1.77k.
-        Wider won from L=512; at L=256 widths 1 and 2 were within 3% of each other."""
+        Wider won from L=512; at L=256 widths 1 and 2 were within 3% of each other.
+
+        An automatic refine (the rerank's float hop) resolves to _AUTO_REFINE from a list of
+        _REFINE_FROM, else to 0 (see there)."""
         config = self
         if config.refine is None:
             refine = _AUTO_REFINE if config.candidates >= _REFINE_FROM else 0
