@@ -592,7 +592,7 @@ class BinaryGraphIndex:
             cfg,
             candidates=int(candidates or max(k, cfg.candidates)),
             width=int(width) if width else cfg.width,  # None: automatic (for_codes)
-            refine=cfg.refine if refine is None else refine,
+            refine=cfg.refine if refine is None else int(refine),
         )
         cfg = cfg.for_codes(len(self.ids))  # the index's size, not its padded arrays'
         with self._cache_lock:  # (concurrent searches: one copy of each array, not one each)

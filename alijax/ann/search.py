@@ -328,13 +328,13 @@ def rerank(queries, vectors, cand, k: int, metric: str, deleted=None, hop=None):
 
     Runs in chunks of queries whose gathered [q, L, D] float32 candidates are at most 16 MB
     (whole batches of 500 at L=256 were 65 MB each, the peak of a 1M index's searches)."""
-    rows = max(1, _RERANK_BYTES // (4 * cand.shape[1] * vectors.shape[1]))
+    rows = _rerank_rows(cand.shape[1], vectors.shape[1])
     if hop is None:
         one = functools.partial(_rerank, vectors=vectors, k=k, metric=metric, deleted=deleted)
         return bitonic.slice_map(one, (queries, cand), rows, axis=0)
 
     def one(queries, query_codes, cand):
-        first = _ranked(*_scores(queries, cand, vectors, metric, deleted), cand, metric)
+        first = _ranked(queries, cand, vectors, metric, deleted)
         dist = hamming_pairs(hop.codes[jnp.maximum(cand, 0)], query_codes[:, None, :])
         listed = bitonic.sort(
             bitonic.pad_rows(_layout(hop.codes).pack(dist.T, cand.T), first.shape[0])
@@ -358,6 +358,11 @@ class FloatHop:
 
 
 _RERANK_BYTES = 16 << 20
+
+
+def _rerank_rows(scored: int, dim: int) -> int:
+    """Queries a rerank chunk holds: their [q, scored, dim] float32 rows in _RERANK_BYTES."""
+    return max(1, _RERANK_BYTES // (4 * scored * dim))
 
 
 def _scores(queries, cand, vectors, metric: str, deleted):
@@ -394,7 +399,7 @@ def _rerank(queries, cand, vectors, k: int, metric: str, deleted):
     # rerank, same results, 2 cores: 200 queries, L=24, k=24, 0.54 -> 0.27 ms; 1000 queries
     # L=64 k=10 5.2 -> 3.0 ms; L=128 k=100 31 -> 23 ms (1M vectors, random candidates).
     pos = jnp.broadcast_to(jnp.arange(cand.shape[1], dtype=jnp.uint32), cand.shape)
-    keys = bitonic.Pairs(jnp.where(bad, SENTINEL, _best_first(s, metric)).T, pos.T)  # [L, Q]
+    keys = _score_keys(s, bad, pos, metric)  # (score, list position) [L, Q]
     best = bitonic.sort(bitonic.pad_rows(keys, bitonic.next_pow2(cand.shape[1])))[:k].T
     found = best.hi != SENTINEL
     pos = jnp.where(found, best.lo, 0).astype(jnp.int32)
@@ -404,11 +409,18 @@ def _rerank(queries, cand, vectors, k: int, metric: str, deleted):
     return scores, idx
 
 
-def _ranked(s, bad, cand, metric: str):
-    """The candidates as (score, node) keys, best first (the node breaks ties): Pairs
+def _score_keys(s, bad, nodes, metric: str):
+    """Scores s [Q, L] of nodes int32 [Q, L] (or of list positions) as (score, node) keys,
+    Pairs [L, Q], best first once sorted (the node breaks ties); a bad entry's is SENTINEL."""
+    return bitonic.Pairs(
+        jnp.where(bad, SENTINEL, _best_first(s, metric)).T, nodes.astype(jnp.uint32).T
+    )
+
+
+def _ranked(queries, cand, vectors, metric: str, deleted):
+    """The candidates cand [Q, L] by exact score, best first: sorted _score_keys, Pairs
     [next_pow2(L), Q]."""
-    node = cand.astype(jnp.uint32).T  # [L, Q]; -1 (none) is SENTINEL
-    keys = bitonic.Pairs(jnp.where(bad, SENTINEL, _best_first(s, metric)).T, node)
+    keys = _score_keys(*_scores(queries, cand, vectors, metric, deleted), cand, metric)
     return bitonic.sort(bitonic.pad_rows(keys, bitonic.next_pow2(cand.shape[1])))
 
 
@@ -448,10 +460,7 @@ def _hop(queries, query_codes, listed, first, vectors, deleted, k: int, metric: 
     nb = jnp.moveaxis(nb, 2, 1).reshape(-1, q)  # [P * R, Q]
     d = hamming_pairs(hop.codes[jnp.maximum(nb, 0)], query_codes[None, :, :])
     nb = jnp.where(bitonic.contains(listed, _layout(hop.codes).pack(d, nb)), -1, nb).T
-    nb_s, nb_bad = _scores(queries, nb, vectors, metric, deleted)  # [Q, P * R]
-    nb_keys = bitonic.Pairs(
-        jnp.where(nb_bad, SENTINEL, _best_first(nb_s, metric)).T, nb.astype(jnp.uint32).T
-    )
+    nb_keys = _score_keys(*_scores(queries, nb, vectors, metric, deleted), nb, metric)
     # A neighbour two parents share has one score (one row, scored by one computation), so
     # its copies sort next to each other and drop_repeats keeps one.
     nb_keys = bitonic.pad_rows(nb_keys, bitonic.next_pow2(nb.shape[1]))
@@ -510,9 +519,9 @@ def rank_batch(queries, vectors, cand, deleted, *, metric):
     first of the float hop's two programs (see compiled_search_batch)."""
 
     def one(queries, cand):
-        return _ranked(*_scores(queries, cand, vectors, metric, deleted), cand, metric).T
+        return _ranked(queries, cand, vectors, metric, deleted).T
 
-    rows = max(1, _RERANK_BYTES // (4 * cand.shape[1] * vectors.shape[1]))
+    rows = _rerank_rows(cand.shape[1], vectors.shape[1])
     return bitonic.slice_map(one, (queries, cand), rows, axis=0)
 
 
@@ -526,7 +535,7 @@ def hop_batch(queries, vectors, cand, dist, ranked, deleted, hop, *, k, metric):
         listed = bitonic.pad_rows(layout.pack(dist.T, cand.T), ranked.shape[1])  # sorted
         return _hop(queries, query_codes, listed, ranked.T, vectors, deleted, k, metric, hop)
 
-    rows = max(1, _RERANK_BYTES // (4 * hop.refine * hop.graph.shape[1] * vectors.shape[1]))
+    rows = _rerank_rows(hop.refine * hop.graph.shape[1], vectors.shape[1])
     parts = (queries, hop.query_codes, cand, dist, ranked)
     return bitonic.slice_map(one, parts, rows, axis=0)
 
