@@ -45,10 +45,11 @@ bench_rc=${PIPESTATUS[0]}
 
 if [ "${INT8_STEP:-1}" != "0" ]; then
   echo "=== DA-INT8 ResNet-50 train step vs bf16 ==="
-  # bf16 first (the baseline), then DA-INT8 with its convs on bf16 codes, then on float32 codes
-  # (the slow path, last: run 4 did not finish it in 150 s).
+  # bf16 first (the baseline), then DA-INT8 with its convs as int8 GEMMs (im2col), then on
+  # bf16 codes through cuDNN, then on float32 codes (the slow path, last: run 4 did not finish
+  # it in 150 s).
   timeout "${STEP_TIMEOUT:-240}" "$PY" benchmarks/int8_step.py --steps "${STEP_STEPS:-5}" \
-    --recipes "${STEP_RECIPES:-bf16,da_int8+bf16conv,da_int8}" \
+    --recipes "${STEP_RECIPES:-bf16,da_int8+im2col,da_int8+bf16conv,da_int8}" \
     --out "$OUT_DIR/int8-step-gpu.json" 2>&1 | tee "$OUT_DIR/int8-step-gpu.log"
 fi
 

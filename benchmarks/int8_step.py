@@ -4,9 +4,13 @@
   python benchmarks/int8_step.py --quick               # resnet_tiny, batch 32, 32x32 (CPU smoke)
   python benchmarks/int8_step.py --recipes bf16,da_int8,per_tensor_int8 --steps 20
   python benchmarks/int8_step.py --recipes bf16,da_int8+bf16conv   # GPU convs on bf16 codes
+  python benchmarks/int8_step.py --recipes bf16,da_int8+im2col     # convs as int8 GEMMs
 
 A recipe "NAME+bf16conv" is NAME with Recipe.gpu_conv_operands="bfloat16" (on GPU the integer
-convs then run on the tensor cores; see alijax/quant/conv.py).
+convs then run on the tensor cores; see alijax/quant/conv.py); "NAME+im2col" is NAME with
+Recipe.conv_lowering="im2col" (each conv product one int8 GEMM, the Pallas kernel on GPU), and
+"NAME+conv" with conv_lowering="conv" (every product a conv: on CPU the default "auto" runs the
+backward as GEMMs).
 
 Each recipe's full train step (forward, backward with quantized gradients, SGD update, the
 quant_state threading) is jitted with the state donated, compiled and warmed up, then timed step
@@ -32,7 +36,11 @@ import numpy as np
 
 from alijax import train
 
-VARIANTS = {"bf16conv": {"gpu_conv_operands": "bfloat16"}}
+VARIANTS = {
+    "bf16conv": {"gpu_conv_operands": "bfloat16"},
+    "im2col": {"conv_lowering": "im2col"},
+    "conv": {"conv_lowering": "conv"},
+}
 
 
 def model_config(name: str, recipe: str, num_classes: int, dtype: str) -> dict:

@@ -37,16 +37,18 @@ runs over batch and output positions only.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import operator
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from alijax.quant import _op
-from alijax.quant.dot_general import _module_state
+from alijax.quant.dot_general import _module_state, int8_dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,12 +255,182 @@ def conv_grad_rhs(geo: ConvGeometry, x, g, out_dtype, gpu_operands="float32"):
     )
 
 
+# The im2col lowering (Recipe.conv_lowering="im2col"): each of the three products as one int8
+# GEMM through int8_dot, which is the Pallas INT8 kernel on GPU. With K = prod(kernel) * C_in
+# (the kernel's taps, then its input channels, row-major as the kernel is laid out) and
+# M = N * prod(out):
+#   Y   [M, O] = P [M, K] @ W [K, O]        P: the patches of X (_patches)
+#   G_X        = col2im(G_Y [M, O] @ W^T)   col2im: each tap's [M, C] block added back at the
+#                                           input positions it was read from (_col2im)
+#   G_W [K, O] = P^T @ G_Y [M, O]
+# These are the ResNet-50 GEMM shapes of benchmarks/kernels.py. The patches cost prod(kernel)
+# times the input's int8 bytes (a 3x3 conv: 9x), and col2im an int32 [M, K] product, in
+# exchange for the int8 tensor cores that cuDNN's int8 x int8 -> int32 conv does not reach.
+CONV_LOWERINGS = ("auto", "conv", "im2col")
+
+
+def _lowering_of(lowering: str, product: str) -> str:
+    """The lowering one product runs: "auto" is im2col for the two backward products on CPU,
+    where XLA's int8 transposed convs run 20-50x slower than the GEMMs (2 cores, 2026-12-06,
+    per product ms conv / im2col, batch 32: 56x56 64->64 3x3 G_X 1665 / 79, G_W 6961 / 274;
+    14x14 256->256 3x3 G_X 3264 / 21, G_W 5604 / 177), while its forward int8 conv is the
+    faster one there (56x56 3x3: 7.0 / 43 ms). Elsewhere "auto" is "conv" until a GPU run
+    times the two (benchmarks/int8_step.py, variants +im2col)."""
+    if lowering != "auto":
+        return lowering
+    return "im2col" if product != "forward" and jax.default_backend() == "cpu" else "conv"
+
+
+def im2col_applies(geo: ConvGeometry) -> bool:
+    """Whether the im2col lowering covers this conv: one feature group, no input dilation
+    (a transposed conv's form), and a non-empty output. Others stay on the conv lowering."""
+    if geo.feature_group_count != 1 or any(d != 1 for d in geo.lhs_dilation):
+        return False
+    return min(_im2col_out_sizes(geo), default=1) >= 1 and 0 not in geo.lhs_shape
+
+
+def _kernel_sizes(geo: ConvGeometry) -> tuple[int, ...]:
+    return tuple(geo.rhs_shape[a] for a in geo.dimension_numbers.rhs_spec[2:])
+
+
+def _im2col_out_sizes(geo: ConvGeometry) -> tuple[int, ...]:
+    dn = geo.dimension_numbers
+    sizes = []
+    for a, (lo, hi), kk, d, s in zip(
+        dn.lhs_spec[2:], geo.padding, _kernel_sizes(geo), geo.rhs_dilation, geo.window_strides
+    ):
+        sizes.append((geo.lhs_shape[a] + lo + hi - _dilate(kk, d)) // s + 1)
+    return tuple(sizes)
+
+
+def _lhs_order(dn):  # lhs / out axes in channels-last order: batch, spatial..., features
+    return (dn[0], *dn[2:], dn[1])
+
+
+def _rhs_order(dn):  # kernel axes in [spatial..., in features, out features] order
+    return (*dn[2:], dn[1], dn[0])
+
+
+def _from_order(a, order):
+    """Undoes jnp.transpose(., order): a array in `order`'s axis order -> the original layout."""
+    return jnp.transpose(a, tuple(int(i) for i in np.argsort(order)))
+
+
+def _tap_windows(geo: ConvGeometry):
+    """Per kernel tap (row-major over the kernel's spatial axes): the padded input's strided
+    window it reads, as (starts, limits, strides) over [N, *padded spatial, C]."""
+    out = _im2col_out_sizes(geo)
+    for tap in itertools.product(*(range(k) for k in _kernel_sizes(geo))):
+        starts = tuple(t * d for t, d in zip(tap, geo.rhs_dilation))
+        limits = tuple(st + (o - 1) * s + 1 for st, o, s in zip(starts, out, geo.window_strides))
+        yield starts, limits
+
+
+def _patches(geo: ConvGeometry, x):
+    """int8 X (lhs layout) -> P int8 [N * prod(out), prod(kernel) * C]: row (n, out position)
+    holds the input window its output reads, taps row-major, channels last."""
+    x = jnp.transpose(x, _lhs_order(geo.dimension_numbers.lhs_spec))
+    edge = ((0, 0, 0),)
+    padded = lax.pad(
+        x, jnp.zeros((), x.dtype), edge + tuple((lo, hi, 0) for lo, hi in geo.padding) + edge
+    )
+    n, c = x.shape[0], x.shape[-1]
+    taps = [
+        lax.slice(padded, (0, *starts, 0), (n, *limits, c), (1, *geo.window_strides, 1))
+        for starts, limits in _tap_windows(geo)
+    ]
+    return jnp.stack(taps, axis=-2).reshape(-1, len(taps) * c)
+
+
+def _col2im(geo: ConvGeometry, cols, x_channels_last_shape):
+    """The adjoint of _patches on int32: cols [N * prod(out), prod(kernel) * C] -> G_X
+    [N, *in, C], each tap's block added at the input positions that tap read (a strided
+    placement by interior padding, so XLA fuses the sum into one pass)."""
+    n, *in_sizes, c = x_channels_last_shape
+    out = _im2col_out_sizes(geo)
+    windows = list(_tap_windows(geo))
+    cols = cols.reshape(n, *out, len(windows), c)
+    padded_sizes = [i + lo + hi for i, (lo, hi) in zip(in_sizes, geo.padding)]
+    edge = ((0, 0, 0),)
+    zero = jnp.zeros((), cols.dtype)
+    total = None
+    for tap, (starts, limits) in enumerate(windows):
+        config = (
+            edge
+            + tuple(
+                (st, size - lim, s - 1)
+                for st, lim, size, s in zip(starts, limits, padded_sizes, geo.window_strides)
+            )
+            + edge
+        )
+        placed = lax.pad(cols[..., tap, :], zero, config)
+        total = placed if total is None else total + placed
+    # Negative padding crops the padded border off again (and pads where padding was negative).
+    return lax.pad(total, zero, edge + tuple((-lo, -hi, 0) for lo, hi in geo.padding) + edge)
+
+
+def _check_im2col(geo: ConvGeometry, *operands):
+    if not im2col_applies(geo):
+        raise ValueError(
+            f"the im2col lowering needs feature_group_count=1, no lhs_dilation and a non-empty "
+            f"output; got feature_group_count={geo.feature_group_count}, "
+            f"lhs_dilation={geo.lhs_dilation}"
+        )
+    for a in operands:
+        if a.dtype != jnp.int8:
+            raise ValueError(f"the im2col lowering takes int8 operands, got {a.dtype}")
+
+
+def _weight_matrix(geo: ConvGeometry, w):
+    """int8 W (rhs layout) -> [prod(kernel) * C_in, C_out], rows in the patches' order."""
+    w = jnp.transpose(w, _rhs_order(geo.dimension_numbers.rhs_spec))
+    return w.reshape(-1, w.shape[-1])
+
+
+def _out_matrix(geo: ConvGeometry, g):
+    """G_Y (out layout) -> [N * prod(out), C_out], rows in the patches' order."""
+    g = jnp.transpose(g, _lhs_order(geo.dimension_numbers.out_spec))
+    return g.reshape(-1, g.shape[-1])
+
+
+def conv_forward_im2col(geo: ConvGeometry, x, w, **dot_options):
+    """Y = conv(X, W) as P @ W: int8 X (lhs layout), W (rhs layout) -> int32 (out layout).
+    dot_options go to int8_dot (use_kernel, interpret)."""
+    _check_im2col(geo, x, w)
+    y = int8_dot(_patches(geo, x), _weight_matrix(geo, w), **dot_options)
+    n, o = geo.lhs_shape[geo.dimension_numbers.lhs_spec[0]], geo.num_out_channels
+    y = y.reshape(n, *_im2col_out_sizes(geo), o)
+    return _from_order(y, _lhs_order(geo.dimension_numbers.out_spec))
+
+
+def conv_grad_lhs_im2col(geo: ConvGeometry, g, w, **dot_options):
+    """G_X = col2im(G_Y @ W^T): int8 G_Y (out layout), W (rhs layout) -> int32 (lhs layout)."""
+    _check_im2col(geo, g, w)
+    cols = int8_dot(_out_matrix(geo, g), _weight_matrix(geo, w), transpose_b=True, **dot_options)
+    lhs_spec = geo.dimension_numbers.lhs_spec
+    x_shape = tuple(geo.lhs_shape[a] for a in _lhs_order(lhs_spec))
+    return _from_order(_col2im(geo, cols, x_shape), _lhs_order(lhs_spec))
+
+
+def conv_grad_rhs_im2col(geo: ConvGeometry, x, g, **dot_options):
+    """G_W = P^T @ G_Y: int8 X (lhs layout), G_Y (out layout) -> int32 (rhs layout)."""
+    _check_im2col(geo, x, g)
+    g_w = int8_dot(_patches(geo, x), _out_matrix(geo, g), transpose_a=True, **dot_options)
+    rhs_spec = geo.dimension_numbers.rhs_spec
+    g_w = g_w.reshape(tuple(geo.rhs_shape[a] for a in _rhs_order(rhs_spec)))
+    return _from_order(g_w, _rhs_order(rhs_spec))
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvProducts:
-    """The three products of Y = conv(X, W) for the shared INT8 op (alijax/quant/_op.py)."""
+    """The three products of Y = conv(X, W) for the shared INT8 op (alijax/quant/_op.py).
+    lowering: "im2col" runs the int8 products as GEMMs where im2col_applies, "auto" some of
+    them (_lowering_of); float products (telemetry's reference) and other convs keep the conv
+    lowering."""
 
     geometry: ConvGeometry
     gpu_operands: str = "float32"  # Recipe.gpu_conv_operands
+    lowering: str = "auto"  # Recipe.conv_lowering
 
     @property
     def out_channel_axis(self) -> int:
@@ -268,13 +440,24 @@ class ConvProducts:
     def rhs_channel_axis(self) -> int:
         return self.geometry.rhs_channel_axis
 
+    def _as_gemm(self, product: str, a, b) -> bool:
+        int8 = a.dtype == jnp.int8 and b.dtype == jnp.int8
+        as_gemm = _lowering_of(self.lowering, product) == "im2col"
+        return as_gemm and int8 and im2col_applies(self.geometry)
+
     def forward(self, x, w, out_dtype):
+        if self._as_gemm("forward", x, w):
+            return conv_forward_im2col(self.geometry, x, w)
         return conv_forward(self.geometry, x, w, out_dtype, self.gpu_operands)
 
     def grad_lhs(self, g, w, out_dtype):
+        if self._as_gemm("grad_lhs", g, w):
+            return conv_grad_lhs_im2col(self.geometry, g, w)
         return conv_grad_lhs(self.geometry, g, w, out_dtype, self.gpu_operands)
 
     def grad_rhs(self, x, g, out_dtype):
+        if self._as_gemm("grad_rhs", x, g):
+            return conv_grad_rhs_im2col(self.geometry, x, g)
         return conv_grad_rhs(self.geometry, x, g, out_dtype, self.gpu_operands)
 
 
@@ -315,7 +498,7 @@ def quant_conv_general_dilated(
     if state is None:
         recipe = dataclasses.replace(recipe, telemetry=False)
         state = _op.init_state(_op.state_channels(recipe, geo.num_out_channels))
-    products = ConvProducts(geo, recipe.gpu_conv_operands)
+    products = ConvProducts(geo, recipe.gpu_conv_operands, recipe.conv_lowering)
     y = _op.quantized_product(products, recipe, seed, lhs, rhs, state)
     return y.astype(preferred_element_type or jnp.result_type(lhs, rhs))
 

@@ -68,6 +68,13 @@ class Recipe:
     # GPU only (cuDNN has no int8 conv): the float dtype the int8 codes take in the emulated
     # integer convs, accumulated in float32 either way (see conv.py). "bfloat16" is opt-in.
     gpu_conv_operands: str = "float32"
+    # How int8 convs run: "conv" (lax.conv_general_dilated: int8 on CPU, the float emulation
+    # above on GPU), "im2col" (patches and one int8 GEMM a product through int8_dot: the
+    # Pallas INT8 kernel on GPU; see conv.py), or "auto": on CPU the forward as "conv" and
+    # G_X, G_W as "im2col" (XLA:CPU's int8 transposed convs are 20-50x slower), elsewhere
+    # "conv" until a GPU step time says which is faster there. Grouped and input-dilated
+    # convs always run as "conv".
+    conv_lowering: str = "auto"
     telemetry: bool = True
     seed: int = 0  # mixed into every layer's stochastic-rounding stream
 
@@ -77,6 +84,7 @@ class Recipe:
         _one_of("rounding", self.rounding, ROUNDINGS)
         _one_of("mcs_target", self.mcs_target, MCS_TARGETS)
         _one_of("gpu_conv_operands", self.gpu_conv_operands, conv_lib.GPU_CONV_OPERANDS)
+        _one_of("conv_lowering", self.conv_lowering, conv_lib.CONV_LOWERINGS)
         if self.forward == "int8":
             _one_of("clipping", self.clipping, gvq.CLIPPINGS)
         elif self.clipping != "none":

@@ -273,3 +273,147 @@ def test_bad_geometry_is_reported():
         conv_geometry(
             (1, 4, 4, 2), (3, 3, 2, 2), (1, 1), "SAME", (2, 2), None, ("NHWC", "HWIO", "NHWC")
         )
+
+
+# Geometries the im2col lowering must get right beyond GEOMETRIES: a stride past the kernel
+# (input rows no tap reads), negative padding (a crop), padding past the last window, a 3-D
+# conv, mixed layouts, a single output position.
+IM2COL_GEOMETRIES = {
+    "stride_past_kernel": ((2, 10, 9, 3), (2, 2, 3, 5), (3, 4), "VALID", None, None, "NHWC"),
+    "negative_padding": (
+        (1, 9, 8, 2),
+        (3, 3, 2, 3),
+        (2, 1),
+        ((-1, 2), (1, -2)),
+        None,
+        (1, 2),
+        "NHWC",
+    ),
+    "conv3d": ((2, 5, 4, 6, 2), (2, 3, 2, 2, 3), (1, 2, 2), "SAME", None, None, "NDHWC"),
+    "mixed_layouts": ((3, 2, 6, 5), (3, 4, 2, 3), (1, 2), "SAME", None, None, "NCHW-HWIO-NHWC"),
+    "one_output": ((2, 3, 3, 4), (3, 3, 4, 2), (1, 1), "VALID", None, None, "NHWC"),
+}
+
+
+def _im2col_geometry(name):
+    if name in GEOMETRIES:
+        return _geometry(name)
+    lhs, rhs, strides, padding, lhs_dil, rhs_dil, layout = IM2COL_GEOMETRIES[name]
+    if "-" in layout:
+        dnums = tuple(layout.split("-"))
+    else:  # the kernel's spatial letters, then I, O
+        dnums = (layout, layout[1:-1] + "IO", layout)
+    return conv_geometry(lhs, rhs, strides, padding, lhs_dil, rhs_dil, dnums, 1)
+
+
+def _int8_operands(geo, seed):
+    rng = np.random.default_rng(seed)
+    qx = jnp.asarray(rng.integers(-127, 128, geo.lhs_shape), jnp.int8)
+    qw = jnp.asarray(rng.integers(-127, 128, geo.rhs_shape), jnp.int8)
+    out_shape = jax.eval_shape(lambda: conv_forward(geo, qx, qw, jnp.int32)).shape
+    qg = jnp.asarray(rng.integers(-127, 128, out_shape), jnp.int8)
+    return qx, qw, qg
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES) + sorted(IM2COL_GEOMETRIES))
+def test_im2col_lowering_equals_the_conv_lowering(name):
+    # Integer products: both lowerings must agree exactly, element for element. Convs the
+    # im2col lowering does not cover (groups, input dilation) must fall back to the conv one.
+    geo = _im2col_geometry(name)
+    qx, qw, qg = _int8_operands(geo, len(name))
+    conv = conv_lib.ConvProducts(geo, lowering="conv")
+    gemm = conv_lib.ConvProducts(geo, lowering="im2col")
+    assert conv_lib.im2col_applies(geo) == (name not in ("groups", "explicit_lhs_dilation"))
+    for product, a, b in (("forward", qx, qw), ("grad_lhs", qg, qw), ("grad_rhs", qx, qg)):
+        want = getattr(conv, product)(a, b, jnp.int32)
+        got = getattr(gemm, product)(a, b, jnp.int32)
+        assert got.dtype == jnp.int32 and got.shape == want.shape, product
+        np.testing.assert_array_equal(got, want, err_msg=product)
+
+
+def test_im2col_products_through_the_pallas_kernel():
+    # The three GEMMs' layouts (plain, B transposed, A transposed) through int8_matmul itself
+    # (interpreted here; on a GPU the same code runs compiled).
+    geo = _im2col_geometry("nchw_oihw")
+    qx, qw, qg = _int8_operands(geo, 3)
+    kernel = {"use_kernel": True, "interpret": True}
+    for got, want in (
+        (conv_lib.conv_forward_im2col(geo, qx, qw, **kernel), conv_forward(geo, qx, qw, jnp.int32)),
+        (
+            conv_lib.conv_grad_lhs_im2col(geo, qg, qw, **kernel),
+            conv_grad_lhs(geo, qg, qw, jnp.int32),
+        ),
+        (
+            conv_lib.conv_grad_rhs_im2col(geo, qx, qg, **kernel),
+            conv_grad_rhs(geo, qx, qg, jnp.int32),
+        ),
+    ):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_im2col_refuses_what_it_does_not_cover():
+    with pytest.raises(ValueError, match="feature_group_count"):
+        conv_lib.conv_forward_im2col(
+            _geometry("groups"), *_int8_operands(_geometry("groups"), 0)[:2]
+        )
+    geo = _geometry("nhwc_stride2_same")
+    x = jnp.zeros(geo.lhs_shape, jnp.float32)
+    with pytest.raises(ValueError, match="int8"):
+        conv_lib.conv_forward_im2col(geo, x, jnp.zeros(geo.rhs_shape, jnp.int8))
+
+
+@pytest.mark.parametrize("name", ["nhwc_stride2_same", "groups", "conv1d"])
+def test_op_with_the_im2col_lowering_equals_the_conv_lowering(name):
+    # The whole DA-INT8 op, forward and backward: the integer products are the same numbers,
+    # so Y, G_X, G_W and the new clip state are identical.
+    geo = _geometry(name)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=geo.lhs_shape).astype(np.float32)
+    w = (0.2 * rng.normal(size=geo.rhs_shape)).astype(np.float32)
+    y_shape = jax.eval_shape(lambda: _float_conv(geo, jnp.asarray(x), jnp.asarray(w))).shape
+    g = rng.laplace(size=y_shape).astype(np.float32)
+    state = _op.init_state(geo.num_out_channels)
+    want = _op_vjp(geo, quant.da_int8(conv_lowering="conv"))(x, w, state, g)
+    for lowering in ("im2col", "auto"):
+        got = _op_vjp(geo, quant.da_int8(conv_lowering=lowering))(x, w, state, g)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b, err_msg=lowering)
+
+
+def test_automatic_lowering_runs_the_backward_as_gemms_on_cpu(monkeypatch):
+    geo = _geometry("nhwc_stride2_same")
+    qx, qw, qg = _int8_operands(geo, 2)
+    calls = []
+    for name in ("conv_forward_im2col", "conv_grad_lhs_im2col", "conv_grad_rhs_im2col"):
+        real = getattr(conv_lib, name)
+        monkeypatch.setattr(
+            conv_lib, name, lambda *a, real=real, name=name: calls.append(name) or real(*a)
+        )
+    products = conv_lib.ConvProducts(geo)  # lowering "auto", the recipe's default
+    products.forward(qx, qw, jnp.int32)
+    products.grad_lhs(qg, qw, jnp.int32)
+    products.grad_rhs(qx, qg, jnp.int32)
+    products.grad_rhs(qx.astype(jnp.float32), qg.astype(jnp.float32), jnp.float32)  # telemetry
+    if jax.default_backend() == "cpu":
+        assert calls == ["conv_grad_lhs_im2col", "conv_grad_rhs_im2col"]
+    else:
+        assert calls == []
+
+
+@pytest.mark.gpu
+def test_im2col_on_gpu_equals_the_emulated_conv():
+    # On a GPU the conv lowering emulates integer convs in float32 (exact for these short sums)
+    # and the im2col lowering runs int8_matmul compiled: the same integers.
+    geo = conv_geometry(
+        (8, 14, 14, 64), (3, 3, 64, 96), (1, 1), "SAME", None, None, ("NHWC", "HWIO", "NHWC"), 1
+    )
+    qx, qw, qg = _int8_operands(geo, 7)
+    conv = conv_lib.ConvProducts(geo, lowering="conv")
+    gemm = conv_lib.ConvProducts(geo, lowering="im2col")
+    for product, a, b in (("forward", qx, qw), ("grad_lhs", qg, qw), ("grad_rhs", qx, qg)):
+        got = jax.jit(getattr(gemm, product), static_argnums=2)(a, b, jnp.int32)
+        want = jax.jit(getattr(conv, product), static_argnums=2)(a, b, jnp.int32)
+        if product == "grad_rhs":  # sums over 8 * 14 * 14 products: float32 may round them
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=product)

@@ -79,6 +79,7 @@ def test_factories_and_their_fields():
         ({"mcs_lambda": 2.0}, "mcs_lambda"),
         ({"mcs_target": "min"}, "mcs_target"),
         ({"gpu_conv_operands": "float16"}, "gpu_conv_operands"),
+        ({"conv_lowering": "winograd"}, "conv_lowering"),
     ],
 )
 def test_bad_fields_are_named(overrides, field):
