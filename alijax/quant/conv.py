@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import operator
 from typing import Any
 
@@ -269,16 +270,26 @@ def conv_grad_rhs(geo: ConvGeometry, x, g, out_dtype, gpu_operands="float32"):
 CONV_LOWERINGS = ("auto", "conv", "im2col")
 
 
-def _lowering_of(lowering: str, product: str) -> str:
-    """The lowering one product runs: "auto" is im2col for the two backward products on CPU,
+def _lowering_of(lowering: str, product: str, geo: ConvGeometry) -> str:
+    """The lowering one product runs. "auto" on CPU: im2col for the two backward products,
     where XLA's int8 transposed convs run 20-50x slower than the GEMMs (2 cores, 2026-12-06,
-    per product ms conv / im2col, batch 32: 56x56 64->64 3x3 G_X 1665 / 79, G_W 6961 / 274;
-    14x14 256->256 3x3 G_X 3264 / 21, G_W 5604 / 177), while its forward int8 conv is the
-    faster one there (56x56 3x3: 7.0 / 43 ms). Elsewhere "auto" is "conv" until a GPU run
-    times the two (benchmarks/int8_step.py, variants +im2col)."""
+    ms conv / im2col, batch 32: 56x56 64->64 3x3 G_X 1665 / 79, G_W 6961 / 274; 14x14
+    256->256 3x3 G_X 3264 / 21, G_W 5604 / 177); for the forward, the int8 conv where it is
+    the faster, a kernel of several taps and at least _CPU_CONV_MIN_OUT output channels (32x32,
+    3x3: 32->32 0.65 / 3.4, 64->64 1.2 / 11; 16->16 9.4 / 1.3 and 8->16 4.8 / 1.3; 1x1, where
+    the patches are the input itself: 64->128 2.4 / 1.3, 128->256 2.8 / 2.4). Elsewhere "auto"
+    is "conv" until a GPU run times the two (benchmarks/int8_step.py, variant +im2col)."""
     if lowering != "auto":
         return lowering
-    return "im2col" if product != "forward" and jax.default_backend() == "cpu" else "conv"
+    if jax.default_backend() != "cpu":
+        return "conv"
+    if product != "forward":
+        return "im2col"
+    taps = math.prod(_kernel_sizes(geo))
+    return "conv" if taps > 1 and geo.num_out_channels >= _CPU_CONV_MIN_OUT else "im2col"
+
+
+_CPU_CONV_MIN_OUT = 24  # below it XLA:CPU's int8 forward conv left its fast path (measured)
 
 
 def im2col_applies(geo: ConvGeometry) -> bool:
@@ -442,7 +453,7 @@ class ConvProducts:
 
     def _as_gemm(self, product: str, a, b) -> bool:
         int8 = a.dtype == jnp.int8 and b.dtype == jnp.int8
-        as_gemm = _lowering_of(self.lowering, product) == "im2col"
+        as_gemm = _lowering_of(self.lowering, product, self.geometry) == "im2col"
         return as_gemm and int8 and im2col_applies(self.geometry)
 
     def forward(self, x, w, out_dtype):

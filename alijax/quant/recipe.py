@@ -70,10 +70,10 @@ class Recipe:
     gpu_conv_operands: str = "float32"
     # How int8 convs run: "conv" (lax.conv_general_dilated: int8 on CPU, the float emulation
     # above on GPU), "im2col" (patches and one int8 GEMM a product through int8_dot: the
-    # Pallas INT8 kernel on GPU; see conv.py), or "auto": on CPU the forward as "conv" and
-    # G_X, G_W as "im2col" (XLA:CPU's int8 transposed convs are 20-50x slower), elsewhere
-    # "conv" until a GPU step time says which is faster there. Grouped and input-dilated
-    # convs always run as "conv".
+    # Pallas INT8 kernel on GPU; see conv.py), or "auto": on CPU G_X and G_W as "im2col"
+    # (XLA:CPU's int8 transposed convs are 20-50x slower) and the forward by its shape
+    # (conv._lowering_of), elsewhere "conv" until a GPU step time says which is faster there.
+    # Grouped and input-dilated convs always run as "conv".
     conv_lowering: str = "auto"
     telemetry: bool = True
     seed: int = 0  # mixed into every layer's stochastic-rounding stream

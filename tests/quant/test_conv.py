@@ -380,8 +380,17 @@ def test_op_with_the_im2col_lowering_equals_the_conv_lowering(name):
             np.testing.assert_array_equal(a, b, err_msg=lowering)
 
 
-def test_automatic_lowering_runs_the_backward_as_gemms_on_cpu(monkeypatch):
-    geo = _geometry("nhwc_stride2_same")
+@pytest.mark.parametrize(
+    "kernel, out_channels, forward_as_gemm",
+    [((3, 3), 32, False), ((3, 3), 16, True), ((1, 1), 32, True)],
+    ids=["3x3_to_32", "3x3_to_16", "1x1"],
+)
+def test_automatic_lowering(kernel, out_channels, forward_as_gemm, monkeypatch):
+    # "auto" (the recipe's default) on CPU: the backward as GEMMs always, the forward as a GEMM
+    # where XLA:CPU's int8 conv is the slower (one tap, or few output channels); float
+    # products (telemetry's reference) as convs. Elsewhere: convs.
+    dnums = ("NHWC", "HWIO", "NHWC")
+    geo = conv_geometry((2, 6, 6, 8), (*kernel, 8, out_channels), (1, 1), "SAME", None, None, dnums)
     qx, qw, qg = _int8_operands(geo, 2)
     calls = []
     for name in ("conv_forward_im2col", "conv_grad_lhs_im2col", "conv_grad_rhs_im2col"):
@@ -389,15 +398,15 @@ def test_automatic_lowering_runs_the_backward_as_gemms_on_cpu(monkeypatch):
         monkeypatch.setattr(
             conv_lib, name, lambda *a, real=real, name=name: calls.append(name) or real(*a)
         )
-    products = conv_lib.ConvProducts(geo)  # lowering "auto", the recipe's default
+    products = conv_lib.ConvProducts(geo)
+    assert products.lowering == quant.da_int8().conv_lowering == "auto"
     products.forward(qx, qw, jnp.int32)
     products.grad_lhs(qg, qw, jnp.int32)
     products.grad_rhs(qx, qg, jnp.int32)
-    products.grad_rhs(qx.astype(jnp.float32), qg.astype(jnp.float32), jnp.float32)  # telemetry
-    if jax.default_backend() == "cpu":
-        assert calls == ["conv_grad_lhs_im2col", "conv_grad_rhs_im2col"]
-    else:
-        assert calls == []
+    products.grad_rhs(qx.astype(jnp.float32), qg.astype(jnp.float32), jnp.float32)
+    want = ["conv_forward_im2col"] if forward_as_gemm else []
+    want += ["conv_grad_lhs_im2col", "conv_grad_rhs_im2col"]
+    assert calls == (want if jax.default_backend() == "cpu" else [])
 
 
 @pytest.mark.gpu
