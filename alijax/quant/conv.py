@@ -217,7 +217,16 @@ def conv_grad_lhs(geo: ConvGeometry, g, w, out_dtype, gpu_operands="float32"):
         kernel = jnp.swapaxes(kernel, 0, 1)
         kernel = jnp.reshape(kernel, (o // groups, groups * i) + kernel.shape[3:])
     # Its dim 0 now plays "input features" (the gradient channels), dim 1 "output features".
-    trans = lax.ConvDimensionNumbers(dn.out_spec, (1, 0) + spatial, dn.lhs_spec)
+    # Stored as [*spatial, in, out] (HWIO), physically: XLA folds a transpose into the conv's
+    # kernel layout, and XLA:CPU's int8 conv then leaves its fast path (a stride-1 3x3 G_X,
+    # 28x28 64->64, batch 32: 410 ms against 1.5 ms, 2 cores, 2026-12-06). The flattening
+    # behind an optimization barrier is what makes the transpose a copy.
+    hwio = jnp.transpose(kernel, spatial + (0, 1))
+    kernel = lax.optimization_barrier(hwio.reshape(-1)).reshape(hwio.shape)
+    n_sp = len(spatial)
+    trans = lax.ConvDimensionNumbers(
+        dn.out_spec, (n_sp + 1, n_sp) + tuple(range(n_sp)), dn.lhs_spec
+    )
     return _conv(
         g,
         kernel,
@@ -263,7 +272,7 @@ def conv_grad_rhs(geo: ConvGeometry, x, g, out_dtype, gpu_operands="float32"):
 #   Y   [M, O] = P [M, K] @ W [K, O]        P: the patches of X (_patches)
 #   G_X        = col2im(G_Y [M, O] @ W^T)   col2im: each tap's [M, C] block added back at the
 #                                           input positions it was read from (_col2im)
-#   G_W [K, O] = P^T @ G_Y [M, O]
+#   G_W [K, O] = P^T @ G_Y [M, O]        P^T and G_Y^T built as such, K-major (the NT GEMM)
 # These are the ResNet-50 GEMM shapes of benchmarks/kernels.py. The patches cost prod(kernel)
 # times the input's int8 bytes (a 3x3 conv: 9x), and col2im an int32 [M, K] product, in
 # exchange for the int8 tensor cores that cuDNN's int8 x int8 -> int32 conv does not reach.
@@ -271,22 +280,34 @@ CONV_LOWERINGS = ("auto", "conv", "im2col")
 
 
 def _lowering_of(lowering: str, product: str, geo: ConvGeometry) -> str:
-    """The lowering one product runs. "auto" on CPU: im2col for the two backward products,
-    where XLA's int8 transposed convs run 20-50x slower than the GEMMs (2 cores, 2026-12-06,
-    ms conv / im2col, batch 32: 56x56 64->64 3x3 G_X 1665 / 79, G_W 6961 / 274; 14x14
-    256->256 3x3 G_X 3264 / 21, G_W 5604 / 177); for the forward, the int8 conv where it is
-    the faster, a kernel of several taps and at least _CPU_CONV_MIN_OUT output channels (32x32,
-    3x3: 32->32 0.65 / 3.4, 64->64 1.2 / 11; 16->16 9.4 / 1.3 and 8->16 4.8 / 1.3; 1x1, where
-    the patches are the input itself: 64->128 2.4 / 1.3, 128->256 2.8 / 2.4). Elsewhere "auto"
-    is "conv" until a GPU run times the two (benchmarks/int8_step.py, variant +im2col)."""
+    """The lowering one product runs. "auto" on CPU: the conv where XLA:CPU runs it on its fast
+    int8 path, a conv with no input dilation, several kernel taps and at least
+    _CPU_CONV_MIN_OUT output channels: the forward (output channels C_out), and G_X of a
+    stride-1 conv, itself such a conv of G_Y (output channels C_in). Everything else as GEMMs:
+    G_W always, and G_X of a strided conv, which as a conv dilates G_Y. Measured on 2 cores
+    (2026-12-06), batch 32, ms conv / im2col:
+    - 56x56 64->64 3x3: forward 7.4 / 52, G_X 4.8 / 79, G_W 7503 / 62;
+    - 14x14 256->256 3x3: 3.2 / 5.0, 3.2 / 22, 5879 / 9.4;
+    - 56x56 128->128 3x3 stride 2: 6.8 / 24, G_X 1638 / 68;
+    - 32x32 16->16 3x3 (under 24 channels): 10.1 / 1.5, 9.9 / 4.0; 1x1 56x56 64->256 (the
+      patches are the input itself): 51 / 30, 9.5 / 2.8.
+    Elsewhere "auto" is "conv" until a GPU run times the two (benchmarks/int8_step.py,
+    variant +im2col)."""
     if lowering != "auto":
         return lowering
     if jax.default_backend() != "cpu":
         return "conv"
-    if product != "forward":
+    if product == "grad_rhs":
         return "im2col"
-    taps = math.prod(_kernel_sizes(geo))
-    return "conv" if taps > 1 and geo.num_out_channels >= _CPU_CONV_MIN_OUT else "im2col"
+    dn = geo.dimension_numbers
+    if product == "forward":
+        out_channels = geo.num_out_channels
+    elif all(s == 1 for s in geo.window_strides):  # grad_lhs: a conv without input dilation
+        out_channels = geo.lhs_shape[dn.lhs_spec[1]]
+    else:
+        return "im2col"
+    several_taps = math.prod(_kernel_sizes(geo)) > 1
+    return "conv" if several_taps and out_channels >= _CPU_CONV_MIN_OUT else "im2col"
 
 
 _CPU_CONV_MIN_OUT = 24  # below it XLA:CPU's int8 forward conv left its fast path (measured)
@@ -337,20 +358,32 @@ def _tap_windows(geo: ConvGeometry):
         yield starts, limits
 
 
-def _patches(geo: ConvGeometry, x):
-    """int8 X (lhs layout) -> P int8 [N * prod(out), prod(kernel) * C]: row (n, out position)
-    holds the input window its output reads, taps row-major, channels last."""
-    x = jnp.transpose(x, _lhs_order(geo.dimension_numbers.lhs_spec))
-    edge = ((0, 0, 0),)
-    padded = lax.pad(
-        x, jnp.zeros((), x.dtype), edge + tuple((lo, hi, 0) for lo, hi in geo.padding) + edge
-    )
-    n, c = x.shape[0], x.shape[-1]
+def _patches(geo: ConvGeometry, x, *, transposed: bool = False):
+    """int8 X (lhs layout) -> P [N * prod(out), prod(kernel) * C]: row (n, out position) holds
+    the input window its output reads, taps row-major, channels last. transposed: P^T
+    [prod(kernel) * C, N * prod(out)] built as such from X channels first, G_W's operand
+    K-major, with no copy of P transposed (on 2 cores, batch 32, 56x56 64->64 3x3, G_W took
+    59 ms this way against 268 with P transposed in the product)."""
+    dn = geo.dimension_numbers.lhs_spec
+    order = (dn[1], dn[0], *dn[2:]) if transposed else _lhs_order(dn)
+    x = jnp.transpose(x, order)
+    first = 2 if transposed else 1  # the first spatial axis
+    edge = ((0, 0, 0),) * first
+    pads = tuple((lo, hi, 0) for lo, hi in geo.padding)
+    padded = lax.pad(x, jnp.zeros((), x.dtype), edge + pads + ((0, 0, 0),) * (2 - first))
+    outer, inner = x.shape[:first], x.shape[x.ndim - 2 + first :]
     taps = [
-        lax.slice(padded, (0, *starts, 0), (n, *limits, c), (1, *geo.window_strides, 1))
+        lax.slice(
+            padded,
+            (0,) * first + starts + (0,) * len(inner),
+            outer + limits + inner,
+            (1,) * first + geo.window_strides + (1,) * len(inner),
+        )
         for starts, limits in _tap_windows(geo)
     ]
-    return jnp.stack(taps, axis=-2).reshape(-1, len(taps) * c)
+    if transposed:  # [taps, C, N, *out]
+        return jnp.stack(taps, axis=0).reshape(len(taps) * x.shape[0], -1)
+    return jnp.stack(taps, axis=-2).reshape(-1, len(taps) * x.shape[-1])
 
 
 def _col2im(geo: ConvGeometry, cols, x_channels_last_shape):
@@ -398,9 +431,13 @@ def _weight_matrix(geo: ConvGeometry, w):
     return w.reshape(-1, w.shape[-1])
 
 
-def _out_matrix(geo: ConvGeometry, g):
-    """G_Y (out layout) -> [N * prod(out), C_out], rows in the patches' order."""
-    g = jnp.transpose(g, _lhs_order(geo.dimension_numbers.out_spec))
+def _out_matrix(geo: ConvGeometry, g, *, transposed: bool = False):
+    """G_Y (out layout) -> [N * prod(out), C_out], rows in the patches' order (transposed: its
+    transpose [C_out, N * prod(out)], built channels first)."""
+    dn = geo.dimension_numbers.out_spec
+    if transposed:
+        return jnp.transpose(g, (dn[1], dn[0], *dn[2:])).reshape(g.shape[dn[1]], -1)
+    g = jnp.transpose(g, _lhs_order(dn))
     return g.reshape(-1, g.shape[-1])
 
 
@@ -426,7 +463,9 @@ def conv_grad_lhs_im2col(geo: ConvGeometry, g, w, **dot_options):
 def conv_grad_rhs_im2col(geo: ConvGeometry, x, g, **dot_options):
     """G_W = P^T @ G_Y: int8 X (lhs layout), G_Y (out layout) -> int32 (rhs layout)."""
     _check_im2col(geo, x, g)
-    g_w = int8_dot(_patches(geo, x), _out_matrix(geo, g), transpose_a=True, **dot_options)
+    # Both operands K-major (the "NT" GEMM that int8 wgmma reads natively): P^T and G_Y^T.
+    p_t, g_t = _patches(geo, x, transposed=True), _out_matrix(geo, g, transposed=True)
+    g_w = int8_dot(p_t, g_t, transpose_b=True, **dot_options)
     rhs_spec = geo.dimension_numbers.rhs_spec
     g_w = g_w.reshape(tuple(geo.rhs_shape[a] for a in _rhs_order(rhs_spec)))
     return _from_order(g_w, _rhs_order(rhs_spec))

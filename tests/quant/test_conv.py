@@ -381,22 +381,32 @@ def test_op_with_the_im2col_lowering_equals_the_conv_lowering(name):
 
 
 @pytest.mark.parametrize(
-    "kernel, out_channels, forward_as_gemm",
-    [((3, 3), 32, False), ((3, 3), 16, True), ((1, 1), 32, True)],
-    ids=["3x3_to_32", "3x3_to_16", "1x1"],
+    "kernel, channels, stride, as_gemms",
+    [
+        ((3, 3), (32, 32), 1, ["grad_rhs"]),
+        ((3, 3), (8, 16), 1, ["forward", "grad_lhs", "grad_rhs"]),
+        ((3, 3), (32, 32), 2, ["grad_lhs", "grad_rhs"]),
+        ((1, 1), (32, 32), 1, ["forward", "grad_lhs", "grad_rhs"]),
+    ],
+    ids=["3x3_32", "3x3_8_to_16", "3x3_32_stride2", "1x1"],
 )
-def test_automatic_lowering(kernel, out_channels, forward_as_gemm, monkeypatch):
-    # "auto" (the recipe's default) on CPU: the backward as GEMMs always, the forward as a GEMM
-    # where XLA:CPU's int8 conv is the slower (one tap, or few output channels); float
-    # products (telemetry's reference) as convs. Elsewhere: convs.
+def test_automatic_lowering(kernel, channels, stride, as_gemms, monkeypatch):
+    # "auto" (the recipe's default) on CPU: G_W as a GEMM always; the forward and G_X as the
+    # conv where that is a conv on XLA:CPU's fast path (several taps, >= 24 output channels,
+    # no input dilation: G_X of a strided conv has it); float products (telemetry's
+    # reference) as convs. Elsewhere: convs.
+    c_in, c_out = channels
     dnums = ("NHWC", "HWIO", "NHWC")
-    geo = conv_geometry((2, 6, 6, 8), (*kernel, 8, out_channels), (1, 1), "SAME", None, None, dnums)
+    geo = conv_geometry(
+        (2, 6, 6, c_in), (*kernel, c_in, c_out), (stride,) * 2, "SAME", None, None, dnums
+    )
     qx, qw, qg = _int8_operands(geo, 2)
     calls = []
-    for name in ("conv_forward_im2col", "conv_grad_lhs_im2col", "conv_grad_rhs_im2col"):
+    for product in ("forward", "grad_lhs", "grad_rhs"):
+        name = f"conv_{product}_im2col"
         real = getattr(conv_lib, name)
         monkeypatch.setattr(
-            conv_lib, name, lambda *a, real=real, name=name: calls.append(name) or real(*a)
+            conv_lib, name, lambda *a, real=real, p=product: calls.append(p) or real(*a)
         )
     products = conv_lib.ConvProducts(geo)
     assert products.lowering == quant.da_int8().conv_lowering == "auto"
@@ -404,9 +414,7 @@ def test_automatic_lowering(kernel, out_channels, forward_as_gemm, monkeypatch):
     products.grad_lhs(qg, qw, jnp.int32)
     products.grad_rhs(qx, qg, jnp.int32)
     products.grad_rhs(qx.astype(jnp.float32), qg.astype(jnp.float32), jnp.float32)
-    want = ["conv_forward_im2col"] if forward_as_gemm else []
-    want += ["conv_grad_lhs_im2col", "conv_grad_rhs_im2col"]
-    assert calls == (want if jax.default_backend() == "cpu" else [])
+    assert calls == (as_gemms if jax.default_backend() == "cpu" else [])
 
 
 @pytest.mark.gpu
