@@ -4,7 +4,7 @@
 
 Rows: int8_matmul vs XLA int8 dot (int32 accumulate, same scale epilogue) and XLA bf16 dot, at
 4096^3, 8192^3 and ResNet-50 (batch 256, 224x224) im2col GEMMs: forward Y = X W, G_X = G_Y W^T,
-G_W = X^T G_Y; a handful of Int8MatmulConfig candidates is swept and the best is reported with
+G_W = X^T G_Y (as P^T [K, M] times (G_Y^T [N, M])^T, the layout alijax.quant.conv builds); a handful of Int8MatmulConfig candidates is swept and the best is reported with
 its config. hamming_topk (fused) vs XLA popcount distance matrix + lax.top_k, 256-bit codes,
 k = 10. On CPU: a reduced set, the Pallas kernels only in interpret mode at toy sizes (to prove
 the path), and alijax.ann.hamming.hamming_topk (chunked jnp) vs faiss IndexBinaryFlat.
@@ -337,7 +337,9 @@ def matmul_suite(args, on_gpu, deadline):
         for suffix, mm, nn, kk, ta, tb in (
             (" fwd", m, n, k, False, False),
             (" G_X", m, k, n, False, True),
-            (" G_W", k, n, m, True, False),
+            # G_W = P^T G_Y as alijax's im2col conv lowering calls it: both operands built
+            # K-major ([K, M] patches and G_Y^T, the NT form), no transposing copy.
+            (" G_W", k, n, m, False, True),
         ):
             backends = {
                 "triton": [im.default_config(mm, nn, kk), TRITON_CANDIDATES[1]],
