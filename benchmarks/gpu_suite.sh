@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for the Pallas kernels (issue 4): the gpu-marked tests, then the kernel benchmark,
-# the DA-INT8 ResNet-50 step vs bf16 (INT8_STEP=0 skips it), then the binary graph index on the
+# the INT8 conv products by lowering (CONV_LOWERING=0 skips it), the DA-INT8 ResNet-50 step vs
+# bf16 (INT8_STEP=0 skips it), then the binary graph index on the
 # GPU (issue 5; ANN_N=0 skips it). PROBE=0 skips the XLA int8 reference probe.
 # Run from the repo root with the machine's python3 (jax with CUDA installed; alijax need not
 # be installed). Results: ${OUT:-benchmarks/results}/kernels-gpu.json and a table printed last.
@@ -27,7 +28,7 @@ if [ "$mosaic_rc" != "0" ]; then bench_flags+=(--no-mosaic); fi
 echo "mosaic tests rc=$mosaic_rc in $(( $(date +%s) - start ))s"
 
 echo "=== gpu-marked tests ==="
-timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest -m gpu ${TEST_PATHS:-tests/pallas_kernels tests/ann} -k "not Mosaic and not Tensorcore" \
+timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest -m gpu ${TEST_PATHS:-tests/pallas_kernels tests/ann tests/quant} -k "not Mosaic and not Tensorcore" \
   -q -p no:cacheprovider -o addopts="" --durations=8 2>&1 | tee "$OUT_DIR/gpu-tests.log"
 test_rc=${PIPESTATUS[0]}
 echo "tests rc=$test_rc in $(( $(date +%s) - start ))s"
@@ -42,6 +43,14 @@ timeout "${BENCH_TIMEOUT:-250}" "$PY" benchmarks/kernels.py --budget-s "${BENCH_
   "${bench_flags[@]}" "$@" \
   2>&1 | tee "$OUT_DIR/kernels-gpu.log"
 bench_rc=${PIPESTATUS[0]}
+
+if [ "${CONV_LOWERING:-1}" != "0" ]; then
+  echo "=== INT8 conv products: cuDNN on float codes vs im2col + int8_matmul ==="
+  # What Recipe.conv_lowering="auto" should pick on a GPU (it is "conv" there until measured).
+  timeout "${CONV_TIMEOUT:-150}" "$PY" benchmarks/conv_lowering.py --preset resnet50 \
+    --batch "${CONV_BATCH:-256}" --repeats 3 --out "$OUT_DIR/conv-lowering-gpu.json" \
+    2>&1 | tee "$OUT_DIR/conv-lowering-gpu.log"
+fi
 
 if [ "${INT8_STEP:-1}" != "0" ]; then
   echo "=== DA-INT8 ResNet-50 train step vs bf16 ==="

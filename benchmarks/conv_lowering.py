@@ -1,0 +1,162 @@
+"""INT8 conv products by lowering, side by side: conv vs im2col GEMM vs "auto", one run.
+
+  python benchmarks/conv_lowering.py                 # ResNet-like layers at batch 32 (CPU)
+  python benchmarks/conv_lowering.py --preset resnet50   # ResNet-50's 3x3 and 1x1 layers, batch 256
+  python benchmarks/conv_lowering.py --batch 8 --out PATH
+
+For each layer, each of the three int8 products of the DA-INT8 conv (forward Y = conv(X, W),
+G_X, G_W; alijax.quant.conv.ConvProducts) is jitted under each lowering (Recipe.conv_lowering),
+checked equal to the conv lowering's int32 result, and timed (median of --repeats calls after a
+warm-up). The table gives ms per product and the ratio of im2col and auto to conv, which is
+what "auto" is chosen from (conv._lowering_of); on a GPU, "conv" is cuDNN on float32 codes.
+Writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+conv_lib = importlib.import_module("alijax.quant.conv")
+
+LOWERINGS = ("conv", "im2col", "auto")
+PRODUCTS = ("forward", "grad_lhs", "grad_rhs")
+
+# (name, H = W, C_in, C_out, kernel, stride)
+PRESETS = {
+    "tiny": [("tiny 3x3", 6, 8, 24, 3, 1), ("tiny 3x3 s2", 6, 24, 8, 3, 2)],  # the test's
+    "small": [
+        ("cifar 16 3x3", 32, 16, 16, 3, 1),
+        ("cifar 32 3x3", 16, 32, 32, 3, 1),
+        ("cifar 16->32 3x3 s2", 32, 16, 32, 3, 2),
+        ("56 64 3x3", 56, 64, 64, 3, 1),
+        ("28 128 3x3", 28, 128, 128, 3, 1),
+        ("14 256 3x3", 14, 256, 256, 3, 1),
+        ("56 64->256 1x1", 56, 64, 256, 1, 1),
+        ("56 128 3x3 s2", 56, 128, 128, 3, 2),
+    ],
+    "resnet50": [
+        ("r50 l1 3x3", 56, 64, 64, 3, 1),
+        ("r50 l2 3x3", 28, 128, 128, 3, 1),
+        ("r50 l3 3x3", 14, 256, 256, 3, 1),
+        ("r50 l4 3x3", 7, 512, 512, 3, 1),
+        ("r50 l1 1x1 64->256", 56, 64, 256, 1, 1),
+        ("r50 l2 3x3 s2", 56, 128, 128, 3, 2),
+    ],
+}
+
+
+def time_ms(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def layer_rows(name, size, c_in, c_out, kernel, stride, batch, repeats):
+    geo = conv_lib.conv_geometry(
+        (batch, size, size, c_in),
+        (kernel, kernel, c_in, c_out),
+        (stride, stride),
+        "SAME",
+        None,
+        None,
+        ("NHWC", "HWIO", "NHWC"),
+    )
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.integers(-127, 128, geo.lhs_shape), jnp.int8)
+    w = jnp.asarray(rng.integers(-127, 128, geo.rhs_shape), jnp.int8)
+    y_shape = jax.eval_shape(lambda: conv_lib.conv_forward(geo, x, w, jnp.int32)).shape
+    g = jnp.asarray(rng.integers(-127, 128, y_shape), jnp.int8)
+    operands = {"forward": (x, w), "grad_lhs": (g, w), "grad_rhs": (x, g)}
+    rows = []
+    for product in PRODUCTS:
+        row = {"layer": name, "product": product, "batch": batch}
+        want = None
+        for lowering in LOWERINGS:
+            fn = jax.jit(
+                getattr(conv_lib.ConvProducts(geo, lowering=lowering), product), static_argnums=2
+            )
+            args = (*operands[product], jnp.int32)
+            try:
+                got = np.asarray(fn(*args))
+                if want is None:
+                    want = got
+                row[f"{lowering}_ok"] = bool(np.array_equal(got, want))
+                row[f"{lowering}_ms"] = time_ms(fn, args, repeats)
+            except Exception as err:  # one failing lowering must not hide the others
+                row[f"{lowering}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--batch", type=int, default=None, help="default: 32 small, 256 resnet50")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    batch = args.batch or (256 if args.preset == "resnet50" else 32)
+    device = jax.devices()[0]
+    print(f"jax {jax.__version__}, {device.device_kind}; preset {args.preset}, batch {batch}")
+    rows = []
+    for layer in PRESETS[args.preset]:
+        rows += layer_rows(*layer, batch, args.repeats)
+
+    def cell(row, lowering):
+        if f"{lowering}_error" in row:
+            return "error"
+        mark = "" if row[f"{lowering}_ok"] else " (differs!)"
+        return f"{row[f'{lowering}_ms']:.1f}{mark}"
+
+    def ratio(row, lowering):
+        if f"{lowering}_ms" not in row or "conv_ms" not in row:
+            return "-"
+        return f"{row[f'{lowering}_ms'] / row['conv_ms']:.2f}"
+
+    print("\n| layer | product | conv ms | im2col ms | auto ms | im2col / conv | auto / conv |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['layer']} | {row['product']} | {cell(row, 'conv')} | {cell(row, 'im2col')} "
+            f"| {cell(row, 'auto')} | {ratio(row, 'im2col')} | {ratio(row, 'auto')} |"
+        )
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)),
+        "results",
+        f"conv_lowering-{device.platform}-{args.preset}.json",
+    )
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(
+            {
+                "device": device.device_kind,
+                "jax": jax.__version__,
+                "args": vars(args),
+                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "rows": rows,
+            },
+            f,
+            indent=1,
+        )
+
+
+if __name__ == "__main__":
+    main()
