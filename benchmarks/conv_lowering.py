@@ -47,6 +47,13 @@ PRESETS = {
         ("56 64->256 1x1", 56, 64, 256, 1, 1),
         ("56 128 3x3 s2", 56, 128, 128, 3, 2),
     ],
+    "digits": [  # resnet20 on 8x8 digits (configs/digits_resnet.py), batch 128
+        ("digits 8x8 16 3x3", 8, 16, 16, 3, 1),
+        ("digits 8x8 16->32 3x3 s2", 8, 16, 32, 3, 2),
+        ("digits 4x4 32 3x3", 4, 32, 32, 3, 1),
+        ("digits 4x4 32->64 3x3 s2", 4, 32, 64, 3, 2),
+        ("digits 2x2 64 3x3", 2, 64, 64, 3, 1),
+    ],
     "resnet50": [
         ("r50 l1 3x3", 56, 64, 64, 3, 1),
         ("r50 l2 3x3", 28, 128, 128, 3, 1),
@@ -109,11 +116,13 @@ def layer_rows(name, size, c_in, c_out, kernel, stride, batch, repeats):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument("--batch", type=int, default=None, help="default: 32 small, 256 resnet50")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="default: 256 resnet50, 128 digits, else 32"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    batch = args.batch or (256 if args.preset == "resnet50" else 32)
+    batch = args.batch or {"resnet50": 256, "digits": 128}.get(args.preset, 32)
     device = jax.devices()[0]
     print(f"jax {jax.__version__}, {device.device_kind}; preset {args.preset}, batch {batch}")
     rows = []

@@ -290,7 +290,8 @@ def _lowering_of(lowering: str, product: str, geo: ConvGeometry) -> str:
     - 14x14 256->256 3x3: 3.2 / 5.0, 3.2 / 22, 5879 / 9.4;
     - 56x56 128->128 3x3 stride 2: 6.8 / 24, G_X 1638 / 68;
     - 32x32 16->16 3x3 (under 24 channels): 10.1 / 1.5, 9.9 / 4.0; 1x1 56x56 64->256 (the
-      patches are the input itself): 51 / 30, 9.5 / 2.8.
+      patches are the input itself): 51 / 30, 9.5 / 2.8;
+    - batch 128, 2x2 64->64 3x3 (a map smaller than the kernel): 2.6 / 0.2, 2.6 / 0.1.
     Elsewhere "auto" is "conv" until a GPU run times the two (benchmarks/int8_step.py,
     variant +im2col)."""
     if lowering != "auto":
@@ -307,7 +308,12 @@ def _lowering_of(lowering: str, product: str, geo: ConvGeometry) -> str:
     else:
         return "im2col"
     several_taps = math.prod(_kernel_sizes(geo)) > 1
-    return "conv" if several_taps and out_channels >= _CPU_CONV_MIN_OUT else "im2col"
+    # Inputs smaller than the kernel (a 2x2 map under a 3x3 kernel) left the fast path too.
+    in_d = [geo.lhs_shape[a] for a in dn.lhs_spec[2:]]
+    k_d = [_dilate(k, d) for k, d in zip(_kernel_sizes(geo), geo.rhs_dilation)]
+    covers_kernel = all(i >= k for i, k in zip(in_d, k_d))
+    fast = several_taps and covers_kernel and out_channels >= _CPU_CONV_MIN_OUT
+    return "conv" if fast else "im2col"
 
 
 _CPU_CONV_MIN_OUT = 24  # below it XLA:CPU's int8 forward conv left its fast path (measured)

@@ -387,13 +387,15 @@ def test_op_with_the_im2col_lowering_equals_the_conv_lowering(name):
         ((3, 3), (8, 16), 1, ["forward", "grad_lhs", "grad_rhs"]),
         ((3, 3), (32, 32), 2, ["grad_lhs", "grad_rhs"]),
         ((1, 1), (32, 32), 1, ["forward", "grad_lhs", "grad_rhs"]),
+        ((7, 7), (32, 32), 1, ["forward", "grad_lhs", "grad_rhs"]),
     ],
-    ids=["3x3_32", "3x3_8_to_16", "3x3_32_stride2", "1x1"],
+    ids=["3x3_32", "3x3_8_to_16", "3x3_32_stride2", "1x1", "kernel_over_the_map"],
 )
 def test_automatic_lowering(kernel, channels, stride, as_gemms, monkeypatch):
     # "auto" (the recipe's default) on CPU: G_W as a GEMM always; the forward and G_X as the
     # conv where that is a conv on XLA:CPU's fast path (several taps, >= 24 output channels,
-    # no input dilation: G_X of a strided conv has it); float products (telemetry's
+    # a map no smaller than the kernel, no input dilation: G_X of a strided conv has it);
+    # float products (telemetry's
     # reference) as convs. Elsewhere: convs.
     c_in, c_out = channels
     dnums = ("NHWC", "HWIO", "NHWC")
