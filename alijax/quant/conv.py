@@ -16,6 +16,11 @@ exact in float32, so the sums are the float32 path's (up to summation order), bu
 tensor cores at the bf16 rate instead of float32's. Opt-in until timed on a GPU.
 The dense products have no such caveat: they use the Pallas INT8 kernel on GPU.
 
+`Recipe.conv_lowering` may instead run each product as one int8 GEMM over the patches of X
+(im2col, through int8_dot: the Pallas kernel on GPU; see CONV_LOWERINGS below). Its default,
+"auto", does so on CPU wherever XLA:CPU's int8 conv is the slower (its transposed convs take
+seconds a layer); on a GPU it stays on the convs until a GPU run has timed both.
+
 Backward: the two transposed convolutions, written with `lax.conv_general_dilated` on int8
 operands so they accumulate exactly in int32. JAX's own transpose rules cannot be used for this:
 `jax.vjp` of an integer conv gives float0 (zero) cotangents. The formulas are the standard ones
