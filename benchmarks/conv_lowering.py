@@ -15,19 +15,19 @@ Writes JSON to --out.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
-import json
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from int8_step import write_results  # noqa: E402
 
 conv_lib = importlib.import_module("alijax.quant.conv")
 
@@ -147,24 +147,7 @@ def main(argv=None) -> None:
             f"| {row['layer']} | {row['product']} | {cell(row, 'conv')} | {cell(row, 'im2col')} "
             f"| {cell(row, 'auto')} | {ratio(row, 'im2col')} | {ratio(row, 'auto')} |"
         )
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)),
-        "results",
-        f"conv_lowering-{device.platform}-{args.preset}.json",
-    )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(
-            {
-                "device": device.device_kind,
-                "jax": jax.__version__,
-                "args": vars(args),
-                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                "rows": rows,
-            },
-            f,
-            indent=1,
-        )
+    write_results(args.out, f"conv_lowering-{device.platform}-{args.preset}.json", args, rows)
 
 
 if __name__ == "__main__":

@@ -149,14 +149,19 @@ def main(argv=None) -> None:
             f"{row['recipe']:18s} {1e3 * row['median_s']:9.2f} {row['compile_s']:10.1f} "
             f"{ratio:10.3f}  {row['loss']:.4f}"
         )
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", f"int8_step-{device.platform}.json"
-    )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    write_results(args.out, f"int8_step-{device.platform}.json", args, rows)
+
+
+def write_results(out: str | None, default_name: str, args, rows) -> None:
+    """The run's rows as JSON, with the device, jax version, arguments and time, to `out` (None:
+    benchmarks/results/default_name)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = out or os.path.join(here, "results", default_name)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(
             {
-                "device": device.device_kind,
+                "device": jax.devices()[0].device_kind,
                 "jax": jax.__version__,
                 "args": vars(args),
                 "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),

@@ -28,3 +28,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def benchmark_script():
+    """Loads benchmarks/<name>.py as a module (benchmarks is not a package): the scripts whose
+    GPU runs are precious are run end to end on small inputs first."""
+    import importlib.util
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def load(name: str):
+        path = os.path.join(repo, "benchmarks", f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        return script
+
+    return load

@@ -1,19 +1,11 @@
 """benchmarks/ann_gpu.py runs end to end on small data (its one-GPU run is precious: a broken
 script must fail here first)."""
 
-import importlib.util
 import json
-import os
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_ann_gpu_script_runs_and_reports(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "ann_gpu_script", os.path.join(REPO, "benchmarks", "ann_gpu.py")
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_ann_gpu_script_runs_and_reports(tmp_path, capsys, benchmark_script):
+    script = benchmark_script("ann_gpu")
     out = tmp_path / "ann-gpu.json"
     args = ["--n", "3000", "--nq", "40", "--add", "1500", "--sweep", "16,32"]
     script.main([*args, "--batch-sizes", "40,16", "--widths", "1", "--out", str(out)])

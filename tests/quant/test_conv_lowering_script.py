@@ -1,19 +1,11 @@
 """benchmarks/conv_lowering.py runs end to end on tiny layers (its GPU run is precious: a broken
 script must fail here first) and checks every lowering against the conv one."""
 
-import importlib.util
 import json
-import os
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_conv_lowering_benchmark_runs(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "conv_lowering_script", os.path.join(REPO, "benchmarks", "conv_lowering.py")
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_conv_lowering_benchmark_runs(tmp_path, capsys, benchmark_script):
+    script = benchmark_script("conv_lowering")
     out = tmp_path / "conv.json"
     script.main(["--preset", "tiny", "--batch", "2", "--repeats", "1", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
