@@ -9,7 +9,8 @@ G_X, G_W; alijax.quant.conv.ConvProducts) is jitted under each lowering (Recipe.
 checked equal to the conv lowering's int32 result, and timed (median of --repeats calls after a
 warm-up). The table gives ms per product and the ratio of im2col and auto to conv, which is
 what "auto" is chosen from (conv._lowering_of); on a GPU, "conv" is cuDNN on float32 codes.
-Writes JSON to --out.
+Then dense layers' G_W = X^T G_Y: int8_dot (on CPU it copies X^T first) against XLA's
+dot_general contracting X's major axis. Writes JSON to --out.
 """
 
 from __future__ import annotations
@@ -113,6 +114,35 @@ def layer_rows(name, size, c_in, c_out, kernel, stride, batch, repeats):
     return rows
 
 
+# Dense G_W = X^T G_Y shapes (M = batch rows, K = in features, N = out features), for the
+# int8_dot table: int8_dot against the plain lax.dot_general with A's major axis contracted.
+DENSE_SHAPES = {"tiny": [(64, 32, 16)]}
+DENSE_DEFAULT = [(1024, 512, 1000), (4096, 1024, 1024), (256, 2048, 1000)]
+
+
+def dense_rows(shapes, repeats):
+    """G_W of a dense layer: alijax's int8_dot(x, g, transpose_a=True) against XLA's
+    dot_general on the same operands (on CPU int8_dot copies X^T first), checked equal."""
+    from alijax.quant.dot_general import int8_dot
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for m, k, n in shapes:
+        x = jnp.asarray(rng.integers(-127, 128, (1, m, k)), jnp.int8)
+        g = jnp.asarray(rng.integers(-127, 128, (1, m, n)), jnp.int8)
+        dims = (((1,), (1,)), ((0,), (0,)))
+        xla = jax.jit(
+            lambda x, g: jax.lax.dot_general(x, g, dims, preferred_element_type=jnp.int32)
+        )
+        ours = jax.jit(lambda x, g: int8_dot(x, g, transpose_a=True, use_kernel=False))
+        row = {"M": m, "K": k, "N": n, "ok": bool(np.array_equal(ours(x, g), xla(x, g)))}
+        row["xla_ms"] = time_ms(xla, (x, g), repeats)
+        row["int8_dot_ms"] = time_ms(ours, (x, g), repeats)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -147,6 +177,15 @@ def main(argv=None) -> None:
             f"| {row['layer']} | {row['product']} | {cell(row, 'conv')} | {cell(row, 'im2col')} "
             f"| {cell(row, 'auto')} | {ratio(row, 'im2col')} | {ratio(row, 'auto')} |"
         )
+    dense = dense_rows(DENSE_SHAPES.get(args.preset, DENSE_DEFAULT), args.repeats)
+    print("\n| dense G_W M K N | XLA dot_general ms | int8_dot ms | XLA / int8_dot | equal |")
+    print("|---|---|---|---|---|")
+    for row in dense:
+        print(
+            f"| {row['M']} {row['K']} {row['N']} | {row['xla_ms']:.2f} | {row['int8_dot_ms']:.2f} "
+            f"| {row['xla_ms'] / row['int8_dot_ms']:.1f} | {row['ok']} |"
+        )
+    rows += [{"layer": "dense G_W", **row} for row in dense]
     write_results(args.out, f"conv_lowering-{device.platform}-{args.preset}.json", args, rows)
 
 
