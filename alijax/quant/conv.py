@@ -284,9 +284,9 @@ CONV_LOWERINGS = ("auto", "conv", "im2col")
 
 def _lowering_of(lowering: str, product: str, geo: ConvGeometry) -> str:
     """The lowering one product runs. "auto" on CPU: the conv where XLA:CPU runs it on its fast
-    int8 path, a conv with no input dilation, several kernel taps and at least
-    _CPU_CONV_MIN_OUT output channels: the forward (output channels C_out), and G_X of a
-    stride-1 conv, itself such a conv of G_Y (output channels C_in). Everything else as GEMMs:
+    int8 path, a conv with no input dilation, several kernel taps, a map no smaller than the
+    kernel and at least _CPU_CONV_MIN_OUT output channels: the forward (output channels C_out),
+    and G_X of a stride-1 conv, itself such a conv of G_Y (output channels C_in). Else GEMMs:
     G_W always, and G_X of a strided conv, which as a conv dilates G_Y. Measured on 2 cores
     (2026-12-06), batch 32, ms conv / im2col:
     - 56x56 64->64 3x3: forward 7.4 / 52, G_X 4.8 / 79, G_W 7503 / 62;
@@ -358,8 +358,8 @@ def _from_order(a, order):
 
 
 def _tap_windows(geo: ConvGeometry):
-    """Per kernel tap (row-major over the kernel's spatial axes): the padded input's strided
-    window it reads, as (starts, limits, strides) over [N, *padded spatial, C]."""
+    """Per kernel tap (row-major over the kernel's spatial axes): the padded input's window it
+    reads, as (starts, limits) over the padded spatial axes, with the window strides as step."""
     out = _im2col_out_sizes(geo)
     for tap in itertools.product(*(range(k) for k in _kernel_sizes(geo))):
         starts = tuple(t * d for t, d in zip(tap, geo.rhs_dilation))
