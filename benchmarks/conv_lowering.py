@@ -7,7 +7,7 @@
 For each layer, each of the three int8 products of the DA-INT8 conv (forward Y = conv(X, W),
 G_X, G_W; alijax.quant.conv.ConvProducts) is jitted under each lowering (Recipe.conv_lowering),
 checked equal to the conv lowering's int32 result, and timed (median of --repeats calls after a
-warm-up). The table gives ms per product and the ratio of im2col and auto to conv, which is
+warm-up, the three lowerings' calls interleaved). The table gives ms per product and the ratio of im2col and auto to conv, which is
 what "auto" is chosen from (conv._lowering_of); on a GPU, "conv" is cuDNN on float32 codes.
 Then dense layers' G_W = X^T G_Y: int8_dot (on CPU it copies X^T first) against XLA's
 dot_general contracting X's major axis. Writes JSON to --out.
@@ -66,14 +66,19 @@ PRESETS = {
 }
 
 
-def time_ms(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_ms(fns: dict, args, repeats: int) -> dict:
+    """Median ms per call of each function, their calls interleaved (one of each per round,
+    after a warm-up call of each): the first program timed was otherwise slower (its first
+    large buffers' page faults), whichever it was."""
+    for fn in fns.values():
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def layer_rows(name, size, c_in, c_out, kernel, stride, batch, repeats):
@@ -95,20 +100,22 @@ def layer_rows(name, size, c_in, c_out, kernel, stride, batch, repeats):
     rows = []
     for product in PRODUCTS:
         row = {"layer": name, "product": product, "batch": batch}
-        want = None
+        args = (*operands[product], jnp.int32)
+        want, working = None, {}
         for lowering in LOWERINGS:
             fn = jax.jit(
                 getattr(conv_lib.ConvProducts(geo, lowering=lowering), product), static_argnums=2
             )
-            args = (*operands[product], jnp.int32)
             try:
                 got = np.asarray(fn(*args))
                 if want is None:
                     want = got
                 row[f"{lowering}_ok"] = bool(np.array_equal(got, want))
-                row[f"{lowering}_ms"] = time_ms(fn, args, repeats)
+                working[lowering] = fn
             except Exception as err:  # one failing lowering must not hide the others
                 row[f"{lowering}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        for lowering, ms in interleaved_ms(working, args, repeats).items():
+            row[f"{lowering}_ms"] = ms
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -136,8 +143,8 @@ def dense_rows(shapes, repeats):
         )
         ours = jax.jit(lambda x, g: int8_dot(x, g, transpose_a=True, use_kernel=False))
         row = {"M": m, "K": k, "N": n, "ok": bool(np.array_equal(ours(x, g), xla(x, g)))}
-        row["xla_ms"] = time_ms(xla, (x, g), repeats)
-        row["int8_dot_ms"] = time_ms(ours, (x, g), repeats)
+        ms = interleaved_ms({"xla": xla, "int8_dot": ours}, (x, g), repeats)
+        row["xla_ms"], row["int8_dot_ms"] = ms["xla"], ms["int8_dot"]
         rows.append(row)
         print(row, flush=True)
     return rows
