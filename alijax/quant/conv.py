@@ -141,9 +141,15 @@ def _dilate(size: int, dilation: int) -> int:
     return 0 if size == 0 else 1 + dilation * (size - 1)
 
 
+def _dilated_kernel(geo: ConvGeometry) -> list[int]:
+    """The kernel's spatial extent with its dilation."""
+    dn = geo.dimension_numbers
+    return [_dilate(geo.rhs_shape[a], d) for a, d in zip(dn.rhs_spec[2:], geo.rhs_dilation)]
+
+
 def _spatial_sizes(geo: ConvGeometry, out_shape):
     dn = geo.dimension_numbers
-    k_d = [_dilate(geo.rhs_shape[a], d) for a, d in zip(dn.rhs_spec[2:], geo.rhs_dilation)]
+    k_d = _dilated_kernel(geo)
     in_d = [_dilate(geo.lhs_shape[a], d) for a, d in zip(dn.lhs_spec[2:], geo.lhs_dilation)]
     out_d = [_dilate(out_shape[a], s) for a, s in zip(dn.out_spec[2:], geo.window_strides)]
     return k_d, in_d, out_d
@@ -313,8 +319,7 @@ def _lowering_of(lowering: str, product: str, geo: ConvGeometry) -> str:
     several_taps = math.prod(_kernel_sizes(geo)) > 1
     # Inputs smaller than the kernel (a 2x2 map under a 3x3 kernel) left the fast path too.
     in_d = [geo.lhs_shape[a] for a in dn.lhs_spec[2:]]
-    k_d = [_dilate(k, d) for k, d in zip(_kernel_sizes(geo), geo.rhs_dilation)]
-    covers_kernel = all(i >= k for i, k in zip(in_d, k_d))
+    covers_kernel = all(i >= k for i, k in zip(in_d, _dilated_kernel(geo)))
     fast = several_taps and covers_kernel and out_channels >= _CPU_CONV_MIN_OUT
     return "conv" if fast else "im2col"
 
@@ -336,12 +341,8 @@ def _kernel_sizes(geo: ConvGeometry) -> tuple[int, ...]:
 
 def _im2col_out_sizes(geo: ConvGeometry) -> tuple[int, ...]:
     dn = geo.dimension_numbers
-    sizes = []
-    for a, (lo, hi), kk, d, s in zip(
-        dn.lhs_spec[2:], geo.padding, _kernel_sizes(geo), geo.rhs_dilation, geo.window_strides
-    ):
-        sizes.append((geo.lhs_shape[a] + lo + hi - _dilate(kk, d)) // s + 1)
-    return tuple(sizes)
+    parts = zip(dn.lhs_spec[2:], geo.padding, _dilated_kernel(geo), geo.window_strides)
+    return tuple((geo.lhs_shape[a] + lo + hi - k) // s + 1 for a, (lo, hi), k, s in parts)
 
 
 def _lhs_order(dn):  # lhs / out axes in channels-last order: batch, spatial..., features
@@ -380,7 +381,7 @@ def _patches(geo: ConvGeometry, x, *, transposed: bool = False):
     edge = ((0, 0, 0),) * first
     pads = tuple((lo, hi, 0) for lo, hi in geo.padding)
     padded = lax.pad(x, jnp.zeros((), x.dtype), edge + pads + ((0, 0, 0),) * (2 - first))
-    outer, inner = x.shape[:first], x.shape[x.ndim - 2 + first :]
+    outer, inner = x.shape[:first], () if transposed else x.shape[-1:]  # around the spatial axes
     taps = [
         lax.slice(
             padded,
