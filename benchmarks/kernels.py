@@ -399,6 +399,27 @@ def hamming_candidates(q):
     ]
 
 
+def tensorcore_candidates(q, *, interpret):
+    """Tiles for the fused tensor-core top-k (never yet run on a GPU: a spread around the
+    default, wider query blocks than popcount's since each block reads the 8x larger signs)."""
+    if interpret:
+        return [None]
+    if q <= 16:
+        return [
+            None,
+            hk.HammingTopkConfig(block_q=16, block_n=256, num_warps=4),
+            hk.HammingTopkConfig(block_q=16, block_n=64, num_splits=528, num_warps=4),
+        ]
+    return [
+        None,
+        hk.HammingTopkConfig(block_q=32, block_n=128, num_warps=4),
+        hk.HammingTopkConfig(block_q=64, block_n=64, num_warps=4),
+        hk.HammingTopkConfig(block_q=64, block_n=256, num_warps=8),
+        hk.HammingTopkConfig(block_q=128, block_n=128, num_warps=8),
+        hk.HammingTopkConfig(block_q=128, block_n=64, num_warps=4),
+    ]
+
+
 def run_hamming(q, n, k, *, interpret, candidates, deadline, w=8, mosaic=False):
     queries, codes = hamming_inputs(q, n, w, q + n)
     codes_t = codes.T.copy() if not interpret else jnp.asarray(np.asarray(codes).T.copy())
@@ -408,33 +429,45 @@ def run_hamming(q, n, k, *, interpret, candidates, deadline, w=8, mosaic=False):
     t_base, want, err_b = timed(
         jax.jit(functools.partial(xla_hamming_topk, k=k)), [(queries, codes)]
     )
-    for layout, cs in (("wn", codes_t), ("nw", codes)):
+    # Three fused variants: popcount over codes stored word-major ("wn", swept) and packed
+    # ("nw", default config only), and the int8 tensor-core top-k over the codes' signs (made
+    # once, as an index would keep them; swept).
+    variants = [
+        ("wn", functools.partial(hk.hamming_topk, codes_layout="wn"), codes_t, candidates),
+        ("nw", functools.partial(hk.hamming_topk, codes_layout="nw"), codes, candidates[:1]),
+    ]
+    signs = jax.block_until_ready(hk.code_signs(codes))
+    variants.append(
+        ("tc", hk.hamming_topk_tensorcore, signs, tensorcore_candidates(q, interpret=interpret))
+    )
+    for name, topk_fn, operand, configs in variants:
         best, errors = None, []
-        for cfg in candidates:
+        for cfg in configs:
             if time.perf_counter() > deadline and best is not None:
                 errors.append("sweep cut by --budget-s")
                 break
-            fn = functools.partial(
-                hk.hamming_topk, k=k, codes_layout=layout, config=cfg, interpret=interpret
-            )
-            t, got, err = timed(fn, [(queries, cs)])
+            fn = functools.partial(topk_fn, k=k, config=cfg, interpret=interpret)
+            t, got, err = timed(fn, [(queries, operand)])
             if err:
                 errors.append(f"[{cfg_str(cfg)}] {err}")
-                log(f"  {shape} {layout} config {cfg_str(cfg)} failed: {err}")
+                log(f"  {shape} {name} config {cfg_str(cfg)} failed: {err}")
                 continue
             ok = want is None or same(got, want)
             log(
-                f"  {shape} {layout} {cfg_str(cfg)}: {rate(t):.3g} Gpairs/s {'ok' if ok else 'MISMATCH'}"
+                f"  {shape} {name} {cfg_str(cfg)}: {rate(t):.3g} Gpairs/s {'ok' if ok else 'MISMATCH'}"
             )
             if best is None or t < best[0]:
-                best = (t, cfg or hk.default_config(q, n, w, k), "ok" if ok else "MISMATCH")
-            if layout == "nw":
-                break  # the packed layout: default config only
+                default = (
+                    hk.default_tensorcore_config(q, n, 32 * w, k)
+                    if name == "tc"
+                    else hk.default_config(q, n, w, k)
+                )
+                best = (t, cfg or default, "ok" if ok else "MISMATCH")
         add(
             Row(
                 "hamming_topk",
                 shape,
-                f"fused {layout}" + (" (interp)" if interpret else ""),
+                f"fused {name}" + (" (interp)" if interpret else ""),
                 "xla popc+top_k",
                 "Gpairs/s",
                 rate(best[0]) if best else None,
@@ -475,10 +508,8 @@ def run_hamming(q, n, k, *, interpret, candidates, deadline, w=8, mosaic=False):
             (queries, codes_t),
         )
         if mosaic:
-            # The int8 tensor-core formulation (Hopper): signs unpacked once, as an index would.
-            signs = jax.block_until_ready(hk.code_signs(codes))
+            # The int8 tensor-core formulation (Hopper, Mosaic): the full matrix.
             dist_row("int8 tensor cores", hk.hamming_distance_tensorcore, (queries, signs))
-            del signs
     return queries, codes, want
 
 

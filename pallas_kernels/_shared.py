@@ -1,8 +1,19 @@
-"""What both int8 matmul backends share: zero-padding operands up to their tiles, and the
-dequantising epilogue when XLA, not the kernel, applies it (the reference, and the sum of split-K
-partials)."""
+"""What the kernels share: the Pallas-Triton names that moved between jax releases, tile-size
+checks, zero-padding operands up to their tiles, and the dequantising epilogue when XLA, not the
+kernel, applies it (the reference, and the sum of split-K partials)."""
 
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# jax renamed TritonCompilerParams -> CompilerParams; accept either so the files run on both.
+TritonCompilerParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
+# dot moved from pallas to pallas.triton; older releases only have pl.dot.
+triton_dot = getattr(plgpu, "dot", None) or pl.dot
+
+
+def is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
 
 
 def pad_to(x, multiples):

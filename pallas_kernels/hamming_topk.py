@@ -20,6 +20,9 @@ The tensor-core formulation (``hamming_distance_tensorcore``): with each bit as 
 (int8_matmul_mosaic, Hopper wgmma) over codes unpacked to signs once (``code_signs``, 8x the
 packed size). Its ceiling is the int8 tensor-core rate (~1400 TOPS measured, 2 * bits ops a pair)
 against popcount's ~0.5 T pairs/s for 256-bit codes; it writes the full matrix.
+``hamming_topk_tensorcore`` fuses it with the same running top-k (Pallas-Triton, one int8 ``dot``
+per tile), so only the tie-broken keys leave the kernel, as with ``hamming_topk``. It reads the
+signs, bits bytes a code, once per query block: wider query blocks than popcount's pay off.
 
 Public API:
   hamming_distance(queries, codes, *, codes_layout, config, interpret) -> int32 [Q, N]
@@ -27,7 +30,9 @@ Public API:
   code_signs(codes, *, codes_layout) -> int8 [N, bits]
   hamming_topk(queries, codes, k, *, codes_layout, config, interpret)
       -> (distances int32 [Q, k], indices int32 [Q, k]), ascending (distance, index)
-  hamming_distance_reference, hamming_topk_reference, HammingTopkConfig, default_config
+  hamming_topk_tensorcore(queries, signs, k, *, config, interpret) -> the same
+  hamming_distance_reference, hamming_topk_reference, HammingTopkConfig, default_config,
+  default_tensorcore_config
 """
 
 from __future__ import annotations
@@ -42,18 +47,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._shared import TritonCompilerParams, is_pow2, triton_dot
 from pallas_kernels.int8_matmul_mosaic import MosaicInt8Config, int8_matmul_nt
-
-# jax renamed TritonCompilerParams -> CompilerParams; accept either so the file runs on both.
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
 
 _INT32_MAX = 2**31 - 1
 # Programs to aim for when choosing the number of N splits: a few waves on a 132-SM H100/H200.
 _TARGET_PROGRAMS = 4 * 132
-
-
-def _is_pow2(x: int) -> bool:
-    return x > 0 and (x & (x - 1)) == 0
 
 
 def _next_pow2(x: int) -> int:
@@ -75,7 +74,7 @@ class HammingTopkConfig:
     def validate(self) -> None:
         for name in ("block_q", "block_n", "num_warps"):
             v = getattr(self, name)
-            if not _is_pow2(v):
+            if not is_pow2(v):
                 raise ValueError(f"config.{name}={v} must be a power of two")
         if self.block_n < 16:
             raise ValueError(f"config.block_n={self.block_n} must be >= 16")
@@ -232,7 +231,7 @@ def hamming_distance(queries, codes, *, codes_layout="nw", config=None, interpre
         kernel,
         grid=(pl.cdiv(q, cfg.block_q), pl.cdiv(n, cfg.block_n)),
         out_shape=jax.ShapeDtypeStruct((q, n), jnp.int32),
-        compiler_params=_CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        compiler_params=TritonCompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="hamming_distance",
     )(_as_i32(queries), _as_i32(codes))
@@ -251,6 +250,14 @@ def code_signs(codes, *, codes_layout="nw"):
     return (1 - 2 * bits.astype(jnp.int8)).reshape(codes.shape[0], -1)
 
 
+def _check_signs(signs, bits, n_words):
+    if signs.dtype != jnp.int8 or signs.ndim != 2 or signs.shape[1] != bits:
+        raise ValueError(
+            f"signs must be int8 [N, {bits}] (code_signs of codes with {n_words} words); "
+            f"got {signs.dtype} {signs.shape}"
+        )
+
+
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def hamming_distance_tensorcore(queries, signs, *, config=None, interpret=False):
     """Full Hamming distance matrix on the int8 tensor cores (Mosaic GPU wgmma; Hopper).
@@ -265,11 +272,7 @@ def hamming_distance_tensorcore(queries, signs, *, config=None, interpret=False)
     if queries.dtype != jnp.uint32 or queries.ndim != 2:
         raise ValueError(f"queries must be uint32 [Q, W]; got {queries.dtype} {queries.shape}")
     bits = 32 * queries.shape[1]
-    if signs.dtype != jnp.int8 or signs.ndim != 2 or signs.shape[1] != bits:
-        raise ValueError(
-            f"signs must be int8 [N, {bits}] (code_signs of codes with {queries.shape[1]} words); "
-            f"got {signs.dtype} {signs.shape}"
-        )
+    _check_signs(signs, bits, queries.shape[1])
     if config is not None and not isinstance(config, MosaicInt8Config):
         raise ValueError(f"config must be a MosaicInt8Config, got {type(config).__name__}")
     dots = int8_matmul_nt(
@@ -278,28 +281,17 @@ def hamming_distance_tensorcore(queries, signs, *, config=None, interpret=False)
     return (bits - dots) >> 1
 
 
-def hamming_topk_kernel(
-    q_ref,
-    c_ref,
-    o_ref,
-    *,
-    n_codes,
-    n_words,
-    block_n,
-    split_size,
-    k,
-    index_bits,
-    pad_distance,
-    codes_layout,
+def _running_topk(
+    o_ref, tile_distances, *, n_codes, block_n, split_size, k, index_bits, pad_distance
 ):
-    """Running top-k of one query block over one split of the codes.
+    """Walks one split of the codes in tiles of block_n and writes the running top-k keys.
 
-    q_ref: int32 [block_q, W] (a block of the padded queries); c_ref: the whole codes array;
-    o_ref: int32 [block_q, kp] packed keys, unsorted; slots >= k hold negative fillers.
+    tile_distances(start, valid) -> int32 [block_q, block_n]: the distances of the block's
+    queries to codes start..start+block_n (anything where not valid). o_ref: int32 [block_q, kp]
+    packed keys, unsorted; slots >= k hold negative fillers.
     """
     block_q, kp = o_ref.shape
     split_start = pl.program_id(1) * split_size
-    q_words = [q_ref[:, w] for w in range(n_words)]
     lane = jnp.arange(block_n, dtype=jnp.int32)
     slot = lax.broadcasted_iota(jnp.int32, (block_q, kp), 1)
     # Distinct sentinels above every real key in slots < k; fillers below every key (so never
@@ -322,7 +314,7 @@ def hamming_topk_kernel(
         best, worst = carry
         local = t * block_n + lane
         valid = split_start + local < n_codes
-        d = _tile_distances(q_words, c_ref, split_start + t * block_n, block_n, valid, codes_layout)
+        d = tile_distances(split_start + t * block_n, valid)
         d = jnp.where(valid[None, :], d, pad_distance)
         keys = d * (1 << index_bits) + local[None, :]
         _, best, _, worst = lax.while_loop(
@@ -332,6 +324,49 @@ def hamming_topk_kernel(
 
     best, _ = lax.fori_loop(0, split_size // block_n, tile, (best0, jnp.max(best0, axis=1)))
     o_ref[...] = best
+
+
+def hamming_topk_kernel(q_ref, c_ref, o_ref, *, n_words, block_n, codes_layout, **topk):
+    """Running top-k of one query block over one split of the codes, distances by popcount.
+
+    q_ref: int32 [block_q, W] (a block of the padded queries); c_ref: the whole codes array.
+    """
+    q_words = [q_ref[:, w] for w in range(n_words)]
+
+    def tile_distances(start, valid):
+        return _tile_distances(q_words, c_ref, start, block_n, valid, codes_layout)
+
+    _running_topk(o_ref, tile_distances, block_n=block_n, **topk)
+
+
+def _sign_chunk(bits: int) -> int:
+    """The K step of the tensor-core tile: the largest power of two <= 256 dividing bits (>= 32,
+    as bits is a multiple of 32; int8 MMA takes K in steps of 32)."""
+    return min(256, bits & -bits)
+
+
+def hamming_topk_tensorcore_kernel(q_ref, s_ref, o_ref, *, bits, block_n, **topk):
+    """Running top-k of one query block over one split of the codes, distances on the tensor
+    cores: d = (bits - q . c) / 2 over +-1 signs, one int8 dot per tile and K chunk.
+
+    q_ref: int8 [block_q, bits] (signs of a block of the padded queries); s_ref: the whole int8
+    [N, bits] signs of the codes, read in [block_n, chunk] pieces by masked loads.
+    """
+    chunk = _sign_chunk(bits)
+    # The query block's signs, loaded once per program (not once per tile), in K chunks.
+    q_chunks = [q_ref[:, pl.ds(c * chunk, chunk)] for c in range(bits // chunk)]
+
+    def tile_distances(start, valid):
+        rows_ok = jnp.broadcast_to(valid[:, None], (block_n, chunk))
+        dots = None
+        for c, q_signs in enumerate(q_chunks):
+            view = s_ref.at[pl.ds(start, block_n), pl.ds(c * chunk, chunk)]
+            signs = plgpu.load(view, mask=rows_ok, other=0)
+            dot = triton_dot(q_signs, signs, trans_b=True)
+            dots = dot if dots is None else dots + dot
+        return (bits - dots) >> 1
+
+    _running_topk(o_ref, tile_distances, block_n=block_n, **topk)
 
 
 def _split_plan(q, n, n_words, cfg):
@@ -364,6 +399,44 @@ def _merge_candidates(keys, k, split_size, index_bits):
     return dist[:, :k], index[:, :k]
 
 
+def _fused_topk(kernel, query_rows, codes, n, n_words, k, cfg, interpret, name):
+    """Launches a running-top-k kernel over (query blocks, N splits) and merges the splits.
+
+    query_rows: [Q, width] per-query operand (packed words or signs), padded here to whole
+    blocks (queries are small; codes are never copied); codes: passed whole to the kernel.
+    kernel(q_ref, c_ref, o_ref, **topk) must accept the _running_topk keywords.
+    """
+    q, width = query_rows.shape
+    kp = _next_pow2(k)
+    index_bits, pad_distance = _key_bits(n_words)
+    num_splits, split_size = _split_plan(q, n, n_words, cfg)
+    bq = cfg.block_q
+    q_pad = pl.cdiv(q, bq) * bq
+    if q_pad != q:
+        query_rows = jnp.pad(query_rows, ((0, q_pad - q), (0, 0)))
+    kernel = functools.partial(
+        kernel,
+        n_codes=n,
+        block_n=cfg.block_n,
+        split_size=split_size,
+        k=k,
+        index_bits=index_bits,
+        pad_distance=pad_distance,
+    )
+    keys = pl.pallas_call(
+        kernel,
+        grid=(q_pad // bq, num_splits),
+        in_specs=[pl.BlockSpec((bq, width), lambda i, s: (i, 0)), pl.no_block_spec],
+        out_specs=pl.BlockSpec((bq, kp), lambda i, s: (i, s)),
+        out_shape=jax.ShapeDtypeStruct((q_pad, num_splits * kp), jnp.int32),
+        compiler_params=TritonCompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=name,
+    )(query_rows, codes)
+    keys = keys[:q].reshape(q, num_splits, kp)
+    return _merge_candidates(keys, k, split_size, index_bits)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "codes_layout", "config", "interpret"))
 def hamming_topk(queries, codes, k, *, codes_layout="nw", config=None, interpret=False):
     """Fused Hamming k-nearest-neighbours: the [Q, N] distance matrix is never materialised.
@@ -378,34 +451,54 @@ def hamming_topk(queries, codes, k, *, codes_layout="nw", config=None, interpret
     _check_k(k, n)
     cfg = default_config(q, n, w, k) if config is None else config
     cfg.validate()
-    kp = _next_pow2(k)
-    index_bits, pad_distance = _key_bits(w)
-    num_splits, split_size = _split_plan(q, n, w, cfg)
-    bq = cfg.block_q
-    q_pad = pl.cdiv(q, bq) * bq
-    qi = _as_i32(queries)
-    if q_pad != q:
-        qi = jnp.pad(qi, ((0, q_pad - q), (0, 0)))  # queries are small; codes are never copied
-    kernel = functools.partial(
-        hamming_topk_kernel,
-        n_codes=n,
-        n_words=w,
-        block_n=cfg.block_n,
-        split_size=split_size,
-        k=k,
-        index_bits=index_bits,
-        pad_distance=pad_distance,
-        codes_layout=codes_layout,
+    kernel = functools.partial(hamming_topk_kernel, n_words=w, codes_layout=codes_layout)
+    return _fused_topk(
+        kernel, _as_i32(queries), _as_i32(codes), n, w, k, cfg, interpret, "hamming_topk"
     )
-    keys = pl.pallas_call(
-        kernel,
-        grid=(q_pad // bq, num_splits),
-        in_specs=[pl.BlockSpec((bq, w), lambda i, s: (i, 0)), pl.no_block_spec],
-        out_specs=pl.BlockSpec((bq, kp), lambda i, s: (i, s)),
-        out_shape=jax.ShapeDtypeStruct((q_pad, num_splits * kp), jnp.int32),
-        compiler_params=_CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name="hamming_topk",
-    )(qi, _as_i32(codes))
-    keys = keys[:q].reshape(q, num_splits, kp)
-    return _merge_candidates(keys, k, split_size, index_bits)
+
+
+def default_tensorcore_config(q: int, n: int, bits: int, k: int = 10) -> HammingTopkConfig:
+    """Tiles of the tensor-core top-k. Not yet measured on a GPU (a guess to sweep from): unlike
+    popcount, whose [block_q, block_n] tile of word operations fills the registers at 32 queries,
+    the dot moves the work to the tensor cores and the codes' signs (bits bytes a code) are read
+    once per query block, so wider query blocks cut the memory traffic."""
+    del n, bits, k
+    if q <= 16:
+        return HammingTopkConfig(block_q=16, block_n=128, num_splits=None, num_warps=4)
+    return HammingTopkConfig(block_q=64, block_n=128, num_splits=None, num_warps=4)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "config", "interpret"))
+def hamming_topk_tensorcore(queries, signs, k, *, config=None, interpret=False):
+    """hamming_topk with the distances on the int8 tensor cores (Pallas-Triton ``dot``).
+
+    d = (bits - q . c) / 2 over +-1 signs, fused with the same running top-k, so the result is
+    hamming_topk's exactly (same keys, same tie order).
+
+    Args:
+      queries: uint32 [Q, W]; signs: int8 [N, 32 W] from ``code_signs(codes)`` (made once per
+        code set; 8x the packed size); 1 <= k <= N.
+      config: HammingTopkConfig with block_q, block_n >= 16 (int8 MMA tiles);
+        default_tensorcore_config(Q, N, bits, k) when None.
+    Returns:
+      (distances int32 [Q, k], indices int32 [Q, k]), ascending by distance, ties by lower index.
+    """
+    if queries.dtype != jnp.uint32 or queries.ndim != 2 or queries.shape[1] < 1:
+        raise ValueError(
+            f"queries must be uint32 [Q, W] with W >= 1; got {queries.dtype} {queries.shape}"
+        )
+    q, w = queries.shape
+    bits = 32 * w
+    _check_signs(signs, bits, w)
+    n = signs.shape[0]
+    _check_k(k, n)
+    cfg = default_tensorcore_config(q, n, bits, k) if config is None else config
+    if not isinstance(cfg, HammingTopkConfig):
+        raise ValueError(f"config must be a HammingTopkConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    if cfg.block_q < 16:
+        raise ValueError(f"config.block_q={cfg.block_q} must be >= 16 (int8 MMA tile rows)")
+    kernel = functools.partial(hamming_topk_tensorcore_kernel, bits=bits)
+    return _fused_topk(
+        kernel, code_signs(queries), signs, n, w, k, cfg, interpret, "hamming_topk_tensorcore"
+    )

@@ -28,23 +28,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._shared import pad_to, scale_accumulator
+from pallas_kernels._shared import (
+    TritonCompilerParams,
+    is_pow2,
+    pad_to,
+    scale_accumulator,
+    triton_dot,
+)
 from pallas_kernels.int8_matmul_mosaic import (
     MosaicInt8Config,
     default_mosaic_config,
     int8_matmul_nt,
 )
-
-# jax renamed TritonCompilerParams -> CompilerParams; accept either so the file runs on both.
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
-# dot moved from pallas to pallas.triton; older releases only have pl.dot.
-_dot = getattr(plgpu, "dot", None) or pl.dot
-
-
-def _is_pow2(x: int) -> bool:
-    return x > 0 and (x & (x - 1)) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +60,9 @@ class Int8MatmulConfig:
     def validate(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
-            if not (_is_pow2(v) and v >= 16):
+            if not (is_pow2(v) and v >= 16):
                 raise ValueError(f"config.{name}={v} must be a power of two >= 16")
-        if not _is_pow2(self.num_warps):
+        if not is_pow2(self.num_warps):
             raise ValueError(f"config.num_warps={self.num_warps} must be a power of two")
         if self.num_stages < 1:
             raise ValueError(f"config.num_stages={self.num_stages} must be >= 1")
@@ -228,7 +224,7 @@ def int8_matmul_kernel(
         ks = pl.ds(pl.multiple_of(kk * block_k, block_k), block_k)
         a = a_ref[ks, :] if transpose_a else a_ref[:, ks]
         b = b_ref[:, ks] if transpose_b else b_ref[ks, :]
-        return acc + _dot(a, b, trans_a=transpose_a, trans_b=transpose_b)
+        return acc + triton_dot(a, b, trans_a=transpose_a, trans_b=transpose_b)
 
     acc = lax.fori_loop(0, num_k, body, jnp.zeros((block_m, block_n), jnp.int32))
     if sa_ref is None and sb_ref is None:
@@ -345,7 +341,9 @@ def int8_matmul(
         in_specs=in_specs,
         out_specs=out_spec,
         out_shape=out_shape,
-        compiler_params=_CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        compiler_params=TritonCompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
         interpret=interpret,
         name="int8_matmul",
     )(*operands)

@@ -3,6 +3,10 @@
 Each test class runs twice: interpret=True on CPU, and compiled (interpret=False) on a GPU.
 """
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,6 +19,7 @@ from pallas_kernels.hamming_topk import (
     hamming_distance_tensorcore,
     hamming_topk,
     hamming_topk_reference,
+    hamming_topk_tensorcore,
 )
 from pallas_kernels.int8_matmul_mosaic import MosaicInt8Config
 
@@ -36,6 +41,11 @@ def random_codes(rng, n, w, distinct=None):
     """uint32 [n, w]; with ``distinct``, only that many different codes (many exact ties)."""
     pool = rng.integers(0, 2**32, (distinct or n, w), dtype=np.uint32)
     return pool if distinct is None else pool[rng.integers(0, distinct, n)]
+
+
+def codes_t(codes):
+    """The word-major ("wn") shape of abstract codes."""
+    return jax.ShapeDtypeStruct(codes.shape[::-1], codes.dtype)
 
 
 def as_layout(codes, layout):
@@ -167,6 +177,23 @@ class TestReferenceAndValidation:
         with pytest.raises(ValueError, match="block_n"):
             hamming_topk(q, c, 3, config=HammingTopkConfig(block_n=48), interpret=True)
 
+    @pytest.mark.parametrize("w", [8, 3])
+    def test_kernels_lower_for_cuda(self, w):
+        """Pallas-Triton lowers in Python, so what it cannot lower (a slice of a loaded block,
+        a dot's dtypes) fails here on CPU, not in a GPU session."""
+        queries = jax.ShapeDtypeStruct((512, w), jnp.uint32)
+        codes = jax.ShapeDtypeStruct((1 << 20, w), jnp.uint32)
+        signs = jax.ShapeDtypeStruct((1 << 20, 32 * w), jnp.int8)
+        programs = [
+            (functools.partial(hamming_topk, k=10), codes),
+            (functools.partial(hamming_topk, k=10, codes_layout="wn"), codes_t(codes)),
+            (hamming_distance, codes),
+            (functools.partial(hamming_topk_tensorcore, k=10), signs),
+        ]
+        for fn, operand in programs:
+            text = jax.jit(fn).trace(queries, operand).lower(lowering_platforms=("cuda",))
+            assert "triton" in text.as_text()
+
     @pytest.mark.parametrize("q,n", [(1, 1 << 20), (64, 1 << 20), (512, 10_000_000), (3, 5)])
     def test_default_config_is_valid(self, q, n):
         default_config(q, n, 8).validate()
@@ -174,11 +201,14 @@ class TestReferenceAndValidation:
 
 # The tensor-core formulation: d = (bits - q . c) / 2 over +-1 signs, an int8 GEMM (Mosaic GPU).
 TC_SMALL = MosaicInt8Config(tile_m=64, tile_n=64, tile_k=128, stages=2, wg_dim="m")
+# The fused tensor-core top-k: Pallas-Triton, int8 dot tiles of >= 16 x 16.
+TC_TOPK_SMALL = HammingTopkConfig(block_q=16, block_n=32, num_splits=3, num_warps=4)
 
 
 class TensorcoreTests:
     interpret: bool
     cases = [(37, 150, 8, TC_SMALL)]  # (Q, N, W, config): ragged Q and N, 256-bit codes
+    topk_configs = (TC_TOPK_SMALL,)
 
     def test_signs_unpack_the_bits(self):
         rng = np.random.default_rng(1)
@@ -199,10 +229,47 @@ class TensorcoreTests:
             )
             np.testing.assert_array_equal(np.asarray(got), np_distances(queries, codes))
 
+    @pytest.mark.parametrize("q,n,w,k,distinct", TOPK_CASES)
+    def test_fused_topk_exact_with_ties(self, q, n, w, k, distinct):
+        """The fused tensor-core top-k returns hamming_topk's result: same distances, same
+        tie order (the lower index first), for ragged Q and N, k = N, k > block_n, W = 1 and
+        W = 3 (three K steps of 32)."""
+        rng = np.random.default_rng([q, n, w, k, 1])
+        queries, codes = random_codes(rng, q, w), random_codes(rng, n, w, distinct)
+        want_d, want_i = np_topk(queries, codes, k)
+        signs = code_signs(codes)
+        for cfg in self.topk_configs:
+            d, i = hamming_topk_tensorcore(queries, signs, k, config=cfg, interpret=self.interpret)
+            assert d.shape == i.shape == (q, k)
+            np.testing.assert_array_equal(np.asarray(d), want_d, err_msg=f"{cfg=}")
+            np.testing.assert_array_equal(np.asarray(i), want_i, err_msg=f"{cfg=}")
+
+    def test_fused_topk_identical_codes_pick_lowest_indices(self):
+        rng = np.random.default_rng(6)
+        queries = random_codes(rng, 3, 8)
+        codes = np.repeat(random_codes(rng, 1, 8), 100, axis=0)
+        d, i = hamming_topk_tensorcore(
+            queries, code_signs(codes), 12, config=TC_TOPK_SMALL, interpret=self.interpret
+        )
+        np.testing.assert_array_equal(np.asarray(i), np.tile(np.arange(12), (3, 1)))
+        np.testing.assert_array_equal(np.asarray(d), np_distances(queries, codes)[:, :12])
+
     def test_bad_signs(self):
         queries = np.zeros((2, 8), np.uint32)
         with pytest.raises(ValueError, match="signs"):
             hamming_distance_tensorcore(queries, np.zeros((5, 128), np.int8))
+        with pytest.raises(ValueError, match="signs"):
+            hamming_topk_tensorcore(queries, np.zeros((5, 256), np.uint8), 3)
+        with pytest.raises(ValueError, match="queries"):
+            hamming_topk_tensorcore(queries.astype(np.int32), np.zeros((5, 256), np.int8), 3)
+        with pytest.raises(ValueError, match="k=6"):
+            hamming_topk_tensorcore(queries, np.zeros((5, 256), np.int8), 6)
+        with pytest.raises(ValueError, match="block_q=8"):
+            hamming_topk_tensorcore(
+                queries, np.zeros((5, 256), np.int8), 3, config=HammingTopkConfig(block_q=8)
+            )
+        with pytest.raises(ValueError, match="config"):
+            hamming_topk_tensorcore(queries, np.zeros((5, 256), np.int8), 3, config=TC_SMALL)
         with pytest.raises(ValueError, match="config"):
             hamming_distance_tensorcore(
                 queries, np.zeros((5, 256), np.int8), config=HammingTopkConfig()
@@ -217,3 +284,18 @@ class TestTensorcoreInterpret(TensorcoreTests):
 class TestTensorcoreGpu(TensorcoreTests):
     interpret = False
     cases = TensorcoreTests.cases + [(512, 100_000, 8, None), (64, 4099, 16, None)]
+    topk_configs = (
+        TC_TOPK_SMALL,
+        None,
+        HammingTopkConfig(block_q=64, block_n=64, num_splits=1, num_warps=4),
+        HammingTopkConfig(block_q=128, block_n=128, num_splits=5, num_warps=8),
+    )
+
+    def test_fused_topk_large_against_reference(self):
+        rng = np.random.default_rng(3)
+        for q, n, w in [(512, 200_003, 8), (7, 50_000, 32)]:
+            queries, codes = random_codes(rng, q, w), random_codes(rng, n, w, n // 40)
+            want = hamming_topk_reference(queries, codes, 10)
+            got = hamming_topk_tensorcore(queries, code_signs(codes), 10)
+            for g, x in zip(got, want):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(x))

@@ -1,0 +1,36 @@
+"""benchmarks/gpu_lowering.py lowers every recipe's train step for a Hopper GPU on CPU: the GPU
+path (int8 GEMMs through Pallas, Mosaic configs for Hopper) is checked here, where CI runs,
+before scarce device time is spent on it."""
+
+import jax
+
+
+def test_every_recipe_lowers_for_cuda(capsys, benchmark_script):
+    script = benchmark_script("gpu_lowering")
+    assert script.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "FAILED" not in out
+    # im2col puts every conv product on int8_matmul: Mosaic where K >= 256, Triton below.
+    line = next(row for row in out.splitlines() if row.startswith("da_int8+im2col "))
+    assert "mosaic" in line and "triton" in line, line
+    assert next(row for row in out.splitlines() if row.startswith("bf16 ")).endswith("none")
+
+
+def test_hopper_choices_are_undone_after(benchmark_script):
+    script = benchmark_script("gpu_lowering")
+    with script.as_if_on_hopper():
+        assert jax.default_backend() == "gpu"
+    assert jax.default_backend() == "cpu"
+
+
+def test_pallas_kernels_counted_by_backend(benchmark_script):
+    script = benchmark_script("gpu_lowering")
+    text = "\n".join(
+        [
+            '%0 = stablehlo.custom_call @mosaic_gpu(%a) {backend_config = "kernel A"}',
+            '%1 = stablehlo.custom_call @mosaic_gpu(%b) {backend_config = "kernel A"}',
+            '%2 = stablehlo.custom_call @__gpu$xla.gpu.triton(%c) {backend_config = "B"}',
+            '%3 = stablehlo.custom_call @Sharding(%d) {backend_config = "C"}',
+        ]
+    )
+    assert script.pallas_kernels_in(text) == {"mosaic": (2, 1), "triton": (1, 1)}
