@@ -27,9 +27,11 @@ import time
 from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax
 import jax.numpy as jnp
+from int8_step import model_config
 
 from alijax import train
 from pallas_kernels import int8_matmul, int8_matmul_mosaic
@@ -87,7 +89,7 @@ def abstract_step_inputs(model, optimizer, batch_size: int, image: int, classes:
     return state, batch, jax.random.key(1)
 
 
-def lower_recipe(recipe: str, args, model_config) -> dict:
+def lower_recipe(recipe: str, args) -> dict:
     """Traces and lowers one recipe's train step for CUDA; the row printed and returned."""
     dtype = "bfloat16" if recipe == "bf16" else "float32"
     with as_if_on_hopper():
@@ -116,8 +118,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.batch, args.image, args.classes = "resnet_tiny", 8, 32, 10
-    from int8_step import model_config  # noqa: PLC0415 (beside this script)
-
     print(
         f"jax {jax.__version__}; lowering for cuda (Hopper, {HOPPER_SMS} SMs) on {jax.devices()[0].platform}"
     )
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     rows = []
     for recipe in args.recipes.split(","):
         try:
-            row = lower_recipe(recipe, args, model_config)
+            row = lower_recipe(recipe, args)
         except Exception as err:  # one failing recipe must not hide the others
             row = {"recipe": recipe, "error": f"{type(err).__name__}: {str(err)[:2000]}"}
         rows.append(row)
