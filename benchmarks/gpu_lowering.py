@@ -58,21 +58,37 @@ _CUSTOM_CALL = re.compile(r"stablehlo\.custom_call @([\w$.]+)\(.*?backend_config
 _BACKENDS = {"mosaic_gpu": "mosaic", "__gpu$xla.gpu.triton": "triton"}
 
 
-def pallas_kernels_in(hlo_text: str) -> dict:
-    """{backend: (calls, distinct kernels)} of the Pallas custom calls in lowered StableHLO."""
-    calls = collections.Counter()
-    bodies = collections.defaultdict(set)
+_SIGNATURE = re.compile(r":\s*(\([^()]*\)\s*->\s*.+)$")
+
+
+def _pallas_calls(hlo_text: str):
+    """(backend, backend config, operand and result types) of each Pallas custom call."""
     for line in hlo_text.splitlines():
         match = _CUSTOM_CALL.search(line)
         if not match:
             continue
         target, config = match.groups()
         backend = next((b for t, b in _BACKENDS.items() if target.startswith(t)), None)
-        if backend is None:
-            continue
+        if backend is not None:
+            signature = _SIGNATURE.search(line)
+            yield backend, config, signature.group(1) if signature else "?"
+
+
+def pallas_kernels_in(hlo_text: str) -> dict:
+    """{backend: (calls, distinct kernels)} of the Pallas custom calls in lowered StableHLO (a
+    call per place in the program text: a function called twice with the same shapes is lowered
+    once)."""
+    calls = collections.Counter()
+    bodies = collections.defaultdict(set)
+    for backend, config, _ in _pallas_calls(hlo_text):
         calls[backend] += 1
         bodies[backend].add(hash(config))
     return {backend: (calls[backend], len(bodies[backend])) for backend in sorted(calls)}
+
+
+def pallas_kernel_list(hlo_text: str) -> list[str]:
+    """'backend (operand types) -> result type', one line per distinct kernel, sorted."""
+    return sorted({f"{b} {sig}" for b, _, sig in _pallas_calls(hlo_text)})
 
 
 def abstract_step_inputs(model, optimizer, batch_size: int, image: int, classes: int):
@@ -103,8 +119,14 @@ def lower_recipe(recipe: str, args) -> dict:
         start = time.perf_counter()
         lowered = traced.lower(lowering_platforms=("cuda",))
         lower_s = time.perf_counter() - start
-    kernels = pallas_kernels_in(lowered.as_text())
-    return {"recipe": recipe, "trace_s": trace_s, "lower_s": lower_s, "kernels": kernels}
+    text = lowered.as_text()
+    return {
+        "recipe": recipe,
+        "trace_s": trace_s,
+        "lower_s": lower_s,
+        "kernels": pallas_kernels_in(text),
+        "kernel_list": pallas_kernel_list(text),
+    }
 
 
 def main(argv=None) -> int:
@@ -115,6 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--image", type=int, default=224)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--recipes", default="bf16,da_int8+im2col,da_int8+bf16conv,da_int8")
+    parser.add_argument("--list", action="store_true", help="print each distinct kernel's types")
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.batch, args.image, args.classes = "resnet_tiny", 8, 32, 10
@@ -129,7 +152,10 @@ def main(argv=None) -> int:
         except Exception as err:  # one failing recipe must not hide the others
             row = {"recipe": recipe, "error": f"{type(err).__name__}: {str(err)[:2000]}"}
         rows.append(row)
+        kernel_list = row.pop("kernel_list", [])
         print(row, flush=True)
+        if args.list:
+            print("\n".join(f"  {line}" for line in kernel_list), flush=True)
     print(f"\n{'recipe':20s} {'trace s':>8s} {'lower s':>8s}  pallas kernels (calls / distinct)")
     for row in rows:
         if "error" in row:
