@@ -9,7 +9,11 @@ Build time is reported twice: the first build (JIT compilation included) and a s
 the same shapes (compiled). Search is swept over L, the query batch size and the beam width: on
 a GPU each beam-search iteration is a handful of small kernels, so a batch of 1024 queries (the
 CPU default) leaves the card mostly idle; larger batches amortise that per-iteration latency,
-and wider beams need fewer iterations. Last, --add points are inserted (`index.add`): 1000 first
+and wider beams need fewer iterations. Beside the graph, the same codes scanned exactly
+(`--scans`, mode "scan": the binary top-L by alijax.ann.hamming, the fused Pallas kernel on a
+GPU; "scan tc": the int8 tensor-core top-k over the codes' signs, GPU only), then the same float
+rerank: on one card a flat binary scan may beat the walk, and this says by how much. Last, --add
+points are inserted (`index.add`): 1000 first
 (compiling), then the rest in calls of 1000, reported as points/s; the data are then one draw
 of n + add points (--add 0: session 5's data, n points).
 Runs anywhere (CPU: use a small --n); needs no faiss.
@@ -34,7 +38,10 @@ import numpy as np  # noqa: E402
 from ann import synthetic  # noqa: E402
 from jax import lax  # noqa: E402
 
+from alijax.ann import codes as codes_lib  # noqa: E402
+from alijax.ann import hamming, search  # noqa: E402
 from alijax.ann.index import BinaryGraphIndex  # noqa: E402
+from pallas_kernels import hamming_topk as hk  # noqa: E402
 
 
 @jax.jit
@@ -84,6 +91,25 @@ def _timed_adds(index, extra, first_id: int) -> dict:
     return {"first_s": first, "points_per_s": (len(extra) - ADD_FIRST) / rest, "points": len(extra)}
 
 
+def scan_modes(on_gpu: bool) -> list[str]:
+    """The exact binary scans to run: the tensor-core one runs compiled on a GPU only."""
+    return ["scan", "scan tc"] if on_gpu else ["scan"]
+
+
+def scan_search(mode: str, queries, query_codes, codes, signs, vectors, candidates: int, k: int):
+    """Exact binary top-`candidates` of every query, then the index's float L2 rerank: ids."""
+    if mode == "scan tc":
+        _, cand = hk.hamming_topk_tensorcore(query_codes, signs, candidates)
+    else:
+        _, cand = hamming.hamming_topk(query_codes, codes, candidates)
+    _, ids = search.rerank(queries, vectors, cand, k, "l2")
+    return np.asarray(ids)
+
+
+def recall_at_10(ids, truth) -> float:
+    return float((ids[:, :10, None] == truth[:, None, :10]).any(axis=2).mean())
+
+
 def timed(fn, repeat=3):
     fn()
     times = []
@@ -104,6 +130,9 @@ def main(argv=None):
         "--widths", default="1,4", help="parents expanded per iteration (SearchConfig.width)"
     )
     parser.add_argument("--add", type=int, default=10_000, help="points added after (0: none)")
+    parser.add_argument(
+        "--scans", default="32,64,128,256", help="L of the exact binary scans ('' for none)"
+    )
     parser.add_argument("--out", default="benchmarks/results/ann-gpu.json")
     args = parser.parse_args(argv)
     if 0 < args.add <= ADD_FIRST:
@@ -131,11 +160,12 @@ def main(argv=None):
                 if width * 4 > cand:  # a quarter of the list at most per iteration
                     continue
                 secs, (_, ids) = timed(lambda: index.search(q, 10, candidates=cand, width=width))
-                recall = float((ids[:, :10, None] == truth[:, None, :10]).any(axis=2).mean())
-                row = {"L": cand, "batch": batch, "width": width, "recall@10": recall}
-                rows.append({**row, "qps": len(q) / secs})
+                row = {"mode": "graph", "L": cand, "batch": batch, "width": width}
+                rows.append({**row, "recall@10": recall_at_10(ids, truth), "qps": len(q) / secs})
                 # One line a row, as it comes: a run cut off by its time limit keeps what it got.
                 print(json.dumps(rows[-1]), flush=True)
+    index.search_config = base_config
+    rows += scans(args, index, x, xd, q, truth)
     report = {
         "device": device,
         "n": args.n,
@@ -157,6 +187,33 @@ def main(argv=None):
         print(_summary(report)[-1], flush=True)
 
 
+def scans(args, index, x, xd, q, truth) -> list[dict]:
+    """The exact binary scan rows: every query in one call per L (the codes made once, as an
+    index keeps them; the tensor-core signs too, 8x their size)."""
+    lengths = [int(c) for c in args.scans.split(",") if c]
+    if not lengths:
+        return []
+    codes = jnp.asarray(codes_lib.encode(index.binarizer, x))
+    query_codes = jnp.asarray(codes_lib.encode(index.binarizer, q))
+    modes = scan_modes(jax.default_backend() == "gpu")
+    signs = hk.code_signs(codes) if "scan tc" in modes else None
+    qd = jnp.asarray(q)
+    rows = []
+    for mode in modes:
+        for cand in lengths:
+            try:
+                secs, ids = timed(
+                    lambda: scan_search(mode, qd, query_codes, codes, signs, xd, cand, 10)
+                )
+            except Exception as err:  # a kernel that fails must not cost the other rows
+                print(f"{mode} L={cand}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+                continue
+            row = {"mode": mode, "L": cand, "batch": len(q), "width": 0}
+            rows.append({**row, "recall@10": recall_at_10(ids, truth), "qps": len(q) / secs})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def _write(path: str, report: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -172,12 +229,12 @@ def _summary(report: dict) -> list[str]:
         f"build: first {report['build_first_s']:.1f} s (with compilation), second "
         f"{report['build_warm_s']:.1f} s (target <= 10 s at 1M)",
         f"exact float brute force: {exact_qps:.0f} QPS",
-        "| L | batch | width | recall@10 | QPS | x brute force |",
-        "|---|---|---|---|---|---|",
+        "| mode | L | batch | width | recall@10 | QPS | x brute force |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['L']} | {r['batch']} | {r['width']} | {r['recall@10']:.4f} | {r['qps']:.0f} "
-        f"| {r['qps'] / exact_qps:.1f} |"
+        f"| {r.get('mode', 'graph')} | {r['L']} | {r['batch']} | {r['width'] or '-'} "
+        f"| {r['recall@10']:.4f} | {r['qps']:.0f} | {r['qps'] / exact_qps:.1f} |"
         for r in rows
     ]
     lines.append(
