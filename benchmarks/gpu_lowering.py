@@ -75,15 +75,18 @@ def _pallas_calls(hlo_text: str):
 
 
 def pallas_kernels_in(hlo_text: str) -> dict:
-    """{backend: (calls, distinct kernels)} of the Pallas custom calls in lowered StableHLO (a
-    call per place in the program text: a function called twice with the same shapes is lowered
-    once)."""
+    """{backend: (calls, distinct kernels, distinct shapes)} of the Pallas custom calls in
+    lowered StableHLO. Calls: one per place in the program text (a function called twice with
+    the same shapes is lowered once). Kernels: distinct serialized bodies, what XLA compiles
+    (one by kernel hash); they embed source locations, so the same GEMM traced from two call
+    paths can count twice. Shapes: distinct operand and result types."""
     calls = collections.Counter()
-    bodies = collections.defaultdict(set)
-    for backend, config, _ in _pallas_calls(hlo_text):
+    bodies, shapes = collections.defaultdict(set), collections.defaultdict(set)
+    for backend, config, signature in _pallas_calls(hlo_text):
         calls[backend] += 1
         bodies[backend].add(hash(config))
-    return {backend: (calls[backend], len(bodies[backend])) for backend in sorted(calls)}
+        shapes[backend].add(signature)
+    return {b: (calls[b], len(bodies[b]), len(shapes[b])) for b in sorted(calls)}
 
 
 def pallas_kernel_list(hlo_text: str) -> list[str]:
@@ -156,13 +159,18 @@ def main(argv=None) -> int:
         print(row, flush=True)
         if args.list:
             print("\n".join(f"  {line}" for line in kernel_list), flush=True)
-    print(f"\n{'recipe':20s} {'trace s':>8s} {'lower s':>8s}  pallas kernels (calls / distinct)")
+    print(
+        f"\n{'recipe':20s} {'trace s':>8s} {'lower s':>8s}  "
+        "pallas kernels (calls / distinct kernels / distinct shapes)"
+    )
     for row in rows:
         if "error" in row:
             print(f"{row['recipe']:20s} {'-':>8s} {'-':>8s}  FAILED {row['error'][:200]}")
             continue
-        kernels = ", ".join(f"{b} {c} / {d}" for b, (c, d) in row["kernels"].items()) or "none"
-        print(f"{row['recipe']:20s} {row['trace_s']:8.1f} {row['lower_s']:8.1f}  {kernels}")
+        kernels = ", ".join(f"{b} {c} / {d} / {e}" for b, (c, d, e) in row["kernels"].items())
+        print(
+            f"{row['recipe']:20s} {row['trace_s']:8.1f} {row['lower_s']:8.1f}  {kernels or 'none'}"
+        )
     return int(any("error" in row for row in rows))
 
 

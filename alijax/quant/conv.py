@@ -208,17 +208,28 @@ def conv_forward(geo: ConvGeometry, x, w, out_dtype, gpu_operands="float32"):
     )
 
 
-def conv_grad_lhs(geo: ConvGeometry, g, w, out_dtype, gpu_operands="float32"):
-    """G_X from G_Y (out layout) and W (rhs layout); returns the lhs layout."""
-    dn = geo.dimension_numbers
-    k_d, in_d, out_d = _spatial_sizes(geo, g.shape)
+def _grad_lhs_padding(geo: ConvGeometry, out_shape) -> tuple[tuple[int, int], ...]:
+    """The padding of G_Y in G_X's conv (the module docstring's formula)."""
+    k_d, in_d, out_d = _spatial_sizes(geo, out_shape)
     pads = []
     for (lo, _), kk, ii, oo in zip(geo.padding, k_d, in_d, out_d):
         before = kk - 1 - lo
         pads.append((before, ii + kk - 1 - oo - before))
-    # Canonical kernel layout [O, I, *spatial], spatially reversed: the adjoint of a correlation.
+    return tuple(pads)
+
+
+def _flipped_kernel(geo: ConvGeometry, w):
+    """W in the canonical layout [O, I, *spatial], spatially reversed: the adjoint of a
+    correlation."""
+    return jnp.flip(jnp.transpose(w, geo.dimension_numbers.rhs_spec), tuple(range(2, w.ndim)))
+
+
+def conv_grad_lhs(geo: ConvGeometry, g, w, out_dtype, gpu_operands="float32"):
+    """G_X from G_Y (out layout) and W (rhs layout); returns the lhs layout."""
+    dn = geo.dimension_numbers
+    pads = _grad_lhs_padding(geo, g.shape)
     spatial = tuple(range(2, w.ndim))
-    kernel = jnp.flip(jnp.transpose(w, dn.rhs_spec), spatial)
+    kernel = _flipped_kernel(geo, w)
     groups = geo.feature_group_count
     o, i = kernel.shape[:2]
     if groups > 1:
@@ -279,12 +290,14 @@ def conv_grad_rhs(geo: ConvGeometry, x, g, out_dtype, gpu_operands="float32"):
 # (the kernel's taps, then its input channels, row-major as the kernel is laid out) and
 # M = N * prod(out):
 #   Y   [M, O] = P [M, K] @ W [K, O]        P: the patches of X (_patches)
-#   G_X        = col2im(G_Y [M, O] @ W^T)   col2im: each tap's [M, C] block added back at the
-#                                           input positions it was read from (_col2im)
+#   G_X        = P(G_Y) @ W'                stride 1: G_X's conv is a forward conv of G_Y with
+#                                           the flipped kernel W', run as its im2col
+#   G_X        = col2im(G_Y [M, O] @ W^T)   strided: col2im adds each tap's [M, C] block back
+#                                           at the input positions it was read from (_col2im)
 #   G_W [K, O] = P^T @ G_Y [M, O]        P^T and G_Y^T built as such, K-major (the NT GEMM)
-# These are the ResNet-50 GEMM shapes of benchmarks/kernels.py. The patches cost prod(kernel)
-# times the input's int8 bytes (a 3x3 conv: 9x), and col2im an int32 [M, K] product, in
-# exchange for the int8 tensor cores that cuDNN's int8 x int8 -> int32 conv does not reach.
+# The patches cost prod(kernel) times their input's int8 bytes (a 3x3 conv: 9x), and col2im an
+# int32 [M, K] product, in exchange for the int8 tensor cores that cuDNN's int8 x int8 -> int32
+# conv does not reach. benchmarks/gpu_lowering.py --list prints a ResNet-50 step's GEMMs.
 CONV_LOWERINGS = ("auto", "conv", "im2col")
 
 
@@ -301,6 +314,8 @@ def _lowering_of(lowering: str, product: str, geo: ConvGeometry) -> str:
     - 32x32 16->16 3x3 (under 24 channels): 10.1 / 1.5, 9.9 / 4.0; 1x1 56x56 64->256 (the
       patches are the input itself): 51 / 30, 9.5 / 2.8;
     - batch 128, 2x2 64->64 3x3 (a map smaller than the kernel): 2.6 / 0.2, 2.6 / 0.1.
+    (G_X as im2col was col2im there; a stride-1 G_X now runs as the forward im2col of G_Y,
+    1.3-2x faster on the same 2 cores: 56x56 64->64 91 against 120 ms, 32x32 16->16 2.4 / 4.4.)
     Elsewhere "auto" is "conv" until a GPU run times the two (benchmarks/int8_step.py,
     variant +im2col)."""
     if lowering != "auto":
@@ -455,15 +470,52 @@ def conv_forward_im2col(geo: ConvGeometry, x, w, **dot_options):
     """Y = conv(X, W) as P @ W: int8 X (lhs layout), W (rhs layout) -> int32 (out layout).
     dot_options go to int8_dot (use_kernel, interpret)."""
     _check_im2col(geo, x, w)
+    return _patches_times_weights(geo, x, w, **dot_options)
+
+
+def _patches_times_weights(geo: ConvGeometry, x, w, **dot_options):
+    """The forward GEMM P @ W of an im2col-able geometry, int32 in the out layout."""
     y = int8_dot(_patches(geo, x), _weight_matrix(geo, w), **dot_options)
     n, o = geo.lhs_shape[geo.dimension_numbers.lhs_spec[0]], geo.num_out_channels
     y = y.reshape(n, *_im2col_out_sizes(geo), o)
     return _from_order(y, _lhs_order(geo.dimension_numbers.out_spec))
 
 
+def _grad_lhs_geometry(geo: ConvGeometry, out_shape, kernel_shape) -> ConvGeometry:
+    """G_X's conv of a stride-1 conv as a forward conv: G_Y (out layout) is its input, the
+    flipped kernel [O, I, *spatial] (O its input features, I its output ones) its kernel, the
+    original lhs layout its output; stride 1, the original kernel dilation."""
+    dn = geo.dimension_numbers
+    n_sp = len(geo.window_strides)
+    return ConvGeometry(
+        lhs_shape=tuple(out_shape),
+        rhs_shape=tuple(kernel_shape),
+        window_strides=(1,) * n_sp,
+        padding=_grad_lhs_padding(geo, out_shape),
+        lhs_dilation=(1,) * n_sp,
+        rhs_dilation=geo.rhs_dilation,
+        dimension_numbers=lax.ConvDimensionNumbers(
+            dn.out_spec, (1, 0, *range(2, n_sp + 2)), dn.lhs_spec
+        ),
+        feature_group_count=1,
+    )
+
+
 def conv_grad_lhs_im2col(geo: ConvGeometry, g, w, **dot_options):
-    """G_X = col2im(G_Y @ W^T): int8 G_Y (out layout), W (rhs layout) -> int32 (lhs layout)."""
+    """G_X: int8 G_Y (out layout), W (rhs layout) -> int32 (lhs layout), as one GEMM.
+
+    Stride 1: G_X is itself a forward conv of G_Y with the flipped kernel (no input dilation),
+    so it runs as that conv's im2col, P(G_Y) [M_in, taps * C_out] @ W' [taps * C_out, C_in]:
+    int8 patches in, G_X out. Strided: col2im(G_Y @ W^T), as the strided conv's G_X would
+    otherwise dilate G_Y with zeros (stride^2 times the work). For a 3x3 conv the first writes
+    9x G_Y's bytes in int8 where col2im writes and reads an int32 [M, 9 C_in] product, and its
+    GEMM has K = 9 C_out, not C_out (ResNet-50's first stage on an H200, run 3: M=802816 K=576
+    N=64 at 303 TOPS, against 107 for the K=64 N=576 GEMM of col2im)."""
     _check_im2col(geo, g, w)
+    if all(s == 1 for s in geo.window_strides):
+        kernel = _flipped_kernel(geo, w)
+        trans = _grad_lhs_geometry(geo, g.shape, kernel.shape)
+        return _patches_times_weights(trans, g, kernel, **dot_options)
     cols = int8_dot(_out_matrix(geo, g), _weight_matrix(geo, w), transpose_b=True, **dot_options)
     lhs_spec = geo.dimension_numbers.lhs_spec
     x_shape = tuple(geo.lhs_shape[a] for a in _lhs_order(lhs_spec))

@@ -292,6 +292,19 @@ IM2COL_GEOMETRIES = {
     "conv3d": ((2, 5, 4, 6, 2), (2, 3, 2, 2, 3), (1, 2, 2), "SAME", None, None, "NDHWC"),
     "mixed_layouts": ((3, 2, 6, 5), (3, 4, 2, 3), (1, 2), "SAME", None, None, "NCHW-HWIO-NHWC"),
     "one_output": ((2, 3, 3, 4), (3, 3, 4, 2), (1, 1), "VALID", None, None, "NHWC"),
+    # Stride 1: G_X runs as the forward im2col of G_Y with the flipped kernel.
+    "stride1_same": ((2, 6, 5, 3), (3, 3, 3, 4), (1, 1), "SAME", None, None, "NHWC"),
+    "stride1_1x1": ((2, 4, 4, 5), (1, 1, 5, 3), (1, 1), "VALID", None, None, "NHWC"),
+    "stride1_nchw_negative_padding": (
+        (2, 3, 7, 6),
+        (4, 3, 3, 2),
+        (1, 1),
+        ((2, -1), (0, 1)),
+        None,
+        (1, 2),
+        "NCHW-OIHW-NCHW",
+    ),
+    "stride1_conv3d": ((1, 4, 5, 3, 2), (3, 2, 2, 2, 3), (1, 1, 1), "SAME", None, None, "NDHWC"),
 }
 
 
@@ -331,10 +344,11 @@ def test_im2col_lowering_equals_the_conv_lowering(name):
         np.testing.assert_array_equal(got, want, err_msg=product)
 
 
-def test_im2col_products_through_the_pallas_kernel():
-    # The three GEMMs' layouts (plain, B transposed, A transposed) through int8_matmul itself
-    # (interpreted here; on a GPU the same code runs compiled).
-    geo = _im2col_geometry("nchw_oihw")
+@pytest.mark.parametrize("name", ["nchw_oihw", "stride1_same"])
+def test_im2col_products_through_the_pallas_kernel(name):
+    # The GEMMs' layouts (plain, B transposed: G_X of a strided conv; the NT form of G_W)
+    # through int8_matmul itself (interpreted here; on a GPU the same code runs compiled).
+    geo = _im2col_geometry(name)
     qx, qw, qg = _int8_operands(geo, 3)
     kernel = {"use_kernel": True, "interpret": True}
     for got, want in (

@@ -37,7 +37,8 @@ def test_pallas_kernels_counted_by_backend(benchmark_script):
         '%4 = stablehlo.custom_call @mosaic_gpu_v2(%e, %f) {backend_config = "D"} : '
         "(tensor<8x32xi8>, tensor<16x32xi8>) -> tensor<8x16xi32>"
     )
-    assert script.pallas_kernels_in(text) == {"mosaic": (3, 2), "triton": (1, 1)}
+    # Calls, distinct bodies, distinct types ("?" for the calls without types here).
+    assert script.pallas_kernels_in(text) == {"mosaic": (3, 2, 2), "triton": (1, 1, 1)}
     # One line per distinct (backend, types); calls without types print as "?".
     assert script.pallas_kernel_list(text) == [
         "mosaic (tensor<8x32xi8>, tensor<16x32xi8>) -> tensor<8x16xi32>",
