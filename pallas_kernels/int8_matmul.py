@@ -26,11 +26,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._shared import (
     TritonCompilerParams,
+    caller_independent_locations,
     is_pow2,
     pad_to,
     scale_accumulator,
@@ -190,13 +192,14 @@ def pick_config(m: int, n: int, k: int, transpose_a: bool = False, interpret: bo
 def _block_ids(pid, num_m, num_n, group_m):
     """Grouped launch order: consecutive programs walk down ``group_m`` rows of output blocks
     before moving right, so the B panel and group_m A panels are reused from L2."""
-    group_size = group_m * num_n
-    group = pid // group_size
-    first_m = group * group_m
-    rows_in_group = jnp.minimum(num_m - first_m, group_m)
-    i = first_m + (pid % group_size) % rows_in_group
-    j = (pid % group_size) // rows_in_group
-    return i, j
+    # lax's truncating div / rem, exact here (all non-negative): Python's // and % on a traced
+    # int are floor division, whose sign fix-ups cost a compare and select per op.
+    group_size = np.int32(group_m * num_n)
+    group = lax.div(pid, group_size)
+    first_m = group * np.int32(group_m)
+    rows_in_group = lax.min(np.int32(num_m) - first_m, np.int32(group_m))
+    in_group = lax.rem(pid, group_size)
+    return first_m + lax.rem(in_group, rows_in_group), lax.div(in_group, rows_in_group)
 
 
 def int8_matmul_kernel(
@@ -335,18 +338,19 @@ def int8_matmul(
         has_b_scale=fused_epilogue and b_scale is not None,
         out_dtype=jnp.dtype(out_dtype) if fused_epilogue else jnp.dtype(jnp.int32),
     )
-    out = pl.pallas_call(
-        kernel,
-        grid=(num_m * num_n, split_k),
-        in_specs=in_specs,
-        out_specs=out_spec,
-        out_shape=out_shape,
-        compiler_params=TritonCompilerParams(
-            num_warps=config.num_warps, num_stages=config.num_stages
-        ),
-        interpret=interpret,
-        name="int8_matmul",
-    )(*operands)
+    with caller_independent_locations():
+        out = pl.pallas_call(
+            kernel,
+            grid=(num_m * num_n, split_k),
+            in_specs=in_specs,
+            out_specs=out_spec,
+            out_shape=out_shape,
+            compiler_params=TritonCompilerParams(
+                num_warps=config.num_warps, num_stages=config.num_stages
+            ),
+            interpret=interpret,
+            name="int8_matmul",
+        )(*operands)
     if fused_epilogue:
         return out[:m, :n] if (mp, np_) != (m, n) else out
     return scale_accumulator(out.sum(axis=0)[:m, :n], a_scale, b_scale, out_dtype)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._shared import pad_to, scale_accumulator
+from pallas_kernels._shared import caller_independent_locations, pad_to, scale_accumulator
 
 try:  # Mosaic GPU is importable on CPU too (its lowering and interpreter run there).
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -386,7 +386,8 @@ def int8_matmul_nt(
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=_interpret_params() if interpret else None,
     )
-    out = call(*operands)
+    with caller_independent_locations():
+        out = call(*operands)
     if splits > 1:
         return scale_accumulator(out.sum(axis=0)[:m, :n], a_scale, b_scale, out_dtype)
     if (mp, np_) != (m, n):
