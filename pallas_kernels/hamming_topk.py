@@ -47,7 +47,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._shared import TritonCompilerParams, is_pow2, triton_dot
+from pallas_kernels._shared import (
+    TritonCompilerParams,
+    caller_independent_locations,
+    is_pow2,
+    triton_dot,
+)
 from pallas_kernels.int8_matmul_mosaic import MosaicInt8Config, int8_matmul_nt
 
 _INT32_MAX = 2**31 - 1
@@ -227,14 +232,17 @@ def hamming_distance(queries, codes, *, codes_layout="nw", config=None, interpre
         block_n=cfg.block_n,
         codes_layout=codes_layout,
     )
-    return pl.pallas_call(
-        kernel,
-        grid=(pl.cdiv(q, cfg.block_q), pl.cdiv(n, cfg.block_n)),
-        out_shape=jax.ShapeDtypeStruct((q, n), jnp.int32),
-        compiler_params=TritonCompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name="hamming_distance",
-    )(_as_i32(queries), _as_i32(codes))
+    with caller_independent_locations():
+        return pl.pallas_call(
+            kernel,
+            grid=(pl.cdiv(q, cfg.block_q), pl.cdiv(n, cfg.block_n)),
+            out_shape=jax.ShapeDtypeStruct((q, n), jnp.int32),
+            compiler_params=TritonCompilerParams(
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages
+            ),
+            interpret=interpret,
+            name="hamming_distance",
+        )(_as_i32(queries), _as_i32(codes))
 
 
 def code_signs(codes, *, codes_layout="nw"):
@@ -423,16 +431,19 @@ def _fused_topk(kernel, query_rows, codes, n, n_words, k, cfg, interpret, name):
         index_bits=index_bits,
         pad_distance=pad_distance,
     )
-    keys = pl.pallas_call(
-        kernel,
-        grid=(q_pad // bq, num_splits),
-        in_specs=[pl.BlockSpec((bq, width), lambda i, s: (i, 0)), pl.no_block_spec],
-        out_specs=pl.BlockSpec((bq, kp), lambda i, s: (i, s)),
-        out_shape=jax.ShapeDtypeStruct((q_pad, num_splits * kp), jnp.int32),
-        compiler_params=TritonCompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name=name,
-    )(query_rows, codes)
+    with caller_independent_locations():
+        keys = pl.pallas_call(
+            kernel,
+            grid=(q_pad // bq, num_splits),
+            in_specs=[pl.BlockSpec((bq, width), lambda i, s: (i, 0)), pl.no_block_spec],
+            out_specs=pl.BlockSpec((bq, kp), lambda i, s: (i, s)),
+            out_shape=jax.ShapeDtypeStruct((q_pad, num_splits * kp), jnp.int32),
+            compiler_params=TritonCompilerParams(
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages
+            ),
+            interpret=interpret,
+            name=name,
+        )(query_rows, codes)
     keys = keys[:q].reshape(q, num_splits, kp)
     return _merge_candidates(keys, k, split_size, index_bits)
 
