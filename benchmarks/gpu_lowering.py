@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax
 import jax.numpy as jnp
-from int8_step import model_config
+from int8_step import add_model_arguments, model_config
 
 from alijax import train
 from pallas_kernels import int8_matmul, int8_matmul_mosaic
@@ -134,11 +134,7 @@ def lower_recipe(recipe: str, args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--image", type=int, default=224)
-    parser.add_argument("--classes", type=int, default=1000)
+    add_model_arguments(parser)
     parser.add_argument("--recipes", default="bf16,da_int8+im2col,da_int8+bf16conv,da_int8")
     parser.add_argument("--list", action="store_true", help="print each distinct kernel's types")
     args = parser.parse_args(argv)

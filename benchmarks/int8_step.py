@@ -106,13 +106,19 @@ def time_recipe(recipe: str, args) -> dict:
     }
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The train step's model and input: ResNet-50, batch 256, 224x224 by default (--quick: a
+    tiny model); shared with gpu_lowering.py."""
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--image", type=int, default=224)
     parser.add_argument("--classes", type=int, default=1000)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
     parser.add_argument("--recipes", default="bf16,da_int8")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=None)

@@ -43,6 +43,15 @@ def random_codes(rng, n, w, distinct=None):
     return pool if distinct is None else pool[rng.integers(0, distinct, n)]
 
 
+def assert_topk(d, i, want_d, want_i, n, cfg):
+    """A top-k result equals the reference's; no padding sentinel or filler leaks out (every
+    index is a real code)."""
+    assert d.shape == i.shape == want_d.shape, cfg
+    assert (np.asarray(i) >= 0).all() and (np.asarray(i) < n).all(), cfg
+    np.testing.assert_array_equal(np.asarray(d), want_d, err_msg=f"{cfg=}")
+    np.testing.assert_array_equal(np.asarray(i), want_i, err_msg=f"{cfg=}")
+
+
 def codes_t(codes):
     """The word-major ("wn") shape of abstract codes."""
     return jax.ShapeDtypeStruct(codes.shape[::-1], codes.dtype)
@@ -98,11 +107,7 @@ class HammingTests:
                 config=cfg,
                 interpret=self.interpret,
             )
-            assert d.shape == i.shape == (q, k)
-            # No padding sentinel or filler may leak out: every index is a real code.
-            assert (np.asarray(i) >= 0).all() and (np.asarray(i) < n).all(), cfg
-            np.testing.assert_array_equal(np.asarray(d), want_d, err_msg=f"{cfg=}")
-            np.testing.assert_array_equal(np.asarray(i), want_i, err_msg=f"{cfg=}")
+            assert_topk(d, i, want_d, want_i, n, cfg)
 
     def test_identical_codes_pick_lowest_indices(self):
         rng = np.random.default_rng(5)
@@ -240,9 +245,7 @@ class TensorcoreTests:
         signs = code_signs(codes)
         for cfg in self.topk_configs:
             d, i = hamming_topk_tensorcore(queries, signs, k, config=cfg, interpret=self.interpret)
-            assert d.shape == i.shape == (q, k)
-            np.testing.assert_array_equal(np.asarray(d), want_d, err_msg=f"{cfg=}")
-            np.testing.assert_array_equal(np.asarray(i), want_i, err_msg=f"{cfg=}")
+            assert_topk(d, i, want_d, want_i, n, cfg)
 
     def test_fused_topk_identical_codes_pick_lowest_indices(self):
         rng = np.random.default_rng(6)
