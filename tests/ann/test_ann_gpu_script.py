@@ -17,7 +17,7 @@ def test_ann_gpu_script_runs_and_reports(tmp_path, capsys, benchmark_script):
         "--sweep",
         "16,32",
         "--scans",
-        "16,64,3000",
+        "16,64",
     ]
     script.main([*args, "--batch-sizes", "40,16", "--widths", "1", "--out", str(out)])
     report = json.loads(out.read_text())
@@ -28,14 +28,13 @@ def test_ann_gpu_script_runs_and_reports(tmp_path, capsys, benchmark_script):
         ("graph", 32, 16),
         ("scan", 16, 40),
         ("scan", 64, 40),
-        ("scan", 3000, 40),
     ]
     assert all(0 <= r["recall@10"] <= 1 and r["qps"] > 0 for r in report["rows"])
     assert report["add"]["points"] == 1500 and report["add"]["points_per_s"] > 0
     # The exact scan's top 64 codes hold its top 16, so reranked they find at least as many true
-    # neighbours; all 3000 codes reranked is exact float search.
-    scan16, scan64, scan_all = (r["recall@10"] for r in report["rows"][4:])
-    assert 0 < scan16 <= scan64 < scan_all == 1.0
+    # neighbours (an L = N scan, exact float search, cost this test 15 s more).
+    scan16, scan64 = (r["recall@10"] for r in report["rows"][4:])
+    assert 0 < scan16 <= scan64
     printed = capsys.readouterr().out
     assert "| scan | 64 | 40 | - |" in printed
     assert "best QPS at recall@10 >= 0.95" in printed and "add: first 1000 points" in printed
