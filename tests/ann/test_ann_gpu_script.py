@@ -19,13 +19,12 @@ def test_ann_gpu_script_runs_and_reports(tmp_path, capsys, benchmark_script):
         "--scans",
         "16,64",
     ]
-    script.main([*args, "--batch-sizes", "40,16", "--widths", "1", "--out", str(out)])
+    # One query batch size: a second compiles every search program again (~25 s here).
+    script.main([*args, "--batch-sizes", "40", "--widths", "1", "--out", str(out)])
     report = json.loads(out.read_text())
     assert [(r["mode"], r["L"], r["batch"]) for r in report["rows"]] == [
         ("graph", 16, 40),
         ("graph", 32, 40),
-        ("graph", 16, 16),
-        ("graph", 32, 16),
         ("scan", 16, 40),
         ("scan", 64, 40),
     ]
@@ -33,7 +32,7 @@ def test_ann_gpu_script_runs_and_reports(tmp_path, capsys, benchmark_script):
     assert report["add"]["points"] == 1500 and report["add"]["points_per_s"] > 0
     # The exact scan's top 64 codes hold its top 16, so reranked they find at least as many true
     # neighbours (an L = N scan, exact float search, cost this test 15 s more).
-    scan16, scan64 = (r["recall@10"] for r in report["rows"][4:])
+    scan16, scan64 = (r["recall@10"] for r in report["rows"][2:])
     assert 0 < scan16 <= scan64
     printed = capsys.readouterr().out
     assert "| scan | 64 | 40 | - |" in printed
