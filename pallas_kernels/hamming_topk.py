@@ -258,12 +258,19 @@ def code_signs(codes, *, codes_layout="nw"):
     return (1 - 2 * bits.astype(jnp.int8)).reshape(codes.shape[0], -1)
 
 
-def _check_signs(signs, bits, n_words):
+def _check_signs(queries, signs) -> int:
+    """Validates the tensor-core operands (packed queries, the codes' signs); returns bits."""
+    if queries.dtype != jnp.uint32 or queries.ndim != 2 or queries.shape[1] < 1:
+        raise ValueError(
+            f"queries must be uint32 [Q, W] with W >= 1; got {queries.dtype} {queries.shape}"
+        )
+    bits = 32 * queries.shape[1]
     if signs.dtype != jnp.int8 or signs.ndim != 2 or signs.shape[1] != bits:
         raise ValueError(
-            f"signs must be int8 [N, {bits}] (code_signs of codes with {n_words} words); "
-            f"got {signs.dtype} {signs.shape}"
+            f"signs must be int8 [N, {bits}] (code_signs of codes with {queries.shape[1]} "
+            f"words); got {signs.dtype} {signs.shape}"
         )
+    return bits
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -277,10 +284,7 @@ def hamming_distance_tensorcore(queries, signs, *, config=None, interpret=False)
       int32 [Q, N], equal to ``hamming_distance(queries, codes)``: the GEMM sums bits products
       of +-1, exactly, in int32.
     """
-    if queries.dtype != jnp.uint32 or queries.ndim != 2:
-        raise ValueError(f"queries must be uint32 [Q, W]; got {queries.dtype} {queries.shape}")
-    bits = 32 * queries.shape[1]
-    _check_signs(signs, bits, queries.shape[1])
+    bits = _check_signs(queries, signs)
     if config is not None and not isinstance(config, MosaicInt8Config):
         raise ValueError(f"config must be a MosaicInt8Config, got {type(config).__name__}")
     dots = int8_matmul_nt(
@@ -494,13 +498,8 @@ def hamming_topk_tensorcore(queries, signs, k, *, config=None, interpret=False):
     Returns:
       (distances int32 [Q, k], indices int32 [Q, k]), ascending by distance, ties by lower index.
     """
-    if queries.dtype != jnp.uint32 or queries.ndim != 2 or queries.shape[1] < 1:
-        raise ValueError(
-            f"queries must be uint32 [Q, W] with W >= 1; got {queries.dtype} {queries.shape}"
-        )
+    bits = _check_signs(queries, signs)
     q, w = queries.shape
-    bits = 32 * w
-    _check_signs(signs, bits, w)
     n = signs.shape[0]
     _check_k(k, n)
     cfg = default_tensorcore_config(q, n, bits, k) if config is None else config
