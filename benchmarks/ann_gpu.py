@@ -3,8 +3,12 @@
   python benchmarks/ann_gpu.py [--n 1000000] [--nq 10000] [--out benchmarks/results/ann-gpu.json]
 
 The issue's one-GPU targets: a 1M-vector build in <= 10 s, and search at recall@10 >= 0.95 at
->= 10x the throughput of exact brute-force search on the same card. The baseline is exact float
-L2 top-10 by matmul (chunks of the base, a running lax.top_k), which is also the ground truth.
+>= 10x the throughput of exact brute-force search on the same card. The baseline, and the
+ground truth, is `alijax.ann.exact.exact_search`: exact float32 L2 top-10 by matmul (HIGHEST
+precision, no TF32) in chunks of the base, each merged into a running top-k through an exact
+group pre-selection. Run 3's baseline (the same matmul at default precision, then a lax.top_k
+over every whole chunk) is timed too and printed beside it: its top_k dominated it, so the
+ratios of run 3 were against a weaker brute force.
 Build time is reported twice: the first build (JIT compilation included) and a second build of
 the same shapes (compiled). Search is swept over L, the query batch size and the beam width: on
 a GPU each beam-search iteration is a handful of small kernels, so a batch of 1024 queries (the
@@ -39,7 +43,7 @@ from ann import synthetic  # noqa: E402
 from jax import lax  # noqa: E402
 
 from alijax.ann import codes as codes_lib  # noqa: E402
-from alijax.ann import hamming, search  # noqa: E402
+from alijax.ann import exact, hamming, search  # noqa: E402
 from alijax.ann.index import BinaryGraphIndex  # noqa: E402
 from pallas_kernels import hamming_topk as hk  # noqa: E402
 
@@ -54,8 +58,8 @@ def _exact_chunk(q, q_sq, xc, xc_sq, best_d, best_i, start):
     return -neg, jnp.take_along_axis(cat_i, pos, axis=1)
 
 
-def exact_topk(x, q, k, chunk=65536):
-    """Exact float L2 top-k on the default device (the brute-force baseline)."""
+def topk_per_chunk(x, q, k, chunk=65536):
+    """Run 3's brute-force baseline: float L2 top-k, a lax.top_k over each whole chunk."""
     q = jnp.asarray(q)
     q_sq = jnp.sum(q * q, axis=1)
     best_d = jnp.full((q.shape[0], k), jnp.inf, jnp.float32)
@@ -106,6 +110,10 @@ def scan_search(mode: str, queries, query_codes, codes, signs, vectors, candidat
     return np.asarray(ids)
 
 
+def _ready(out):
+    return jax.block_until_ready(out)
+
+
 def recall_at_10(ids, truth) -> float:
     return float((ids[:, :10, None] == truth[:, None, :10]).any(axis=2).mean())
 
@@ -141,9 +149,16 @@ def main(argv=None):
     x, q = synthetic(args.n + args.add, args.nq)
     x, extra = x[: args.n], x[args.n :]
     xd = jnp.asarray(x)
-    secs_exact, truth = timed(lambda: exact_topk(xd, q, 10), repeat=1)
+    secs_exact, (_, truth) = timed(lambda: _ready(exact.exact_search(q, xd, 10)))
+    truth = np.asarray(truth)
     exact_qps = len(q) / secs_exact
-    print(f"{device}: N={args.n} Q={args.nq}; exact brute force {exact_qps:.0f} QPS", flush=True)
+    secs_per_chunk, _ = timed(lambda: topk_per_chunk(xd, q, 10), repeat=1)
+    topk_qps = len(q) / secs_per_chunk
+    print(
+        f"{device}: N={args.n} Q={args.nq}; exact brute force {exact_qps:.0f} QPS "
+        f"(run 3's, a top_k over each chunk: {topk_qps:.0f})",
+        flush=True,
+    )
     t = time.perf_counter()
     index = BinaryGraphIndex(bits=256, degree=32).build(x)
     build_first = time.perf_counter() - t
@@ -173,6 +188,7 @@ def main(argv=None):
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "exact_qps": exact_qps,
+        "exact_topk_per_chunk_qps": topk_qps,
         "build_first_s": build_first,
         "build_warm_s": build_warm,
         "rows": rows,
@@ -228,7 +244,9 @@ def _summary(report: dict) -> list[str]:
         f"ann on {report['device']}, N={report['n']}, Q={report['nq']}, {report['date'][:10]}",
         f"build: first {report['build_first_s']:.1f} s (with compilation), second "
         f"{report['build_warm_s']:.1f} s (target <= 10 s at 1M)",
-        f"exact float brute force: {exact_qps:.0f} QPS",
+        f"exact float brute force (alijax.ann.exact, float32): {exact_qps:.0f} QPS; run 3's "
+        f"baseline (default precision, a top_k over each chunk): "
+        f"{report.get('exact_topk_per_chunk_qps', float('nan')):.0f} QPS",
         "| mode | L | batch | width | recall@10 | QPS | x brute force |",
         "|---|---|---|---|---|---|---|",
     ]

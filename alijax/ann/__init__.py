@@ -2,6 +2,7 @@
 Binary Distributed Graph, arXiv 2102.04656)."""
 
 from alijax.ann.codes import Binarizer, encode, fit_itq, fit_lsh, fit_pca  # noqa: E402
+from alijax.ann.exact import exact_search  # noqa: E402
 from alijax.ann.graph import GraphConfig, build_graph, graph_recall, knn_graph  # noqa: E402
 from alijax.ann.index import BinaryGraphIndex  # noqa: E402
 from alijax.ann.search import SearchConfig  # noqa: E402
@@ -13,6 +14,7 @@ __all__ = [
     "SearchConfig",
     "build_graph",
     "encode",
+    "exact_search",
     "fit_itq",
     "fit_lsh",
     "fit_pca",

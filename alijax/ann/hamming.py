@@ -85,7 +85,8 @@ def _distances(queries, codes):
 
 
 def _merge(best, chunk_dist, chunk_start, k):
-    """Running (dist, idx) [Q, k] + a chunk's distances [Q, C] starting at index chunk_start.
+    """Running (dist, idx) [Q, k] + a chunk's distances [Q, C] starting at index chunk_start
+    (int32 Hamming or float32 distances: the running list keeps its dtype).
 
     Entries are concatenated in increasing index order (the running list holds only earlier,
     lower indices and is itself ordered by (dist, index)), and lax.top_k puts the lower position
@@ -99,7 +100,7 @@ def _merge(best, chunk_dist, chunk_start, k):
     # constant chunk_start XLA folded that array into a literal (30 MB for the 1M build's
     # centroid graph, and 0.2 GB of compile-time memory, VmHWM).
     old = jnp.take_along_axis(best_i, jnp.minimum(pos, kb - 1), axis=1)
-    return (-neg).astype(jnp.int32), jnp.where(pos < kb, old, chunk_start + pos - kb)
+    return (-neg).astype(best_d.dtype), jnp.where(pos < kb, old, chunk_start + pos - kb)
 
 
 def _group_candidates(chunk_dist, chunk_start, k, group):
@@ -121,17 +122,20 @@ def _group_candidates(chunk_dist, chunk_start, k, group):
     return dist, idx
 
 
-def _merge_grouped(best, chunk_dist, chunk_start, k, group):
-    """`_merge` through `_group_candidates` when the chunk splits into >= k whole groups."""
+def merge_chunk(best, chunk_dist, chunk_start, *, k, group):
+    """The running top-k (dist [Q, k], idx int32 [Q, k]) merged with a chunk's distances
+    [Q, C] of indices chunk_start.. (smaller is better, ties to the lower index; int32 or
+    float32, exact for integers below 2**24). Through `_group_candidates` when the chunk splits
+    into more than k whole groups of `group` (0: never)."""
     c = chunk_dist.shape[1]
-    if c % group or c // group <= k:
+    if not group or c % group or c // group <= k:
         return _merge(best, chunk_dist, chunk_start, k)
     cand_d, cand_i = _group_candidates(chunk_dist, chunk_start, k, group)
     best_d, best_i = best
     cat_d = jnp.concatenate([best_d, cand_d], axis=1)
     cat_i = jnp.concatenate([best_i, cand_i], axis=1)
     neg, pos = lax.top_k(-cat_d.astype(jnp.float32), k)
-    return (-neg).astype(jnp.int32), jnp.take_along_axis(cat_i, pos, axis=1)
+    return (-neg).astype(best_d.dtype), jnp.take_along_axis(cat_i, pos, axis=1)
 
 
 # Codes per group in the candidate pre-selection of `_group_candidates` (measured on 2 cores).
@@ -153,11 +157,7 @@ def hamming_topk_chunked(queries, codes, k, *, chunk_size, group=_GROUP):
         chunk = lax.dynamic_slice_in_dim(codes, start, chunk_size, axis=0)
         return merge(best, _distances(queries, chunk), start)
 
-    merge = (
-        functools.partial(_merge_grouped, k=k, group=group)
-        if group
-        else functools.partial(_merge, k=k)
-    )
+    merge = functools.partial(merge_chunk, k=k, group=group)
     best = lax.fori_loop(0, n_full, body, best)
     if n_full * chunk_size < n:  # static-size remainder, so codes are never padded or copied
         start = n_full * chunk_size

@@ -1,0 +1,134 @@
+"""Exact float k-nearest-neighbour search (brute force): the ground truth and the baseline.
+
+What a user runs to search exactly without an index, so it is what the graph is measured
+against on an accelerator (benchmarks/ann_gpu.py) and what gives that benchmark its ground
+truth. The base is scored a chunk at a time by one matmul in full float32 (HIGHEST: a GPU's
+default TF32 would round the scores an exact search exists for), and each chunk is merged into
+a running top-k through hamming's exact group pre-selection (a min over groups of codes, a
+top_k over the groups, then over the chosen groups' entries). A plain lax.top_k over each whole
+[Q, chunk] tile costs several times the matmul on a GPU (benchmarks/RESULTS.md, run 3), so a
+baseline built on it would flatter any index. Memory beyond the inputs is O(Q * chunk) for
+any N.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from alijax.ann import hamming
+from alijax.ann.search import check_metric
+
+# The [Q, chunk] float32 score tile: on a CPU at most 32 MB and 16384 vectors (2 cores, 1M x
+# 128-d, k = 10: Q = 64 took 211 ms a search in chunks of 16384, 372 in chunks of 131072; Q = 512
+# 1.39-1.55 s at 16384, 1.69 at 4096, 3.3 at 65536); 1 GB elsewhere (fewer loop trips, each a few
+# kernel launches on a GPU).
+_TILE_ELEMENTS_CPU = 1 << 23
+_CHUNK_CPU = 1 << 14
+_TILE_ELEMENTS = 1 << 28
+# Scores a group holds in the exact pre-selection (hamming.merge_chunk).
+_GROUP = 32
+
+
+def default_chunk_size(q: int, n: int, *, cpu: bool | None = None) -> int:
+    """Base vectors a chunk scores: a power of two in [1024, 2**20] (2**14 on a CPU), the
+    Q x chunk tile within 32 MB on a CPU and 1 GB elsewhere unless the floor of 1024 is more;
+    at most n."""
+    if cpu is None:
+        cpu = jax.default_backend() == "cpu"
+    tile, most = (_TILE_ELEMENTS_CPU, _CHUNK_CPU) if cpu else (_TILE_ELEMENTS, 1 << 20)
+    chunk = min(most, max(1024, tile // max(q, 1)))
+    return min(1 << (chunk.bit_length() - 1), n)
+
+
+def _distances(queries, chunk, metric: str, precision):
+    """float32 [Q, C]: smaller is nearer. l2 leaves out |q|^2 (the same for a query's row);
+    ip and cosine are negated similarities (cosine's vectors normalised here)."""
+    chunk = chunk.astype(jnp.float32)  # float16 bases: one chunk at a time, never a full copy
+    if metric == "cosine":
+        chunk = chunk / jnp.maximum(jnp.linalg.norm(chunk, axis=1, keepdims=True), 1e-30)
+    dots = lax.dot_general(
+        queries,
+        chunk,
+        (((1,), (1,)), ((), ())),
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+    if metric == "l2":
+        return jnp.sum(chunk * chunk, axis=1)[None, :] - 2 * dots
+    return -dots
+
+
+@functools.partial(jax.jit, static_argnames=("k", "metric", "chunk_size", "group", "precision"))
+def _exact_search(queries, vectors, *, k, metric, chunk_size, group, precision):
+    queries = queries.astype(jnp.float32)
+    if metric == "cosine":
+        queries = queries / jnp.maximum(jnp.linalg.norm(queries, axis=1, keepdims=True), 1e-30)
+    q, n = queries.shape[0], vectors.shape[0]
+    merge = functools.partial(hamming.merge_chunk, k=k, group=group)
+    best = (jnp.full((q, k), jnp.inf, jnp.float32), jnp.full((q, k), -1, jnp.int32))
+
+    def body(i, best):
+        start = i * chunk_size
+        chunk = lax.dynamic_slice_in_dim(vectors, start, chunk_size, axis=0)
+        return merge(best, _distances(queries, chunk, metric, precision), start)
+
+    n_full = n // chunk_size
+    best = lax.fori_loop(0, n_full, body, best)
+    if n_full * chunk_size < n:  # a static remainder: the base is never padded or copied
+        start = n_full * chunk_size
+        best = merge(best, _distances(queries, vectors[start:], metric, precision), start)
+    dist, idx = best
+    if metric == "l2":  # squared distances, as the index's rerank reports them
+        return jnp.maximum(dist + jnp.sum(queries * queries, axis=1)[:, None], 0.0), idx
+    return -dist, idx
+
+
+def exact_search(
+    queries,
+    vectors,
+    k: int,
+    *,
+    metric: str = "l2",
+    chunk_size: int | None = None,
+    precision=lax.Precision.HIGHEST,
+):
+    """The exact k nearest of vectors for each query, by brute force.
+
+    Args:
+      queries: float [Q, D]; vectors: float [N, D] (float16 is scored in float32); 1 <= k <= N.
+      metric: "l2", "ip" or "cosine", as BinaryGraphIndex.
+      chunk_size: base vectors scored at a time (default: default_chunk_size(Q, N)).
+      precision: of the scoring matmul; HIGHEST is exact float32 on every backend.
+    Returns:
+      (scores float32 [Q, k], indices int32 [Q, k]) best first, ties to the lower index: l2
+      squared distances ascending (|q|^2 + |x|^2 - 2 q.x, clamped at 0), ip and cosine
+      similarities descending.
+    """
+    check_metric(metric)
+    queries, vectors = jnp.asarray(queries), jnp.asarray(vectors)
+    for name, x in (("queries", queries), ("vectors", vectors)):
+        if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a float [rows, D] array; got {x.dtype} {x.shape}")
+    if queries.shape[1] != vectors.shape[1]:
+        raise ValueError(
+            f"queries.shape[1]={queries.shape[1]} must equal vectors.shape[1]={vectors.shape[1]}"
+        )
+    n = vectors.shape[0]
+    if not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k={k!r} must be an int in 1..{n} (the number of vectors)")
+    chunk = default_chunk_size(queries.shape[0], n) if chunk_size is None else chunk_size
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
+    return _exact_search(
+        queries,
+        vectors,
+        k=k,
+        metric=metric,
+        chunk_size=min(chunk, n),
+        group=_GROUP,
+        precision=precision,
+    )
