@@ -3,9 +3,13 @@
   python benchmarks/kernels.py [--quick] [--with-10m] [--budget-s 240] [--out PATH]
 
 Rows: int8_matmul vs XLA int8 dot (int32 accumulate, same scale epilogue) and XLA bf16 dot, at
-4096^3, 8192^3 and ResNet-50 (batch 256, 224x224) im2col GEMMs: forward Y = X W, G_X = G_Y W^T,
-G_W = X^T G_Y (as P^T [K, M] times (G_Y^T [N, M])^T, the layout alijax.quant.conv builds); a handful of Int8MatmulConfig candidates is swept and the best is reported with
-its config. hamming_topk (fused) vs XLA popcount distance matrix + lax.top_k, 256-bit codes,
+4096^3, 8192^3 and ResNet-50 (batch 256, 224x224) im2col GEMMs as alijax.quant.conv runs them:
+forward Y = P(X) W; G_X of a stride-1 conv as the forward GEMM of G_Y with the flipped kernel,
+P(G_Y) [M, taps C_out] W' (no row where that is the forward's shape, as for the square 3x3
+layers), and for the stride-2 3x3 convs that open stages 2-4 G_Y W^T then col2im ("G_X s2",
+M the output rows); G_W = P^T G_Y (as P^T [K, M] times (G_Y^T [N, M])^T, the layout
+alijax.quant.conv builds). A handful of
+Int8MatmulConfig candidates is swept and the best is reported with its config. hamming_topk (fused) vs XLA popcount distance matrix + lax.top_k, 256-bit codes,
 k = 10. On CPU: a reduced set, the Pallas kernels only in interpret mode at toy sizes (to prove
 the path), and alijax.ann.hamming.hamming_topk (chunked jnp) vs faiss IndexBinaryFlat.
 
@@ -286,14 +290,27 @@ def run_matmul(name, m, n, k, ta, tb, *, interpret, backends, deadline):
 
 
 def resnet50_gemms():
-    """(name, M, K, N) im2col GEMMs of ResNet-50 at batch 256, 224x224 (M = batch * H * W)."""
+    """(name, M, N, K, transpose_a, transpose_b) of the im2col GEMMs of ResNet-50 layers at batch
+    256, 224x224, as alijax.quant.conv runs them (M = batch * H * W of the output)."""
     b = 256
-    return [
-        ("r50 l1 3x3", b * 56 * 56, 64 * 9, 64),
-        ("r50 l2 3x3", b * 28 * 28, 128 * 9, 128),
-        ("r50 l3 3x3", b * 14 * 14, 256 * 9, 256),
-        ("r50 l4 1x1", b * 7 * 7, 512, 2048),
+    layers = [  # (name, output rows, taps, C_in, C_out, opens a stage with stride 2)
+        ("r50 l1 3x3", b * 56 * 56, 9, 64, 64, False),
+        ("r50 l2 3x3", b * 28 * 28, 9, 128, 128, True),
+        ("r50 l3 3x3", b * 14 * 14, 9, 256, 256, True),
+        ("r50 l4 1x1", b * 7 * 7, 1, 512, 2048, False),
     ]
+    gemms = []
+    for name, m, taps, c_in, c_out, strided in layers:
+        fwd = (m, c_out, taps * c_in, False, False)
+        gemms.append((name + " fwd", *fwd))
+        if strided:  # G_Y W^T, then col2im: the stride-2 conv of the same output size
+            gemms.append((name + " G_X s2", m, taps * c_in, c_out, False, True))
+        elif (m, c_in, taps * c_out) != fwd[:3]:
+            gemms.append((name + " G_X", m, c_in, taps * c_out, False, False))
+        # G_W = P^T G_Y with both operands built K-major ([K, M] patches and G_Y^T, the NT
+        # form): no transposing copy.
+        gemms.append((name + " G_W", taps * c_in, c_out, m, False, True))
+    return gemms
 
 
 def matmul_suite(args, on_gpu, deadline):
@@ -333,29 +350,25 @@ def matmul_suite(args, on_gpu, deadline):
             backends=with_mosaic(backends),
             deadline=deadline,
         )
-    for name, m, k, n in resnet50_gemms()[: 2 if args.quick else None]:
-        for suffix, mm, nn, kk, ta, tb in (
-            (" fwd", m, n, k, False, False),
-            (" G_X", m, k, n, False, True),
-            # G_W = P^T G_Y as alijax's im2col conv lowering calls it: both operands built
-            # K-major ([K, M] patches and G_Y^T, the NT form), no transposing copy.
-            (" G_W", k, n, m, False, True),
-        ):
-            backends = {
-                "triton": [im.default_config(mm, nn, kk), TRITON_CANDIDATES[1]],
-                "mosaic": mosaic_variants(mm, nn, kk),
-            }
-            run_matmul(
-                name + suffix,
-                mm,
-                nn,
-                kk,
-                ta,
-                tb,
-                interpret=False,
-                backends=with_mosaic(backends),
-                deadline=deadline,
-            )
+    gemms = resnet50_gemms()
+    if args.quick:  # stages 1-2
+        gemms = [g for g in gemms if g[0].startswith(("r50 l1", "r50 l2"))]
+    for name, m, n, k, ta, tb in gemms:
+        backends = {
+            "triton": [im.default_config(m, n, k), TRITON_CANDIDATES[1]],
+            "mosaic": mosaic_variants(m, n, k),
+        }
+        run_matmul(
+            name,
+            m,
+            n,
+            k,
+            ta,
+            tb,
+            interpret=False,
+            backends=with_mosaic(backends),
+            deadline=deadline,
+        )
 
 
 # ----------------------------------------------------------------------------- hamming
