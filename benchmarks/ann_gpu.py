@@ -16,7 +16,9 @@ CPU default) leaves the card mostly idle; larger batches amortise that per-itera
 and wider beams need fewer iterations. Beside the graph, the same codes scanned exactly
 (`--scans`, mode "scan": the binary top-L by alijax.ann.hamming, the fused Pallas kernel on a
 GPU; "scan tc": the int8 tensor-core top-k over the codes' signs, GPU only), then the same float
-rerank: on one card a flat binary scan may beat the walk, and this says by how much. Last, --add
+rerank: on one card a flat binary scan may beat the walk, and this says by how much. --phases
+times one batch's programs apart (seed, walk, rerank; the walk also cut at 1-8 iterations), so
+one run says where a batch's time goes and what an iteration costs. Last, --add
 points are inserted (`index.add`): 1000 first
 (compiling), then the rest in calls of 1000, reported as points/s; the data are then one draw
 of n + add points (--add 0: session 5's data, n points).
@@ -141,6 +143,12 @@ def main(argv=None):
     parser.add_argument(
         "--scans", default="32,64,128,256", help="L of the exact binary scans ('' for none)"
     )
+    parser.add_argument(
+        "--phases",
+        default="64:1:10000",
+        help="L:width:batch of one search timed program by program (seed, walk, rerank) and "
+        "with the walk cut at 1, 2, 4, 8 iterations: where a batch's time goes ('' for none)",
+    )
     parser.add_argument("--out", default="benchmarks/results/ann-gpu.json")
     args = parser.parse_args(argv)
     if 0 < args.add <= ADD_FIRST:
@@ -181,6 +189,7 @@ def main(argv=None):
                 print(json.dumps(rows[-1]), flush=True)
     index.search_config = base_config
     rows += scans(args, index, x, xd, q, truth)
+    phase_times = phases(index, q, args.phases) if args.phases else None
     report = {
         "device": device,
         "n": args.n,
@@ -192,6 +201,7 @@ def main(argv=None):
         "build_first_s": build_first,
         "build_warm_s": build_warm,
         "rows": rows,
+        "phases": phase_times,
         "add": None,
     }
     # The search's results written and printed first: kept should the adds run past a limit.
@@ -230,6 +240,71 @@ def scans(args, index, x, xd, q, truth) -> list[dict]:
     return rows
 
 
+WALK_CAPS = (1, 2, 4, 8)
+
+
+def phases(index, q, spec: str) -> dict:
+    """One batch's search (L:width:batch) timed a program at a time, as the index runs them:
+    the seed (queries encoded, start lists), the walk (with its iteration cap, and cut at
+    WALK_CAPS iterations: the slope is the cost of an iteration, the rest fixed), the rerank.
+    Medians of 3 in ms, each program waited for."""
+    candidates, width, batch = (int(v) for v in spec.split(":"))
+    batch = min(batch, len(q))
+    cfg = dataclasses.replace(
+        index.search_config, candidates=candidates, width=width, batch_size=batch
+    ).for_codes(len(index.ids))
+    codes, graph, vectors, entries, deleted = (
+        jax.device_put(getattr(index, name))
+        for name in ("codes", "graph", "vectors", "entries", "deleted")
+    )
+    queries = jnp.asarray(q[:batch])
+
+    def median_ms(fn):
+        secs, out = timed(lambda: jax.block_until_ready(fn()))
+        return 1e3 * secs, out
+
+    seed_ms, (top, query_codes) = median_ms(
+        lambda: search.seed_batch(queries, index.binarizer, codes, entries, candidates=candidates)
+    )
+
+    def walk(iterations):
+        return search.walk_batch(
+            query_codes,
+            codes,
+            graph,
+            top,
+            candidates=candidates,
+            width=width,
+            iterations=iterations,
+        )
+
+    walk_ms, (cand, _) = median_ms(lambda: walk(cfg.iterations()))
+    cut_ms = {cap: median_ms(lambda: walk(cap))[0] for cap in WALK_CAPS}
+    rerank_ms, _ = median_ms(
+        lambda: search.rerank_batch(queries, vectors, cand, deleted, k=10, metric=index.metric)
+    )
+    slope = (cut_ms[WALK_CAPS[-1]] - cut_ms[WALK_CAPS[0]]) / (WALK_CAPS[-1] - WALK_CAPS[0])
+    report = {
+        "L": candidates,
+        "width": width,
+        "batch": batch,
+        "iterations": cfg.iterations(),
+        "seed_ms": seed_ms,
+        "walk_ms": walk_ms,
+        "walk_cut_ms": {str(c): t for c, t in cut_ms.items()},
+        "walk_ms_per_iteration": slope,
+        "rerank_ms": rerank_ms,
+    }
+    print(
+        f"phases L={candidates} width={width} batch={batch}: seed {seed_ms:.2f} ms, walk "
+        f"{walk_ms:.2f} ms ({cfg.iterations()} iterations; cut at "
+        + ", ".join(f"{c}: {t:.2f}" for c, t in cut_ms.items())
+        + f"; {slope:.3f} ms an iteration), rerank {rerank_ms:.2f} ms",
+        flush=True,
+    )
+    return report
+
+
 def _write(path: str, report: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -260,6 +335,14 @@ def _summary(report: dict) -> list[str]:
         + ("none" if best is None else f"{best:.0f} = {best / exact_qps:.1f}x brute force")
         + " (target >= 10x)"
     )
+    ph = report.get("phases")
+    if ph:
+        lines.append(
+            f"one batch of {ph['batch']} at L={ph['L']} width={ph['width']}: seed "
+            f"{ph['seed_ms']:.2f} ms, walk {ph['walk_ms']:.2f} ms ({ph['iterations']} iterations "
+            f"at most, {ph['walk_ms_per_iteration']:.3f} ms an iteration), rerank "
+            f"{ph['rerank_ms']:.2f} ms"
+        )
     added = report["add"]
     if added:
         lines.append(

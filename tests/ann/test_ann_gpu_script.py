@@ -18,6 +18,8 @@ def test_ann_gpu_script_runs_and_reports(tmp_path, capsys, benchmark_script):
         "16,32",
         "--scans",
         "16,64",
+        "--phases",
+        "16:1:40",
     ]
     # One query batch size: a second compiles every search program again (~25 s here).
     script.main([*args, "--batch-sizes", "40", "--widths", "1", "--out", str(out)])
@@ -30,6 +32,10 @@ def test_ann_gpu_script_runs_and_reports(tmp_path, capsys, benchmark_script):
     ]
     assert all(0 <= r["recall@10"] <= 1 and r["qps"] > 0 for r in report["rows"])
     assert report["add"]["points"] == 1500 and report["add"]["points_per_s"] > 0
+    phases = report["phases"]
+    assert (phases["L"], phases["width"], phases["batch"]) == (16, 1, 40)
+    assert set(phases["walk_cut_ms"]) == {"1", "2", "4", "8"}
+    assert min(phases["seed_ms"], phases["walk_ms"], phases["rerank_ms"]) > 0
     # The exact scan's top 64 codes hold its top 16, so reranked they find at least as many true
     # neighbours (an L = N scan, exact float search, cost this test 15 s more).
     scan16, scan64 = (r["recall@10"] for r in report["rows"][2:])
