@@ -57,9 +57,10 @@ def _distances(queries, chunk, metric: str, precision):
         precision=precision,
         preferred_element_type=jnp.float32,
     )
-    if metric == "l2":
-        return jnp.sum(chunk * chunk, axis=1)[None, :] - 2 * dots
-    return -dots
+    dist = jnp.sum(chunk * chunk, axis=1)[None, :] - 2 * dots if metric == "l2" else -dots
+    # A NaN is no neighbour: as +inf it ties with the running list's empty slots, which come
+    # first, so it is never returned (lax.top_k's order of NaNs is not specified).
+    return jnp.where(jnp.isnan(dist), jnp.inf, dist)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "metric", "chunk_size", "group", "precision"))
@@ -83,8 +84,11 @@ def _exact_search(queries, vectors, *, k, metric, chunk_size, group, precision):
         best = merge(best, _distances(queries, vectors[start:], metric, precision), start)
     dist, idx = best
     if metric == "l2":  # squared distances, as the index's rerank reports them
-        return jnp.maximum(dist + jnp.sum(queries * queries, axis=1)[:, None], 0.0), idx
-    return -dist, idx
+        scores = jnp.maximum(dist + jnp.sum(queries * queries, axis=1)[:, None], 0.0)
+    else:
+        scores = -dist
+    missing = jnp.inf if metric == "l2" else -jnp.inf  # the rerank's convention
+    return jnp.where(idx < 0, missing, scores), idx
 
 
 def exact_search(
@@ -106,7 +110,10 @@ def exact_search(
     Returns:
       (scores float32 [Q, k], indices int32 [Q, k]) best first, ties to the lower index: l2
       squared distances ascending (|q|^2 + |x|^2 - 2 q.x, clamped at 0), ip and cosine
-      similarities descending.
+      similarities descending. Inputs are not checked for NaN (that would cost a pass and a
+      wait for the device); a NaN score counts as no neighbour, as in the index's rerank: a
+      vector holding NaN is never returned, and a query holding NaN finds nothing (indices
+      -1, scores +inf for l2, -inf for ip and cosine).
     """
     check_metric(metric)
     queries, vectors = jnp.asarray(queries), jnp.asarray(vectors)

@@ -60,6 +60,23 @@ def test_random_floats_and_float16_base(metric):
     np.testing.assert_allclose(np.asarray(scores), want_scores, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("chunk", [1024, 1000, None])  # grouped, plain, one chunk
+def test_nan_vectors_are_never_returned_and_nan_queries_find_nothing(chunk, metric):
+    rng = np.random.default_rng(5)
+    vectors = rng.random((3000, 8)).astype(np.float32)
+    vectors[[3, 1500]] = np.nan
+    queries = vectors[[3, 4, 1500, 7]].copy()
+    scores, idx = exact_search(queries, vectors, 5, metric=metric, chunk_size=chunk)
+    idx, scores = np.asarray(idx), np.asarray(scores)
+    missing = np.inf if metric == "l2" else -np.inf
+    assert (idx[[0, 2]] == -1).all() and (scores[[0, 2]] == missing).all()
+    clean = vectors.copy()
+    clean[[3, 1500]] = 1e6 if metric == "l2" else -1e6  # what NaN rows must behave as: worst
+    want = np_exact(queries[[1, 3]], clean, 5, metric)[1]
+    np.testing.assert_array_equal(idx[[1, 3]], want)
+
+
 def test_errors_name_the_argument():
     x = np.zeros((10, 4), np.float32)
     with pytest.raises(ValueError, match="metric"):
