@@ -125,11 +125,17 @@ def _group_candidates(chunk_dist, chunk_start, k, group):
 def merge_chunk(best, chunk_dist, chunk_start, *, k, group):
     """The running top-k (dist [Q, k], idx int32 [Q, k]) merged with a chunk's distances
     [Q, C] of indices chunk_start.. (smaller is better, ties to the lower index; int32 or
-    float32, exact for integers below 2**24). Through `_group_candidates` when the chunk splits
-    into more than k whole groups of `group` (0: never)."""
+    float32, exact for integers below 2**24). Through `_group_candidates` when the chunk holds
+    more than k groups of `group` (0: never). A ragged last group is padded with the dtype's
+    largest value, which never displaces an entry (the running list, ahead of it, holds k): a
+    remainder chunk of 64 x 16379 merged in 2.2 ms so, 4.5 through the plain lax.top_k (3621
+    columns: 0.85 and 1.27 ms; 2 cores, interleaved medians of 30)."""
     c = chunk_dist.shape[1]
-    if not group or c % group or c // group <= k:
+    if not group or -(-c // group) <= k:
         return _merge(best, chunk_dist, chunk_start, k)
+    if c % group:
+        worst = jnp.inf if jnp.issubdtype(chunk_dist.dtype, jnp.floating) else _INT32_MAX
+        chunk_dist = jnp.pad(chunk_dist, ((0, 0), (0, -c % group)), constant_values=worst)
     cand_d, cand_i = _group_candidates(chunk_dist, chunk_start, k, group)
     best_d, best_i = best
     cat_d = jnp.concatenate([best_d, cand_d], axis=1)
