@@ -28,6 +28,11 @@ from alijax.ann.search import check_metric
 # kernel launches on a GPU).
 _TILE_ELEMENTS_CPU = 1 << 23
 _CHUNK_CPU = 1 << 14
+# ... but a whole base in one chunk where its tile is small (8 MB): a chunk costs a copy of its
+# rows and a merge (ms, interleaved medians: 20000 vectors Q = 1 0.94 against 4.62 in chunks of
+# 16384, Q = 64 3.83 against 4.40; 200000 Q = 8 18.7 against 21.8; 65536 Q = 64 23.1 against
+# 18.6, so not beyond).
+_WHOLE_CPU = 1 << 21
 _TILE_ELEMENTS = 1 << 28
 # Scores a group holds in the exact pre-selection (hamming.merge_chunk).
 _GROUP = 32
@@ -36,9 +41,11 @@ _GROUP = 32
 def default_chunk_size(q: int, n: int, *, cpu: bool | None = None) -> int:
     """Base vectors a chunk scores: a power of two in [1024, 2**20] (2**14 on a CPU), the
     Q x chunk tile within 32 MB on a CPU and 1 GB elsewhere unless the floor of 1024 is more;
-    at most n."""
+    at most n; on a CPU all n where the Q x n tile is at most 8 MB."""
     if cpu is None:
         cpu = jax.default_backend() == "cpu"
+    if cpu and max(q, 1) * n <= _WHOLE_CPU:
+        return n
     tile, most = (_TILE_ELEMENTS_CPU, _CHUNK_CPU) if cpu else (_TILE_ELEMENTS, 1 << 20)
     chunk = min(most, max(1024, tile // max(q, 1)))
     return min(1 << (chunk.bit_length() - 1), n)

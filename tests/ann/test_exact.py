@@ -108,7 +108,10 @@ def test_memory_stays_a_chunk_for_any_n():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(1, 10**6, cpu=True) == 1 << 14
+    assert default_chunk_size(1, 10**6, cpu=True) == 10**6  # a small tile: one chunk
+    assert default_chunk_size(64, 20_000, cpu=True) == 20_000
+    assert default_chunk_size(64, 65_536, cpu=True) == 1 << 14
+    assert default_chunk_size(8, 10**6, cpu=True) == 1 << 14
     assert default_chunk_size(512, 10**6, cpu=True) == 1 << 14
     assert default_chunk_size(10_000, 10**6, cpu=True) == 1024  # the floor (tile 40 MB)
     assert default_chunk_size(10_000, 10**6, cpu=False) == 1 << 14  # 1 GB / 10000 -> 16384
