@@ -188,8 +188,10 @@ def main(argv=None):
                 # One line a row, as it comes: a run cut off by its time limit keeps what it got.
                 print(json.dumps(rows[-1]), flush=True)
     index.search_config = base_config
-    rows += scans(args, index, x, xd, q, truth)
+    # The phases before the scans: a few short programs, where a slow scan (k = 256 in a
+    # kernel built for k = 10) could use up a run's time limit.
     phase_times = phases(index, q, args.phases) if args.phases else None
+    rows += scans(args, index, x, xd, q, truth)
     report = {
         "device": device,
         "n": args.n,
