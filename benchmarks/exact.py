@@ -1,6 +1,7 @@
 """Exact float k-NN search, side by side in one run: alijax.ann.exact.exact_search vs faiss
 IndexFlatL2 (CPU; skipped where faiss is missing) vs a lax.top_k over each whole chunk of
-scores (what benchmarks/ann_gpu.py's run 3 used as its brute force).
+scores (exact_search with group=0: what benchmarks/ann_gpu.py's run 3 used as its brute
+force, there at default precision).
 
   python benchmarks/exact.py [--n 1048576] [--dim 128] [--queries 1,64,512] [--out PATH]
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import statistics
@@ -25,36 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
 
 from alijax.ann.exact import default_chunk_size, exact_search  # noqa: E402
 
 K = 10
-
-
-@functools.partial(jax.jit, static_argnames=("k", "chunk"))
-def topk_per_chunk(queries, vectors, *, k, chunk):
-    """The plain chunked brute force: scores of a chunk, then lax.top_k over the running list
-    and the whole chunk (full float32, as exact_search)."""
-    q, n = queries.shape[0], vectors.shape[0]
-
-    def merge(best, start, xc):
-        d = jnp.sum(xc * xc, 1)[None, :] - 2 * jnp.dot(
-            queries, xc.T, precision=lax.Precision.HIGHEST
-        )
-        idx = start + jnp.arange(xc.shape[0], dtype=jnp.int32)
-        cat_d = jnp.concatenate([best[0], d], axis=1)
-        cat_i = jnp.concatenate([best[1], jnp.broadcast_to(idx, d.shape)], axis=1)
-        neg, pos = lax.top_k(-cat_d, k)
-        return -neg, jnp.take_along_axis(cat_i, pos, axis=1)
-
-    best = (jnp.full((q, k), jnp.inf, jnp.float32), jnp.full((q, k), -1, jnp.int32))
-    full = n // chunk
-    body = lambda i, b: merge(b, i * chunk, lax.dynamic_slice_in_dim(vectors, i * chunk, chunk))  # noqa: E731
-    best = lax.fori_loop(0, full, body, best)
-    if full * chunk < n:
-        best = merge(best, full * chunk, vectors[full * chunk :])
-    return best[1]
 
 
 def median_s(fn, repeat: int) -> float:
@@ -96,12 +70,12 @@ def main(argv=None):
         qd = jnp.asarray(queries)
         chunk = default_chunk_size(q, args.n)
         ours = lambda: jax.block_until_ready(exact_search(qd, xd, K))  # noqa: E731
-        plain = lambda: jax.block_until_ready(topk_per_chunk(qd, xd, k=K, chunk=chunk))  # noqa: E731
+        plain = lambda: jax.block_until_ready(exact_search(qd, xd, K, chunk_size=chunk, group=0))  # noqa: E731
         row = {"Q": q, "N": args.n, "dim": args.dim, "chunk": chunk}
         row["ours_s"] = median_s(ours, args.repeat)
         row["topk_per_chunk_s"] = median_s(plain, args.repeat)
         ids = np.asarray(ours()[1])
-        row["topk_per_chunk_differ"] = int((np.asarray(plain()) != ids).sum())
+        row["topk_per_chunk_differ"] = int((np.asarray(plain()[1]) != ids).sum())
         if index is not None:
             row["faiss_s"] = median_s(lambda: index.search(queries, K), args.repeat)
             row["faiss_differ"] = int((index.search(queries, K)[1] != ids).sum())

@@ -106,6 +106,7 @@ def exact_search(
     metric: str = "l2",
     chunk_size: int | None = None,
     precision=lax.Precision.HIGHEST,
+    group: int = _GROUP,
 ):
     """The exact k nearest of vectors for each query, by brute force.
 
@@ -114,6 +115,8 @@ def exact_search(
       metric: "l2", "ip" or "cosine", as BinaryGraphIndex.
       chunk_size: base vectors scored at a time (default: default_chunk_size(Q, N)).
       precision: of the scoring matmul; HIGHEST is exact float32 on every backend.
+      group: scores a group holds in the exact pre-selection; 0 turns it off (a lax.top_k
+        over each whole [Q, chunk] tile: the plain brute force, for comparison).
     Returns:
       (scores float32 [Q, k], indices int32 [Q, k]) best first, ties to the lower index: l2
       squared distances ascending (|q|^2 + |x|^2 - 2 q.x, clamped at 0), ip and cosine
@@ -137,12 +140,14 @@ def exact_search(
     chunk = default_chunk_size(queries.shape[0], n) if chunk_size is None else chunk_size
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
+    if not isinstance(group, int) or group < 0:
+        raise ValueError(f"group={group!r} must be an int >= 0")
     return _exact_search(
         queries,
         vectors,
         k=k,
         metric=metric,
         chunk_size=min(chunk, n),
-        group=_GROUP,
+        group=group,
         precision=precision,
     )
