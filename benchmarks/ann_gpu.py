@@ -13,12 +13,15 @@ Build time is reported twice: the first build (JIT compilation included) and a s
 the same shapes (compiled). Search is swept over L, the query batch size and the beam width: on
 a GPU each beam-search iteration is a handful of small kernels, so a batch of 1024 queries (the
 CPU default) leaves the card mostly idle; larger batches amortise that per-iteration latency,
-and wider beams need fewer iterations. Beside the graph, the same codes scanned exactly
+and wider beams need fewer iterations. --walks: the XLA walk, and the fused Pallas walk
+(pallas_kernels.graph_walk: one program walks a query to its end; at the first batch size only).
+Beside the graph, the same codes scanned exactly
 (`--scans`, mode "scan": the binary top-L by alijax.ann.hamming, the fused Pallas kernel on a
 GPU; "scan tc": the int8 tensor-core top-k over the codes' signs, GPU only), then the same float
 rerank: on one card a flat binary scan may beat the walk, and this says by how much. --phases
-times one batch's programs apart (seed, walk, rerank; the walk also cut at 1-8 iterations), so
-one run says where a batch's time goes and what an iteration costs. Last, --add
+times one batch's programs apart (seed, walk, rerank; the walk also cut at 1-8 iterations, and
+the fused walk in a few configs, its lists checked against the XLA walk's), so one run says
+where a batch's time goes and what an iteration costs. Last, --add
 points are inserted (`index.add`): 1000 first
 (compiling), then the rest in calls of 1000, reported as points/s; the data are then one draw
 of n + add points (--add 0: session 5's data, n points).
@@ -47,6 +50,7 @@ from jax import lax  # noqa: E402
 from alijax.ann import codes as codes_lib  # noqa: E402
 from alijax.ann import exact, hamming, search  # noqa: E402
 from alijax.ann.index import BinaryGraphIndex  # noqa: E402
+from pallas_kernels import graph_walk  # noqa: E402
 from pallas_kernels import hamming_topk as hk  # noqa: E402
 
 
@@ -115,6 +119,12 @@ def main(argv=None):
     parser.add_argument(
         "--widths", default="1,4", help="parents expanded per iteration (SearchConfig.width)"
     )
+    parser.add_argument(
+        "--walks",
+        default=None,
+        help="SearchConfig.walk values to sweep, fused first (default: fused,xla on a GPU, xla "
+        "elsewhere, where the fused kernel is interpreted); fused at the first batch size only",
+    )
     parser.add_argument("--add", type=int, default=10_000, help="points added after (0: none)")
     parser.add_argument(
         "--scans", default="32,64,128,256", help="L of the exact binary scans ('' for none)"
@@ -150,23 +160,21 @@ def main(argv=None):
     BinaryGraphIndex(bits=256, degree=32).build(x)
     build_warm = time.perf_counter() - t
     print(f"build: first {build_first:.1f} s, second {build_warm:.1f} s", flush=True)
+    on_gpu = jax.default_backend() == "gpu"
+    walks = (args.walks or ("fused,xla" if on_gpu else "xla")).split(",")
+    # The phases first: a few short programs that say where a batch's time goes, and time
+    # the fused walk's configs against the XLA walk's (its first run on a GPU).
+    phase_times = phases(index, q, args.phases, "fused" in walks) if args.phases else None
     rows = []
     base_config = index.search_config
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
-        index.search_config = dataclasses.replace(base_config, batch_size=batch)
-        for width in (int(w) for w in args.widths.split(",")):
-            for cand in (int(c) for c in args.sweep.split(",")):
-                if width * 4 > cand:  # a quarter of the list at most per iteration
-                    continue
-                secs, (_, ids) = timed(lambda: index.search(q, 10, candidates=cand, width=width))
-                row = {"mode": "graph", "L": cand, "batch": batch, "width": width}
-                rows.append({**row, "recall@10": recall_at_10(ids, truth), "qps": len(q) / secs})
-                # One line a row, as it comes: a run cut off by its time limit keeps what it got.
-                print(json.dumps(rows[-1]), flush=True)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    for walk in walks:
+        for batch in batches if walk == "xla" else batches[:1]:
+            index.search_config = dataclasses.replace(base_config, batch_size=batch, walk=walk)
+            rows += graph_rows(index, q, truth, args, batch, walk)
     index.search_config = base_config
-    # The phases before the scans: a few short programs, where a slow scan (k = 256 in a
-    # kernel built for k = 10) could use up a run's time limit.
-    phase_times = phases(index, q, args.phases) if args.phases else None
+    # The scans last: a slow scan (k = 256 in a kernel built for k = 10) could use up a run's
+    # time limit.
     rows += scans(args, index, x, xd, q, truth)
     report = {
         "device": device,
@@ -189,6 +197,26 @@ def main(argv=None):
         report["add"] = _timed_adds(index, extra, args.n)
         _write(args.out, report)
         print(_summary(report)[-1], flush=True)
+
+
+def graph_rows(index, q, truth, args, batch: int, walk: str) -> list[dict]:
+    """The index's search over the sweep of L and widths, every query in one call a row."""
+    rows = []
+    for width in (int(w) for w in args.widths.split(",")):
+        for cand in (int(c) for c in args.sweep.split(",")):
+            if width * 4 > cand:  # a quarter of the list at most per iteration
+                continue
+            try:
+                secs, (_, ids) = timed(lambda: index.search(q, 10, candidates=cand, width=width))
+            except Exception as err:  # a kernel that fails must not cost the other rows
+                print(f"{walk} L={cand} width={width}: {type(err).__name__}: {str(err)[:300]}")
+                continue
+            mode = "graph" if walk == "xla" else f"graph {walk}"
+            row = {"mode": mode, "L": cand, "batch": batch, "width": width}
+            rows.append({**row, "recall@10": recall_at_10(ids, truth), "qps": len(q) / secs})
+            # One line a row, as it comes: a run cut off by its time limit keeps what it got.
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def scans(args, index, x, xd, q, truth) -> list[dict]:
@@ -219,13 +247,16 @@ def scans(args, index, x, xd, q, truth) -> list[dict]:
 
 
 WALK_CAPS = (1, 2, 4, 8)
+# The fused walk's configs timed in the phases: (merge, queries a program, warps).
+FUSED_CONFIGS = (("select", 1, 4), ("scatter", 1, 4), ("scatter", 1, 2), ("scatter", 4, 4))
 
 
-def phases(index, q, spec: str) -> dict:
+def phases(index, q, spec: str, fused: bool = False) -> dict:
     """One batch's search (L:width:batch) timed a program at a time, as the index runs them:
     the seed (queries encoded, start lists), the walk (with its iteration cap, and cut at
     WALK_CAPS iterations: the slope is the cost of an iteration, the rest fixed), the rerank.
-    Medians of 3 in ms, each program waited for."""
+    With `fused`, the same walk by the Pallas kernel in each of FUSED_CONFIGS, and whether
+    its lists equal the XLA walk's. Medians of 3 in ms, each program waited for."""
     candidates, width, batch = (int(v) for v in spec.split(":"))
     batch = min(batch, len(q))
     cfg = dataclasses.replace(
@@ -261,6 +292,28 @@ def phases(index, q, spec: str) -> dict:
     rerank_ms, _ = median_ms(
         lambda: search.rerank_batch(queries, vectors, cand, deleted, k=10, metric=index.metric)
     )
+    fused_ms, fused_equal = {}, {}
+    for merge, block_q, warps in FUSED_CONFIGS if fused else ():
+        name = f"{merge}/{block_q}/{warps}"
+        config = graph_walk.GraphWalkConfig(block_q=block_q, num_warps=warps, merge=merge)
+        try:
+            fused_ms[name], keys = median_ms(
+                lambda: graph_walk.graph_walk(
+                    query_codes,
+                    codes,
+                    graph,
+                    top.T,
+                    width=width,
+                    iterations=cfg.iterations(),
+                    id_bits=search._layout(codes).id_bits,
+                    config=config,
+                    interpret=jax.default_backend() != "gpu",
+                )
+            )
+        except Exception as err:  # a config that fails to compile must not cost the others
+            print(f"fused walk {name}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            continue
+        fused_equal[name] = bool((search._layout(codes).ids(keys)[:, :candidates] == cand).all())
     slope = (cut_ms[WALK_CAPS[-1]] - cut_ms[WALK_CAPS[0]]) / (WALK_CAPS[-1] - WALK_CAPS[0])
     report = {
         "L": candidates,
@@ -272,6 +325,8 @@ def phases(index, q, spec: str) -> dict:
         "walk_cut_ms": {str(c): t for c, t in cut_ms.items()},
         "walk_ms_per_iteration": slope,
         "rerank_ms": rerank_ms,
+        "walk_fused_ms": fused_ms,
+        "walk_fused_equal": fused_equal,
     }
     print(phases_line(report), flush=True)
     return report
@@ -279,12 +334,21 @@ def phases(index, q, spec: str) -> dict:
 
 def phases_line(ph: dict) -> str:
     cuts = ", ".join(f"{c}: {t:.2f}" for c, t in ph["walk_cut_ms"].items())
-    return (
+    line = (
         f"one batch of {ph['batch']} at L={ph['L']} width={ph['width']}: seed "
         f"{ph['seed_ms']:.2f} ms, walk {ph['walk_ms']:.2f} ms ({ph['iterations']} iterations at "
         f"most; cut at {cuts}; {ph['walk_ms_per_iteration']:.3f} ms an iteration), rerank "
         f"{ph['rerank_ms']:.2f} ms"
     )
+    fused = ph.get("walk_fused_ms") or {}
+    if fused:
+        line += "; fused walk (merge/queries a program/warps) " + ", ".join(
+            f"{name}: {ms:.2f} ms ({ph['walk_ms'] / ms:.2f}x"
+            + ("" if ph["walk_fused_equal"][name] else ", LISTS DIFFER")
+            + ")"
+            for name, ms in fused.items()
+        )
+    return line
 
 
 def _write(path: str, report: dict) -> None:

@@ -4,11 +4,25 @@ XLA_FLAGS must be set before jax is imported anywhere, which is why this lives a
 the root conftest and why no test module imports jax at collection time before it.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+
+# One persistent compilation cache for the run, shared by every process it starts (pytest-xdist
+# workers, the command-line and multi-process tests' subprocesses, notebooks: they inherit the
+# environment): many tests compile the same index and train-step programs. tests/ann alone,
+# 2 workers on 2 cores (2026-12-06): 10:43 -> 8:39 wall, 20:47 -> 14:12 of CPU. A directory
+# of its own per run (removed at exit), so no run reads another's programs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="alijax-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -66,7 +66,7 @@ from alijax.data.files import FormatError, atomic_write
 # files stored the then default width 1 and load with it (the same results as before); set
 # index.search_config = dataclasses.replace(index.search_config, width=None) for the automatic one.
 # search_config.refine (the rerank's float hop) came later within version 2: a file without it
-# loads with None, automatic.
+# loads with None, automatic; so did search_config.walk (without it: "xla").
 FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
 _ARRAYS = ("vectors", "codes", "graph", "ids", "deleted", "entries", "mean", "projection")

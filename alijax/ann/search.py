@@ -49,8 +49,10 @@ from alijax.ann import bitonic, heap
 from alijax.ann.bitonic import SENTINEL, KeyLayout, PairLayout
 from alijax.ann.codes import Binarizer, codes_of
 from alijax.ann.hamming import hamming_pairs, hamming_pairs_word_major
+from pallas_kernels.graph_walk import graph_walk
 
 METRICS = ("l2", "ip", "cosine")
+WALKS = ("xla", "fused")
 BIG = bitonic.BIG
 
 
@@ -84,6 +86,11 @@ class SearchConfig:
     # Best reranked candidates whose graph neighbours are scored too (rerank's float hop);
     # None: automatic (for_codes: _AUTO_REFINE from a list of _REFINE_FROM, else none).
     refine: int | None = None
+    # How the walk runs, one of WALKS: "xla", the batch's arrays op by op (see walk); "fused",
+    # the Pallas kernel pallas_kernels.graph_walk (a GPU's; elsewhere interpreted, for tests),
+    # for lists of one-word keys (over 2**22 codes of 256 bits the walk stays "xla"). Same
+    # lists either way. Not yet the GPU default: it has not run on one (see graph_walk).
+    walk: str = "xla"
 
     def for_codes(self, n: int) -> SearchConfig:
         """This config for an index of n codes: an automatic width resolved to auto_width(n),
@@ -224,11 +231,34 @@ def seed_list(query_codes, codes, entries, *, candidates: int, pairs: bool | Non
     return _seed(query_codes, codes, entries, _layout(codes, pairs), size)
 
 
-def walk(query_codes, codes, graph, top, *, candidates: int, width: int, iterations: int):
-    """beam_search from the list `top` that seed_list made."""
+def walk(
+    query_codes,
+    codes,
+    graph,
+    top,
+    *,
+    candidates: int,
+    width: int,
+    iterations: int,
+    fused: bool = False,
+):
+    """beam_search from the list `top` that seed_list made. fused: by the Pallas kernel
+    (SearchConfig.walk), where the list is one-word keys; the same lists."""
+    layout = _layout(codes, pairs=isinstance(top, bitonic.Pairs))
+    if fused and isinstance(layout, KeyLayout):
+        keys = graph_walk(
+            query_codes,
+            codes,
+            graph,
+            top.T,
+            width=width,
+            iterations=iterations,
+            id_bits=layout.id_bits,
+            interpret=jax.default_backend() != "gpu",
+        )[:, :candidates]
+        return layout.ids(keys), layout.dist(keys)
     q = query_codes.shape[0]
     r = graph.shape[1]
-    layout = _layout(codes, pairs=isinstance(top, bitonic.Pairs))
     size = top.shape[0]  # the list, padded to a power of two for the networks
     fresh = width * r
     lookup = size >= _LOOKUP_FROM
@@ -497,13 +527,20 @@ def seed_batch(queries, query_codes, codes, entries, *, candidates):
     return seed_list(query_codes, codes, entries, candidates=candidates), query_codes
 
 
-@functools.partial(jax.jit, static_argnames=("candidates", "width", "iterations"))
-def walk_batch(query_codes, codes, graph, top, *, candidates, width, iterations):
+@functools.partial(jax.jit, static_argnames=("candidates", "width", "iterations", "fused"))
+def walk_batch(query_codes, codes, graph, top, *, candidates, width, iterations, fused=False):
     """One batch's walk from its start lists (seed_batch): query_codes uint32 [Q, W] -> the
     candidates int32 [Q, L] to rerank and their Hamming distances (the list, sorted by
     (distance, node)), a program of its own: see compiled_search_batch."""
     return walk(
-        query_codes, codes, graph, top, candidates=candidates, width=width, iterations=iterations
+        query_codes,
+        codes,
+        graph,
+        top,
+        candidates=candidates,
+        width=width,
+        iterations=iterations,
+        fused=fused,
     )
 
 
@@ -639,6 +676,7 @@ def _compile_search(queries, query_codes, codes, graph, vectors, entries, delete
     )
     top, query_codes = seed.out_info  # the start lists' and codes' shapes, as seed makes them
     walk_static = {name: static[name] for name in ("candidates", "width", "iterations")}
+    walk_static["fused"] = static["walk"] == "fused"
     walk_program = walk_batch.trace(query_codes, codes, graph, top, **walk_static).lower().compile()
     heap.release_free_heap()  # between compilations too: each peaks on what the last freed
     cand, dist = walk_program.out_info
@@ -761,6 +799,8 @@ def search(
         raise ValueError(f"config.batch_size={config.batch_size} must be >= 1")
     if not isinstance(config.refine, int) or not 0 <= config.refine <= config.candidates:
         raise ValueError(f"config.refine={config.refine} must be in 0..{config.candidates}")
+    if config.walk not in WALKS:
+        raise ValueError(f"config.walk={config.walk!r} must be one of {WALKS}")
     queries = np.asarray(queries, np.float32)
     encode_here = isinstance(query_codes, Binarizer)
     if encode_here and queries.shape[1:] != (query_codes.dim,):
@@ -779,6 +819,7 @@ def search(
         width=config.width,
         iterations=config.iterations(),
         refine=config.refine,
+        walk=config.walk,
     )
 
     if encode_here:

@@ -22,9 +22,13 @@ def test_ann_gpu_script_runs_and_reports(tmp_path, capsys, benchmark_script):
         "16:1:40",
     ]
     # One query batch size: a second compiles every search program again (~25 s here).
-    script.main([*args, "--batch-sizes", "40", "--widths", "1", "--out", str(out)])
+    # The fused walk (interpreted here) as on a GPU: its rows first, and its configs in the phases.
+    walks = ["--walks", "fused,xla"]
+    script.main([*args, "--batch-sizes", "40", "--widths", "1", *walks, "--out", str(out)])
     report = json.loads(out.read_text())
     assert [(r["mode"], r["L"], r["batch"]) for r in report["rows"]] == [
+        ("graph fused", 16, 40),
+        ("graph fused", 32, 40),
         ("graph", 16, 40),
         ("graph", 32, 40),
         ("scan", 16, 40),
@@ -36,9 +40,14 @@ def test_ann_gpu_script_runs_and_reports(tmp_path, capsys, benchmark_script):
     assert (phases["L"], phases["width"], phases["batch"]) == (16, 1, 40)
     assert set(phases["walk_cut_ms"]) == {"1", "2", "4", "8"}
     assert min(phases["seed_ms"], phases["walk_ms"], phases["rerank_ms"]) > 0
+    assert set(phases["walk_fused_ms"]) == {"/".join(map(str, c)) for c in script.FUSED_CONFIGS}
+    assert all(phases["walk_fused_equal"].values()) and len(phases["walk_fused_equal"]) == 4
+    # The same lists, so the same results.
+    by_mode = {(r["mode"], r["L"]): r["recall@10"] for r in report["rows"]}
+    assert by_mode["graph fused", 32] == by_mode["graph", 32]
     # The exact scan's top 64 codes hold its top 16, so reranked they find at least as many true
     # neighbours (an L = N scan, exact float search, cost this test 15 s more).
-    scan16, scan64 = (r["recall@10"] for r in report["rows"][2:])
+    scan16, scan64 = (r["recall@10"] for r in report["rows"][4:])
     assert 0 < scan16 <= scan64
     printed = capsys.readouterr().out
     assert "| scan | 64 | 40 | - |" in printed

@@ -432,6 +432,34 @@ def test_membership_by_binary_search_walks_as_the_compares_do(setup, monkeypatch
         assert (np.asarray(ids)[:, :48] >= 0).all()
 
 
+@pytest.mark.parametrize("candidates, width", [(24, 1), (48, 3), (256, 2)])
+def test_fused_walk_lists_what_the_xla_walk_does(setup, candidates, width):
+    # The Pallas kernel (interpreted here) from the same start lists, on a graph the index's
+    # build made: the same lists, bit for bit, also where the XLA walk tests membership by a
+    # binary search (L=256) and where wide beams share neighbours.
+    _, _, c, qc, g, entries = setup
+    args = [jnp.asarray(a) for a in (qc[:12], c, g)]
+    top = search.seed_list(args[0], args[1], jnp.asarray(entries), candidates=candidates)
+    run = functools.partial(
+        search.walk, *args, top, candidates=candidates, width=width, iterations=10
+    )
+    (ids, dist), (ids_f, dist_f) = run(), run(fused=True)
+    np.testing.assert_array_equal(ids_f, ids)
+    np.testing.assert_array_equal(dist_f, dist)
+    assert (np.asarray(ids)[:, :24] >= 0).all()
+
+
+def test_search_with_the_fused_walk(setup):
+    x, q, c, qc, g, entries = setup
+    run = functools.partial(search.search, q[:9], qc[:9], c, g, x, entries, 10)
+    xla = run(config=search.SearchConfig(32))
+    fused = run(config=search.SearchConfig(32, walk="fused"))
+    np.testing.assert_array_equal(fused[1], xla[1])
+    np.testing.assert_array_equal(fused[0], xla[0])
+    with pytest.raises(ValueError, match="config.walk"):
+        run(config=search.SearchConfig(32, walk="kernel"))
+
+
 def test_threads_give_the_same_results(setup, monkeypatch):
     x, q, c, qc, g, entries = setup
     monkeypatch.setattr(search, "_THREAD_MIN_SLOTS", 1)  # split even these 200 queries
