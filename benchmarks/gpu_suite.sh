@@ -65,8 +65,9 @@ fi
 # Issue 5's one-GPU targets: build 1M vectors <= 10 s; search >= 10x exact brute force.
 if [ "${ANN_N:-1000000}" != "0" ]; then
   echo "=== binary graph index on the GPU ==="
+  # ANN_ARGS: more of ann_gpu.py's options, e.g. "--add 0 --batch-sizes 10000 --scans 128".
   timeout "${ANN_TIMEOUT:-200}" "$PY" benchmarks/ann_gpu.py --n "${ANN_N:-1000000}" \
-    --out "$OUT_DIR/ann-gpu.json" 2>&1 | tee "$OUT_DIR/ann-gpu.log"
+    ${ANN_ARGS:-} --out "$OUT_DIR/ann-gpu.json" 2>&1 | tee "$OUT_DIR/ann-gpu.log"
 fi
 echo "mosaic tests rc=$mosaic_rc, tests rc=$test_rc, bench rc=$bench_rc, total $(( $(date +%s) - start ))s"
 exit $(( mosaic_rc != 0 || test_rc != 0 || bench_rc != 0 ))

@@ -388,11 +388,17 @@ class FloatHop:
 
 
 _RERANK_BYTES = 16 << 20
+# Off CPU a chunk is a trip of the rerank's loop: a gather, the scores and a sorting network of
+# ~30 steps, each a kernel launch. In chunks of 16 MB, run 3's batches of 10000 queries at
+# L=128 (128-d) took 40 trips one after another; in 1 GB (as exact_search's tiles) one trip.
+_RERANK_BYTES_ACCELERATOR = 1 << 30
 
 
 def _rerank_rows(scored: int, dim: int) -> int:
-    """Queries a rerank chunk holds: their [q, scored, dim] float32 rows in _RERANK_BYTES."""
-    return max(1, _RERANK_BYTES // (4 * scored * dim))
+    """Queries a rerank chunk holds: their [q, scored, dim] float32 rows in _RERANK_BYTES (on an
+    accelerator _RERANK_BYTES_ACCELERATOR)."""
+    cpu = jax.default_backend() == "cpu"
+    return max(1, (_RERANK_BYTES if cpu else _RERANK_BYTES_ACCELERATOR) // (4 * scored * dim))
 
 
 def _scores(queries, cand, vectors, metric: str, deleted):

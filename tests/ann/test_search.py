@@ -151,6 +151,15 @@ def test_rerank_matches_numpy(metric, chunk_bytes, monkeypatch):
         np.testing.assert_allclose(s[row], ref, rtol=1e-5)
 
 
+def test_rerank_chunks_are_larger_off_cpu(monkeypatch):
+    # A chunk is a trip of a sequential loop: on CPU 16 MB of gathered rows bound the memory;
+    # on an accelerator each trip is ~30 launches, so a batch of 10000 at L=128 is one trip.
+    assert search._rerank_rows(128, 128) == 256
+    monkeypatch.setattr(search.jax, "default_backend", lambda: "gpu")
+    assert search._rerank_rows(128, 128) == 16384
+    assert search._rerank_rows(4 * 32, 128) >= 10_000  # the float hop's neighbours'
+
+
 @pytest.mark.parametrize("metric", ["ip", "cosine"])
 def test_rerank_similarities_ask_for_full_float32(metric):
     # The rerank exists to make the binary candidates' order exact: its products must not be
