@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -120,6 +121,12 @@ def main(argv=None):
         "--widths", default="1,4", help="parents expanded per iteration (SearchConfig.width)"
     )
     parser.add_argument(
+        "--caps",
+        default="1",
+        help="multiples of the default iteration cap to sweep (the fused walk stops each query "
+        "when it is done, so a higher cap may cost it less than it costs the XLA walk's batch)",
+    )
+    parser.add_argument(
         "--walks",
         default=None,
         help="SearchConfig.walk values to sweep, fused first (default: fused,xla on a GPU, xla "
@@ -200,22 +207,30 @@ def main(argv=None):
 
 
 def graph_rows(index, q, truth, args, batch: int, walk: str) -> list[dict]:
-    """The index's search over the sweep of L and widths, every query in one call a row."""
+    """The index's search over the sweep of L, widths and caps, every query in one call a row."""
     rows = []
-    for width in (int(w) for w in args.widths.split(",")):
-        for cand in (int(c) for c in args.sweep.split(",")):
-            if width * 4 > cand:  # a quarter of the list at most per iteration
-                continue
-            try:
-                secs, (_, ids) = timed(lambda: index.search(q, 10, candidates=cand, width=width))
-            except Exception as err:  # a kernel that fails must not cost the other rows
-                print(f"{walk} L={cand} width={width}: {type(err).__name__}: {str(err)[:300]}")
-                continue
-            mode = "graph" if walk == "xla" else f"graph {walk}"
-            row = {"mode": mode, "L": cand, "batch": batch, "width": width}
-            rows.append({**row, "recall@10": recall_at_10(ids, truth), "qps": len(q) / secs})
-            # One line a row, as it comes: a run cut off by its time limit keeps what it got.
-            print(json.dumps(rows[-1]), flush=True)
+    config = index.search_config
+    sweep = itertools.product(
+        (int(w) for w in args.widths.split(",")),
+        (int(c) for c in args.caps.split(",")),
+        (int(c) for c in args.sweep.split(",")),
+    )
+    for width, times, cand in sweep:
+        if width * 4 > cand:  # a quarter of the list at most per iteration
+            continue
+        cap = times * search.SearchConfig(cand, width=width).iterations()
+        index.search_config = dataclasses.replace(config, max_iterations=cap)
+        try:
+            secs, (_, ids) = timed(lambda: index.search(q, 10, candidates=cand, width=width))
+        except Exception as err:  # a kernel that fails must not cost the other rows
+            print(f"{walk} L={cand} width={width}: {type(err).__name__}: {str(err)[:300]}")
+            continue
+        mode = "graph" if walk == "xla" else f"graph {walk}"
+        row = {"mode": mode, "L": cand, "batch": batch, "width": width, "cap": cap}
+        rows.append({**row, "recall@10": recall_at_10(ids, truth), "qps": len(q) / secs})
+        # One line a row, as it comes: a run cut off by its time limit keeps what it got.
+        print(json.dumps(rows[-1]), flush=True)
+    index.search_config = config
     return rows
 
 
@@ -368,12 +383,13 @@ def _summary(report: dict) -> list[str]:
         f"exact float brute force (alijax.ann.exact, float32): {exact_qps:.0f} QPS; run 3's "
         f"baseline (default precision, a top_k over each chunk): "
         f"{report.get('exact_topk_per_chunk_qps', float('nan')):.0f} QPS",
-        "| mode | L | batch | width | recall@10 | QPS | x brute force |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | L | batch | width | cap | recall@10 | QPS | x brute force |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r.get('mode', 'graph')} | {r['L']} | {r['batch']} | {r['width'] or '-'} "
-        f"| {r['recall@10']:.4f} | {r['qps']:.0f} | {r['qps'] / exact_qps:.1f} |"
+        f"| {r.get('cap') or '-'} | {r['recall@10']:.4f} | {r['qps']:.0f} "
+        f"| {r['qps'] / exact_qps:.1f} |"
         for r in rows
     ]
     lines.append(

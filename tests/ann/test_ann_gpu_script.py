@@ -15,7 +15,9 @@ def test_ann_gpu_script_runs_and_reports(tmp_path, capsys, benchmark_script):
         "--add",
         "1500",
         "--sweep",
-        "16,32",
+        "32",
+        "--caps",
+        "1,2",
         "--scans",
         "16,64",
         "--phases",
@@ -26,13 +28,13 @@ def test_ann_gpu_script_runs_and_reports(tmp_path, capsys, benchmark_script):
     walks = ["--walks", "fused,xla"]
     script.main([*args, "--batch-sizes", "40", "--widths", "1", *walks, "--out", str(out)])
     report = json.loads(out.read_text())
-    assert [(r["mode"], r["L"], r["batch"]) for r in report["rows"]] == [
-        ("graph fused", 16, 40),
-        ("graph fused", 32, 40),
-        ("graph", 16, 40),
-        ("graph", 32, 40),
-        ("scan", 16, 40),
-        ("scan", 64, 40),
+    assert [(r["mode"], r["L"], r["batch"], r.get("cap")) for r in report["rows"]] == [
+        ("graph fused", 32, 40, 12),  # the default cap, L // 4 + 4
+        ("graph fused", 32, 40, 24),
+        ("graph", 32, 40, 12),
+        ("graph", 32, 40, 24),
+        ("scan", 16, 40, None),
+        ("scan", 64, 40, None),
     ]
     assert all(0 <= r["recall@10"] <= 1 and r["qps"] > 0 for r in report["rows"])
     assert report["add"]["points"] == 1500 and report["add"]["points_per_s"] > 0
@@ -43,8 +45,9 @@ def test_ann_gpu_script_runs_and_reports(tmp_path, capsys, benchmark_script):
     assert set(phases["walk_fused_ms"]) == {"/".join(map(str, c)) for c in script.FUSED_CONFIGS}
     assert all(phases["walk_fused_equal"].values()) and len(phases["walk_fused_equal"]) == 4
     # The same lists, so the same results.
-    by_mode = {(r["mode"], r["L"]): r["recall@10"] for r in report["rows"]}
-    assert by_mode["graph fused", 32] == by_mode["graph", 32]
+    by_mode = {(r["mode"], r.get("cap")): r["recall@10"] for r in report["rows"]}
+    assert by_mode["graph fused", 12] == by_mode["graph", 12]
+    assert by_mode["graph fused", 24] == by_mode["graph", 24]
     # The exact scan's top 64 codes hold its top 16, so reranked they find at least as many true
     # neighbours (an L = N scan, exact float search, cost this test 15 s more).
     scan16, scan64 = (r["recall@10"] for r in report["rows"][4:])
