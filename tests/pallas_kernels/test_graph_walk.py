@@ -86,6 +86,10 @@ CASES = [
 ]
 
 
+# On a GPU: ragged query blocks, a width whose slots are padded, repeated ids, empty slots.
+GPU_CASES = (0, 2, 3, 4)
+
+
 def test_reference_equals_the_numpy_walk():
     rng = np.random.default_rng(0)
     for n, w, r, q, size, entries, width, iterations, _, repeats in CASES:
@@ -104,8 +108,11 @@ class GraphWalkTests:
     interpret: bool
 
     @pytest.mark.parametrize("merge", MERGES)
-    @pytest.mark.parametrize("case", CASES)
+    @pytest.mark.parametrize("case", range(len(CASES)))
     def test_equals_the_numpy_walk(self, case, merge):
+        if not self.interpret and case not in GPU_CASES:
+            pytest.skip("a GPU session's minutes: each case compiles two kernels")
+        case = CASES[case]
         n, w, r, q, size, entries, width, iterations, block_q, repeats = case
         rng = np.random.default_rng(n + q)
         qc, codes, graph, start, id_bits = make_case(
