@@ -263,7 +263,16 @@ def scans(args, index, x, xd, q, truth) -> list[dict]:
 
 WALK_CAPS = (1, 2, 4, 8)
 # The fused walk's configs timed in the phases: (merge, queries a program, warps).
-FUSED_CONFIGS = (("select", 1, 4), ("scatter", 1, 4), ("scatter", 1, 2), ("scatter", 4, 4))
+# Fewer warps a query leave room for more queries an SM, whose gathers hide each other's latency
+# (a query's iterations are a chain of dependent gathers); more queries a program give a
+# program's own gathers more in flight.
+FUSED_CONFIGS = (
+    ("select", 1, 4),
+    ("scatter", 1, 4),
+    ("scatter", 1, 2),
+    ("scatter", 1, 1),
+    ("scatter", 4, 4),
+)
 
 
 def phases(index, q, spec: str, fused: bool = False) -> dict:
