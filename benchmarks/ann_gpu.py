@@ -262,16 +262,17 @@ def scans(args, index, x, xd, q, truth) -> list[dict]:
 
 
 WALK_CAPS = (1, 2, 4, 8)
-# The fused walk's configs timed in the phases: (merge, queries a program, warps).
+# The fused walk's configs timed in the phases: (merge, queries a program, warps, gather).
 # Fewer warps a query leave room for more queries an SM, whose gathers hide each other's latency
 # (a query's iterations are a chain of dependent gathers); more queries a program give a
 # program's own gathers more in flight.
 FUSED_CONFIGS = (
-    ("select", 1, 4),
-    ("scatter", 1, 4),
-    ("scatter", 1, 2),
-    ("scatter", 1, 1),
-    ("scatter", 4, 4),
+    ("select", 1, 4, "words"),
+    ("scatter", 1, 4, "words"),
+    ("scatter", 1, 2, "words"),
+    ("scatter", 1, 1, "words"),
+    ("scatter", 4, 4, "words"),
+    ("scatter", 1, 2, "rows"),
 )
 
 
@@ -317,9 +318,11 @@ def phases(index, q, spec: str, fused: bool = False) -> dict:
         lambda: search.rerank_batch(queries, vectors, cand, deleted, k=10, metric=index.metric)
     )
     fused_ms, fused_equal = {}, {}
-    for merge, block_q, warps in FUSED_CONFIGS if fused else ():
-        name = f"{merge}/{block_q}/{warps}"
-        config = graph_walk.GraphWalkConfig(block_q=block_q, num_warps=warps, merge=merge)
+    for merge, block_q, warps, gather in FUSED_CONFIGS if fused else ():
+        name = f"{merge}/{block_q}/{warps}/{gather}"
+        config = graph_walk.GraphWalkConfig(
+            block_q=block_q, num_warps=warps, merge=merge, gather=gather
+        )
         try:
             fused_ms[name], keys = median_ms(
                 lambda: graph_walk.graph_walk(
@@ -366,7 +369,7 @@ def phases_line(ph: dict) -> str:
     )
     fused = ph.get("walk_fused_ms") or {}
     if fused:
-        line += "; fused walk (merge/queries a program/warps) " + ", ".join(
+        line += "; fused walk (merge/queries a program/warps/gather) " + ", ".join(
             f"{name}: {ms:.2f} ms ({ph['walk_ms'] / ms:.2f}x"
             + ("" if ph["walk_fused_equal"][name] else ", LISTS DIFFER")
             + ")"

@@ -54,17 +54,22 @@ SENTINEL = np.uint32(0xFFFFFFFF)
 # stores each key at its rank in the program's output row (global memory) and loads the row
 # back, between barriers: [L, F] compares instead, for two trips through the L1 cache.
 MERGES = ("select", "scatter")
+# How a neighbour's code is read: "words", a gather of F int32 per code word (W loads, each of
+# F lanes); "rows", one gather of the [F, W] words (a row's words contiguous, so the loads can
+# be wide; W must be a power of two, a Triton tensor's).
+GATHERS = ("words", "rows")
 
 
 @dataclasses.dataclass(frozen=True)
 class GraphWalkConfig:
     """block_q: queries a program walks (a power of two; the program runs until its slowest
-    query is done). num_warps: per program. merge: one of MERGES."""
+    query is done). num_warps: per program. merge: one of MERGES. gather: one of GATHERS."""
 
     block_q: int = 1
     num_warps: int = 4
     num_stages: int = 1
     merge: str = "select"
+    gather: str = "words"
 
     def validate(self) -> None:
         for name in ("block_q", "num_warps"):
@@ -75,6 +80,8 @@ class GraphWalkConfig:
             raise ValueError(f"config.num_stages={self.num_stages} must be >= 1")
         if self.merge not in MERGES:
             raise ValueError(f"config.merge={self.merge!r} must be one of {MERGES}")
+        if self.gather not in GATHERS:
+            raise ValueError(f"config.gather={self.gather!r} must be one of {GATHERS}")
 
 
 def default_config(q: int, size: int, fresh: int) -> GraphWalkConfig:
@@ -254,14 +261,18 @@ def _scatter_merge(out_ref, rows, row, keys, rank_list, new, rank_new, barriers)
 
 def graph_walk_kernel(
     q_ref, codes_ref, graph_ref, start_ref, out_ref, *, n_words, degree, width, fresh_p,
-    iterations, id_bits, block_q, merge, barriers,
+    iterations, id_bits, block_q, merge, gather, barriers,
 ):  # fmt: skip
     """Walks block_q queries. All refs are whole arrays (int32 views of the uint32 operands),
     indexed per word and gathered by node id: Pallas-Triton cannot lower a slice of a loaded
     block, and its popcount takes int32."""
     first = pl.program_id(0) * block_q
     rows = pl.ds(first, block_q)
-    q_words = [q_ref[rows, np.int32(w)] for w in range(n_words)]  # int32 [block_q] each
+    if gather == "rows":
+        q_block = q_ref[rows, :][:, None, :]  # int32 [block_q, 1, W]
+        word = lax.broadcasted_iota(jnp.int32, (1, 1, n_words), 2)
+    else:
+        q_words = [q_ref[rows, np.int32(w)] for w in range(n_words)]  # int32 [block_q] each
     keys0 = _as_u32(start_ref[rows, :])  # [block_q, L], sorted
     size = keys0.shape[1]
     row = first + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
@@ -271,6 +282,10 @@ def graph_walk_kernel(
     parent_slot, column = slot // degree, slot % degree
 
     def distances(ids, ok):
+        if gather == "rows":
+            view = codes_ref.at[jnp.maximum(ids, 0)[:, :, None], word]
+            cw = plgpu.load(view, mask=ok[:, :, None], other=0)  # [block_q, F, W]
+            return jnp.sum(lax.population_count(lax.bitwise_xor(cw, q_block)), axis=2)
         d = None
         for w, qw in enumerate(q_words):
             cw = plgpu.load(codes_ref.at[jnp.maximum(ids, 0), np.int32(w)], mask=ok, other=0)
@@ -343,6 +358,11 @@ def graph_walk(
     q, size, degree = _check(query_codes, codes, graph, start, width, iterations, id_bits)
     cfg = default_config(q, size, width * degree) if config is None else config
     cfg.validate()
+    if cfg.gather == "rows" and not is_pow2(codes.shape[1]):
+        raise ValueError(
+            f"config.gather='rows' needs a power-of-two number of code words; codes has "
+            f"{codes.shape[1]} (use 'words')"
+        )
     q_pad = -q % cfg.block_q  # whole blocks: padded queries start empty and never iterate
     query_codes = jnp.pad(query_codes, ((0, q_pad), (0, 0)))
     start = jnp.pad(start, ((0, q_pad), (0, 0)), constant_values=SENTINEL)
@@ -356,6 +376,7 @@ def graph_walk(
         id_bits=id_bits,
         block_q=cfg.block_q,
         merge=cfg.merge,
+        gather=cfg.gather,
         barriers=not interpret,
     )
     with caller_independent_locations():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.graph_walk import (
+    GATHERS,
     MERGES,
     SENTINEL,
     GraphWalkConfig,
@@ -124,6 +125,22 @@ class GraphWalkTests:
         got = graph_walk(qc, codes, graph, start, **kw, config=config, interpret=self.interpret)
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{case=} {merge=}")
 
+    @pytest.mark.parametrize("merge", MERGES)
+    @pytest.mark.parametrize("case", [0, 1, 3])
+    def test_codes_gathered_as_rows(self, case, merge):
+        if not self.interpret and case != 0:
+            pytest.skip("a GPU session's minutes: each case compiles two kernels")
+        n, w, r, q, size, entries, width, iterations, block_q, repeats = CASES[case]
+        rng = np.random.default_rng(n + q)
+        qc, codes, graph, start, id_bits = make_case(
+            rng, n, w, r, q, size, entries, repeats=repeats
+        )
+        kw = dict(width=width, iterations=iterations, id_bits=id_bits)
+        want = np_walk(qc, codes, graph, start, **kw)
+        config = GraphWalkConfig(block_q=block_q, merge=merge, gather="rows")
+        got = graph_walk(qc, codes, graph, start, **kw, config=config, interpret=self.interpret)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{case=} {merge=}")
+
     def test_default_config(self):
         rng = np.random.default_rng(1)
         qc, codes, graph, start, id_bits = make_case(rng, 400, 8, 8, 3, 32, 64)
@@ -174,9 +191,22 @@ class TestValidation:
             (GraphWalkConfig(block_q=3), "block_q"),
             (GraphWalkConfig(num_warps=6), "num_warps"),
             (GraphWalkConfig(merge="sort"), "merge"),
+            (GraphWalkConfig(gather="cols"), "gather"),
         ]:
             with pytest.raises(ValueError, match=name):
                 graph_walk(qc, codes, graph, start, **kw, config=config)
+
+    def test_rows_gather_needs_power_of_two_words(self):
+        qc, codes, graph, start, id_bits = make_case(np.random.default_rng(3), 100, 3, 6, 3, 8, 20)
+        with pytest.raises(ValueError, match="config.gather='rows'.* 3"):
+            graph_walk(
+                *(jnp.asarray(x) for x in (qc, codes, graph, start)),
+                width=1,
+                iterations=4,
+                id_bits=id_bits,
+                config=GraphWalkConfig(gather="rows"),
+                interpret=True,
+            )
 
     @pytest.mark.parametrize("size,width", [(64, 1), (128, 1), (256, 2), (512, 4)])
     def test_default_config_by_list_size(self, size, width):
@@ -185,7 +215,8 @@ class TestValidation:
         assert config.merge == ("select" if size == 64 else "scatter")
 
     @pytest.mark.parametrize("merge", MERGES)
-    def test_lowers_for_cuda(self, merge):
+    @pytest.mark.parametrize("gather", GATHERS)
+    def test_lowers_for_cuda(self, merge, gather):
         """Pallas-Triton lowers in Python: what it cannot lower fails here on CPU, not in a GPU
         session. 1M codes of 256 bits, degree 32, a batch of 10000 queries."""
         spec = jax.ShapeDtypeStruct
@@ -195,7 +226,7 @@ class TestValidation:
                 width=width,
                 iterations=36,
                 id_bits=20,
-                config=GraphWalkConfig(merge=merge),
+                config=GraphWalkConfig(merge=merge, gather=gather),
             )
             operands = (
                 spec((10_000, 8), jnp.uint32),
