@@ -2,7 +2,7 @@
 
   index build  --input X.fvecs --out DIR [--bits 256] [--degree 32] [--metric l2] [--binarizer itq]
   index search --index DIR --queries Q.fvecs --k 10 [--candidates L] [--width W] [--refine P]
-               [--groundtruth GT.ivecs] [--exact] --out results.ivecs
+               [--walk xla|fused] [--groundtruth GT.ivecs] [--exact] --out results.ivecs
 
 Hook: `add_index_commands(subparsers)` adds the `index` command; each sub-command sets
 `args.run(args) -> int`.
@@ -11,6 +11,7 @@ Hook: `add_index_commands(subparsers)` adds the `index` command; each sub-comman
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -61,6 +62,13 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="best reranked candidates whose graph neighbours are scored too (0: none; "
         "default: automatic, 4 from L=256)",
+    )
+    search.add_argument(
+        "--walk",
+        choices=("xla", "fused"),
+        default=None,
+        help="the walk by XLA ops or by the fused Pallas kernel (a GPU's; interpreted elsewhere, "
+        "slow); default: the index's (SearchConfig.walk)",
     )
     search.add_argument("--groundtruth", default=None, help=".ivecs of true neighbour ids")
     search.add_argument(
@@ -125,6 +133,8 @@ def _search(args) -> int:
     except FormatError as err:
         raise SystemExit(f"--index: {err}") from None
     q = _read(args.queries)
+    if args.walk:
+        index.search_config = dataclasses.replace(index.search_config, walk=args.walk)
     options = dict(candidates=args.candidates, width=args.width, refine=args.refine)
     # Untimed first: it compiles the programs of these query batches (a few queries alone
     # would compile smaller ones, and the timed search would compile again: 46 QPS for 200).

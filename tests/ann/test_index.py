@@ -761,6 +761,21 @@ def test_command_line_build_and_search(data, tmp_path, capsys):
     against_exact = float(out.split("recall@10 against it ")[1].split()[0])
     assert abs(against_exact - recall) <= 0.002, out
     assert read_ivecs(tmp_path / "r.ivecs").shape == (200, 10)
+    # --walk fused: the Pallas walk (interpreted here, so on 16 queries) finds the same ids.
+    write_fvecs(tmp_path / "q16.fvecs", q[:16])
+    search16 = ["index", "search", "--index", str(tmp_path / "ix"), "--k", "10", "--width", "2"]
+    search16 += ["--queries", str(tmp_path / "q16.fvecs")]
+    for walk in ("xla", "fused"):
+        args = parser.parse_args(
+            [*search16, "--walk", walk, "--out", str(tmp_path / f"{walk}.ivecs")]
+        )
+        assert args.run(args) == 0
+    np.testing.assert_array_equal(
+        read_ivecs(tmp_path / "fused.ivecs"), read_ivecs(tmp_path / "xla.ivecs")
+    )
+    np.testing.assert_array_equal(
+        read_ivecs(tmp_path / "xla.ivecs"), read_ivecs(tmp_path / "r.ivecs")[:16]
+    )
 
 
 def _two_processes(command: list[str]) -> list[str]:
