@@ -317,6 +317,7 @@ def phases(index, q, spec: str, fused: bool = False) -> dict:
     rerank_ms, _ = median_ms(
         lambda: search.rerank_batch(queries, vectors, cand, deleted, k=10, metric=index.metric)
     )
+    print(f"seed {seed_ms:.2f} ms, walk {walk_ms:.2f} ms, rerank {rerank_ms:.2f} ms", flush=True)
     fused_ms, fused_equal = {}, {}
     for merge, block_q, warps, gather in FUSED_CONFIGS if fused else ():
         name = f"{merge}/{block_q}/{warps}/{gather}"
@@ -341,6 +342,9 @@ def phases(index, q, spec: str, fused: bool = False) -> dict:
             print(f"fused walk {name}: {type(err).__name__}: {str(err)[:300]}", flush=True)
             continue
         fused_equal[name] = bool((search._layout(codes).ids(keys)[:, :candidates] == cand).all())
+        # As it comes: a run cut off by its time limit keeps the configs it timed.
+        same = "same lists" if fused_equal[name] else "LISTS DIFFER"
+        print(f"fused walk {name}: {fused_ms[name]:.2f} ms ({same})", flush=True)
     slope = (cut_ms[WALK_CAPS[-1]] - cut_ms[WALK_CAPS[0]]) / (WALK_CAPS[-1] - WALK_CAPS[0])
     report = {
         "L": candidates,
