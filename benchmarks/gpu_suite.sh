@@ -69,5 +69,8 @@ if [ "${ANN_N:-1000000}" != "0" ]; then
   timeout "${ANN_TIMEOUT:-200}" "$PY" benchmarks/ann_gpu.py --n "${ANN_N:-1000000}" \
     ${ANN_ARGS:-} --out "$OUT_DIR/ann-gpu.json" 2>&1 | tee "$OUT_DIR/ann-gpu.log"
 fi
+# The kernel table once more, last (the stages after the benchmark print their own).
+echo "=== kernel table (benchmarks/kernels.py, above) ==="
+sed -n '/^op  /,/ wrote /p' "$OUT_DIR/kernels-gpu.log"
 echo "mosaic tests rc=$mosaic_rc, tests rc=$test_rc, bench rc=$bench_rc, total $(( $(date +%s) - start ))s"
 exit $(( mosaic_rc != 0 || test_rc != 0 || bench_rc != 0 ))
