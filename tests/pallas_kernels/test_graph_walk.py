@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pallas_kernels.graph_walk import (
     GATHERS,
@@ -103,6 +105,37 @@ def test_reference_equals_the_numpy_walk():
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{n=} {width=}")
         assert (want[:, 0] != SENTINEL).all()  # the walks found something
         assert not (want == start).all()
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(
+    n=st.integers(1, 120),
+    w=st.sampled_from([1, 2, 4]),
+    r=st.integers(1, 9),
+    q=st.integers(1, 5),
+    size=st.sampled_from([1, 2, 4, 8, 16]),
+    entries=st.integers(1, 40),
+    width=st.integers(1, 4),
+    iterations=st.integers(0, 30),
+    block_q=st.sampled_from([1, 2, 4]),
+    merge=st.sampled_from(MERGES),
+    gather=st.sampled_from(GATHERS),
+    seed=st.integers(0, 2**16),
+)
+def test_any_shape_walks_as_numpy(
+    n, w, r, q, size, entries, width, iterations, block_q, merge, gather, seed
+):
+    # Down to one code, one edge, one list slot; a width up to the list; graphs with missing
+    # edges and repeats; lists with more slots than entries.
+    width = min(width, size)
+    rng = np.random.default_rng(seed)
+    qc, codes, graph, start, id_bits = make_case(
+        rng, n, w, r, q, size, min(entries, n), repeats=bool(seed % 2)
+    )
+    kw = dict(width=width, iterations=iterations, id_bits=id_bits)
+    config = GraphWalkConfig(block_q=block_q, merge=merge, gather=gather)
+    got = graph_walk(qc, codes, graph, start, **kw, config=config, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got), np_walk(qc, codes, graph, start, **kw))
 
 
 class GraphWalkTests:
