@@ -266,13 +266,14 @@ WALK_CAPS = (1, 2, 4, 8)
 # Fewer warps a query leave room for more queries an SM, whose gathers hide each other's latency
 # (a query's iterations are a chain of dependent gathers); more queries a program give a
 # program's own gathers more in flight.
-# The likeliest first (a run's time limit may cut the list short).
+# The default (graph_walk.default_config) first, then by the programs an SM holds (a run's
+# time limit may cut the list short).
 FUSED_CONFIGS = (
-    ("scatter", 1, 4, "words"),
-    ("select", 1, 4, "words"),
-    ("scatter", 1, 2, "words"),
     ("scatter", 1, 2, "rows"),
+    ("scatter", 1, 4, "words"),
     ("scatter", 1, 1, "words"),
+    ("scatter", 1, 2, "words"),
+    ("select", 1, 4, "words"),
     ("scatter", 4, 4, "words"),
 )
 

@@ -84,13 +84,31 @@ class GraphWalkConfig:
             raise ValueError(f"config.gather={self.gather!r} must be one of {GATHERS}")
 
 
-def default_config(q: int, size: int, fresh: int) -> GraphWalkConfig:
-    """One query a program (a program waits for its slowest query). The "select" merge holds
-    [L, L + F] compares of a query: ~48 int32 a thread of 4 warps at L = 64 (F = 32), ~160 at
-    L = 128, past what a thread's registers hold; from there, "scatter". Chosen by that
-    count, not yet measured on a GPU (benchmarks/ann_gpu.py times both)."""
+def default_config(q: int, size: int, fresh: int, n_words: int = 8) -> GraphWalkConfig:
+    """One query a program, the scatter merge, a neighbour's code words gathered as one row
+    (where W is a power of two), and warps for ~64 elements a thread of the merge's [L, F]
+    compares (2 to 16): the config that keeps the most queries on an SM without spilling.
+
+    A query's iterations are a chain of dependent gathers (the parents' graph rows, then the
+    neighbours' codes), so the walk hides memory latency with other queries' programs, and
+    the registers a program takes bound how many an SM holds (65536 32-bit registers).
+    Registers a thread by ptxas for sm_90a, Pallas-Triton's IR compiled by triton 3.9 (XLA's
+    bundled Triton may differ; 2026-12-06), R = 32, 256-bit codes:
+    - L = 64 / 128, width 1: scatter, 2 warps, rows 56 / 72 (~18 / 14 programs an SM);
+      scatter, 4 warps, words 54 / 58 (9 / 8); scatter, 2 warps, words 71 / 127; scatter,
+      1 warp 106 / 168; select, 4 warps 92 / 168 (5 / 3); 4 queries a program of 4 warps
+      150 / 216. None spills.
+    - scatter, rows: L = 128 width 2 (F = 64), 2 warps 254, 4 warps 128; width 4, 8 warps
+      172; L = 256 width 2, 2 warps 255 and spills, 4 warps 233, 8 warps 128; L = 512 width
+      4, 8 warps spills 136 bytes, 16 warps 128 and spills 84 bytes; L = 1024 width 8 spills
+      13 KB at 16 warps (its [L, F] compares want 64 warps).
+    Not yet timed on a GPU: benchmarks/ann_gpu.py times several configs."""
     del q
-    return GraphWalkConfig(merge="select" if size * (size + fresh) <= 64 * 96 else "scatter")
+    threads = size * (1 << max(0, (fresh - 1).bit_length())) // 64  # 64 compares each
+    warps = min(16, max(2, 1 << max(0, (threads // 32 - 1).bit_length())))
+    return GraphWalkConfig(
+        num_warps=warps, merge="scatter", gather="rows" if is_pow2(n_words) else "words"
+    )
 
 
 def _check(query_codes, codes, graph, start, width, iterations, id_bits):
@@ -110,8 +128,8 @@ def _check(query_codes, codes, graph, start, width, iterations, id_bits):
             f"codes has {codes.shape[1]} words per code but query_codes has {w} "
             f"({codes.shape=}, {query_codes.shape=})"
         )
-    if graph.shape[0] != n:
-        raise ValueError(f"graph.shape={graph.shape} must have a row per code ({n})")
+    if graph.shape[0] != n or graph.shape[1] < 1:
+        raise ValueError(f"graph.shape={graph.shape} must have a row per code ({n}), of >= 1 edge")
     if start.shape[0] != q or not is_pow2(start.shape[1]):
         raise ValueError(
             f"start.shape={start.shape} must be [Q={q}, L] with L a power of two (sorted keys)"
@@ -356,7 +374,7 @@ def graph_walk(
       uint32 [Q, L]: the final lists, sorted, equal to graph_walk_reference's.
     """
     q, size, degree = _check(query_codes, codes, graph, start, width, iterations, id_bits)
-    cfg = default_config(q, size, width * degree) if config is None else config
+    cfg = default_config(q, size, width * degree, codes.shape[1]) if config is None else config
     cfg.validate()
     if cfg.gather == "rows" and not is_pow2(codes.shape[1]):
         raise ValueError(

@@ -17,7 +17,8 @@ os.environ["XLA_FLAGS"] = (
 # workers, the command-line and multi-process tests' subprocesses, notebooks: they inherit the
 # environment): many tests compile the same index and train-step programs. tests/ann alone,
 # 2 workers on 2 cores (2026-12-06): 10:43 -> 8:39 wall, 20:47 -> 14:12 of CPU. A directory
-# of its own per run (removed at exit), so no run reads another's programs.
+# of its own per run (removed at exit), so no run reads another's programs, unless the
+# environment names one (then that cache is used, and kept).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache_dir = tempfile.mkdtemp(prefix="alijax-tests-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir

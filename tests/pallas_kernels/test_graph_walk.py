@@ -52,7 +52,7 @@ def np_walk(query_codes, codes, graph, start, *, width, iterations, id_bits):
                     new.append(key)
             keys = sorted(keys + new)[:size]
             pending = []
-            unexpanded = sorted(k for k in keys if not k & 1)
+            unexpanded = sorted({k for k in keys if not k & 1})  # a key listed twice: one parent
             for parent in unexpanded[:width]:
                 keys = [k | 1 if k == parent else k for k in keys]  # each copy of it
                 pending += [int(v) for v in graph[(parent >> 1) & ((1 << id_bits) - 1)]]
@@ -174,6 +174,41 @@ class GraphWalkTests:
         got = graph_walk(qc, codes, graph, start, **kw, config=config, interpret=self.interpret)
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{case=} {merge=}")
 
+    @pytest.mark.parametrize(
+        "size,width,merge,gather",
+        [(128, 1, "scatter", "rows"), (128, 2, "select", "words"), (256, 2, "scatter", "words")],
+    )
+    def test_the_benchmarks_shapes(self, size, width, merge, gather):
+        # Lists of 128-256 over rows of 32 edges and 256-bit codes, as the 1M benchmark walks
+        # them (the GPU's only run of these register-heavy shapes before the benchmark).
+        rng = np.random.default_rng(size + width)
+        qc, codes, graph, start, id_bits = make_case(rng, 3000, 8, 32, 3, size, 400)
+        kw = dict(width=width, iterations=12, id_bits=id_bits)
+        config = GraphWalkConfig(merge=merge, gather=gather, num_warps=2)
+        got = graph_walk(qc, codes, graph, start, **kw, config=config, interpret=self.interpret)
+        np.testing.assert_array_equal(np.asarray(got), np_walk(qc, codes, graph, start, **kw))
+
+    def test_keys_past_2_to_the_31(self):
+        # id_bits 22 and 384-bit codes: keys of distance >= 256 have the top bit set. Twenty
+        # codes are ~192 from the queries, the rest ~315, so lists of 32 hold both kinds, and
+        # a signed compare or shift anywhere would put the far ones first.
+        rng = np.random.default_rng(4)
+        n, w = 500, 12
+        ones = np.where(np.arange(n) < 20, 0.5, 0.9)[:, None]
+        codes = np.packbits(rng.random((n, 32 * w)) < ones, axis=1, bitorder="little")
+        queries = np.packbits(rng.random((3, 32 * w)) < 0.1, axis=1, bitorder="little")
+        codes, queries = codes.view("<u4"), queries.view("<u4")
+        graph = rng.integers(0, n, (n, 8)).astype(np.int32)
+        sample = np.concatenate([[0, 1, 2], rng.choice(np.arange(20, n), 37, replace=False)])
+        d = popcount(codes[sample][None] ^ queries[:, None])
+        start = np.sort((d.astype(np.uint32) << 23) | (sample.astype(np.uint32) << 1), 1)[:, :32]
+        assert (start >= 2**31).any() and (start < 2**31).any()
+        kw = dict(width=2, iterations=10, id_bits=22)
+        want = np_walk(queries, codes, graph, start, **kw)
+        got = graph_walk(queries, codes, graph, start, **kw, interpret=self.interpret)
+        np.testing.assert_array_equal(np.asarray(got), want)
+        assert not (want == start).all() and (want >= 2**31).any() and (want < 2**31).any()
+
     def test_default_config(self):
         rng = np.random.default_rng(1)
         qc, codes, graph, start, id_bits = make_case(rng, 400, 8, 8, 3, 32, 64)
@@ -241,11 +276,16 @@ class TestValidation:
                 interpret=True,
             )
 
-    @pytest.mark.parametrize("size,width", [(64, 1), (128, 1), (256, 2), (512, 4)])
-    def test_default_config_by_list_size(self, size, width):
-        config = default_config(10_000, size, width * 32)
+    @pytest.mark.parametrize("words,gather", [(8, "rows"), (4, "rows"), (3, "words")])
+    @pytest.mark.parametrize(
+        "size,fresh,warps", [(32, 32, 2), (64, 32, 2), (128, 32, 2), (128, 64, 4), (128, 128, 8),
+                             (256, 64, 8), (512, 128, 16), (1024, 256, 16), (128, 18, 2)]
+    )  # fmt: skip
+    def test_default_config(self, words, gather, size, fresh, warps):
+        # Warps for ~64 elements a thread of the merge's [L, F] compares (ptxas's registers).
+        config = default_config(10_000, size, fresh, words)
         config.validate()
-        assert config.merge == ("select" if size == 64 else "scatter")
+        assert (config.merge, config.gather, config.num_warps) == ("scatter", gather, warps)
 
     @pytest.mark.parametrize("merge", MERGES)
     @pytest.mark.parametrize("gather", GATHERS)
