@@ -93,7 +93,8 @@ def default_config(q: int, size: int, fresh: int, n_words: int = 8) -> GraphWalk
     neighbours' codes), so the walk hides memory latency with other queries' programs, and
     the registers a program takes bound how many an SM holds (65536 32-bit registers).
     Registers a thread by ptxas for sm_90a, Pallas-Triton's IR compiled by triton 3.9 (XLA's
-    bundled Triton may differ; 2026-12-06), R = 32, 256-bit codes:
+    bundled Triton may differ; benchmarks/triton_registers.py, 2026-12-06), R = 32, 256-bit
+    codes:
     - L = 64 / 128, width 1: scatter, 2 warps, rows 56 / 72 (~18 / 14 programs an SM);
       scatter, 4 warps, words 54 / 58 (9 / 8); scatter, 2 warps, words 71 / 127; scatter,
       1 warp 106 / 168; select, 4 warps 92 / 168 (5 / 3); 4 queries a program of 4 warps
