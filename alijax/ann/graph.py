@@ -553,15 +553,19 @@ def hamming_kmeans(
     the init."""
     if init is None:
         init = sample[jnp.linspace(0, sample.shape[0] - 1, n_clusters).astype(jnp.int32)]
-    cent = init
     if (sample_total or sample.shape[0]) < 8 * n_clusters:
-        return cent
-    for _ in range(iterations):
+        return init
+
+    def iteration(_, cent):
         assign = nearest_centroids(sample, cent, 1)[:, 0]
         if valid is not None:
             assign = jnp.where(valid, assign, n_clusters)  # out of range: counted nowhere
-        cent = majority_centroids(sample, assign, n_clusters, cent, total)
-    return cent
+        return majority_centroids(sample, assign, n_clusters, cent, total)
+
+    # A loop, not unrolled: the assignment (above 4096 centroids a beam search over their
+    # graph) is compiled once instead of once an iteration. The 1M build's first stage, 4
+    # iterations: XLA:CPU compiled it in 5.7-6.5 s unrolled (2 cores, 2026-12-06).
+    return lax.fori_loop(0, iterations, iteration, init)
 
 
 def _kmeans(codes, plan: _Plan, axis: str):
