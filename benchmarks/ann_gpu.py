@@ -303,7 +303,7 @@ def phases(index, q, spec: str, fused: bool = False) -> dict:
         lambda: search.seed_batch(queries, index.binarizer, codes, entries, candidates=candidates)
     )
 
-    def walk(iterations):
+    def walk(iterations, **fused):
         return search.walk_batch(
             query_codes,
             codes,
@@ -312,6 +312,7 @@ def phases(index, q, spec: str, fused: bool = False) -> dict:
             candidates=candidates,
             width=width,
             iterations=iterations,
+            **fused,
         )
 
     walk_ms, (cand, _) = median_ms(lambda: walk(cfg.iterations()))
@@ -327,23 +328,13 @@ def phases(index, q, spec: str, fused: bool = False) -> dict:
             block_q=block_q, num_warps=warps, merge=merge, gather=gather
         )
         try:
-            fused_ms[name], keys = median_ms(
-                lambda: graph_walk.graph_walk(
-                    query_codes,
-                    codes,
-                    graph,
-                    top.T,
-                    width=width,
-                    iterations=cfg.iterations(),
-                    id_bits=search._layout(codes).id_bits,
-                    config=config,
-                    interpret=jax.default_backend() != "gpu",
-                )
+            fused_ms[name], (ids, _) = median_ms(
+                lambda: walk(cfg.iterations(), fused=True, kernel_config=config)
             )
         except Exception as err:  # a config that fails to compile must not cost the others
             print(f"fused walk {name}: {type(err).__name__}: {str(err)[:300]}", flush=True)
             continue
-        fused_equal[name] = bool((search._layout(codes).ids(keys)[:, :candidates] == cand).all())
+        fused_equal[name] = bool((ids == cand).all())
         # As it comes: a run cut off by its time limit keeps the configs it timed.
         same = "same lists" if fused_equal[name] else "LISTS DIFFER"
         print(f"fused walk {name}: {fused_ms[name]:.2f} ms ({same})", flush=True)

@@ -241,9 +241,11 @@ def walk(
     width: int,
     iterations: int,
     fused: bool = False,
+    kernel_config=None,
 ):
     """beam_search from the list `top` that seed_list made. fused: by the Pallas kernel
-    (SearchConfig.walk), where the list is one-word keys; the same lists."""
+    (SearchConfig.walk), where the list is one-word keys; the same lists. kernel_config: its
+    GraphWalkConfig (None: graph_walk's default)."""
     layout = _layout(codes, pairs=isinstance(top, bitonic.Pairs))
     if fused and isinstance(layout, KeyLayout):
         keys = graph_walk(
@@ -254,6 +256,7 @@ def walk(
             width=width,
             iterations=iterations,
             id_bits=layout.id_bits,
+            config=kernel_config,
             interpret=jax.default_backend() != "gpu",
         )[:, :candidates]
         return layout.ids(keys), layout.dist(keys)
@@ -533,8 +536,21 @@ def seed_batch(queries, query_codes, codes, entries, *, candidates):
     return seed_list(query_codes, codes, entries, candidates=candidates), query_codes
 
 
-@functools.partial(jax.jit, static_argnames=("candidates", "width", "iterations", "fused"))
-def walk_batch(query_codes, codes, graph, top, *, candidates, width, iterations, fused=False):
+@functools.partial(
+    jax.jit, static_argnames=("candidates", "width", "iterations", "fused", "kernel_config")
+)
+def walk_batch(
+    query_codes,
+    codes,
+    graph,
+    top,
+    *,
+    candidates,
+    width,
+    iterations,
+    fused=False,
+    kernel_config=None,
+):
     """One batch's walk from its start lists (seed_batch): query_codes uint32 [Q, W] -> the
     candidates int32 [Q, L] to rerank and their Hamming distances (the list, sorted by
     (distance, node)), a program of its own: see compiled_search_batch."""
@@ -547,6 +563,7 @@ def walk_batch(query_codes, codes, graph, top, *, candidates, width, iterations,
         width=width,
         iterations=iterations,
         fused=fused,
+        kernel_config=kernel_config,
     )
 
 

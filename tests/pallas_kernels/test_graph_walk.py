@@ -146,23 +146,17 @@ class GraphWalkTests:
     def test_equals_the_numpy_walk(self, case, merge):
         if not self.interpret and case not in GPU_CASES:
             pytest.skip("a GPU session's minutes: each case compiles two kernels")
-        case = CASES[case]
-        n, w, r, q, size, entries, width, iterations, block_q, repeats = case
-        rng = np.random.default_rng(n + q)
-        qc, codes, graph, start, id_bits = make_case(
-            rng, n, w, r, q, size, entries, repeats=repeats
-        )
-        kw = dict(width=width, iterations=iterations, id_bits=id_bits)
-        want = np_walk(qc, codes, graph, start, **kw)
-        config = GraphWalkConfig(block_q=block_q, merge=merge)
-        got = graph_walk(qc, codes, graph, start, **kw, config=config, interpret=self.interpret)
-        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{case=} {merge=}")
+        self.check_case(case, merge=merge)
 
     @pytest.mark.parametrize("merge", MERGES)
     @pytest.mark.parametrize("case", [0, 1, 3])
     def test_codes_gathered_as_rows(self, case, merge):
         if not self.interpret and case != 0:
             pytest.skip("a GPU session's minutes: each case compiles two kernels")
+        self.check_case(case, merge=merge, gather="rows")
+
+    def check_case(self, case, **config):
+        """CASES[case] walked by the kernel in this config equals the numpy walk."""
         n, w, r, q, size, entries, width, iterations, block_q, repeats = CASES[case]
         rng = np.random.default_rng(n + q)
         qc, codes, graph, start, id_bits = make_case(
@@ -170,9 +164,9 @@ class GraphWalkTests:
         )
         kw = dict(width=width, iterations=iterations, id_bits=id_bits)
         want = np_walk(qc, codes, graph, start, **kw)
-        config = GraphWalkConfig(block_q=block_q, merge=merge, gather="rows")
+        config = GraphWalkConfig(block_q=block_q, **config)
         got = graph_walk(qc, codes, graph, start, **kw, config=config, interpret=self.interpret)
-        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{case=} {merge=}")
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{case=} {config=}")
 
     @pytest.mark.parametrize(
         "size,width,merge,gather",
