@@ -9,9 +9,15 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+_xla_flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# Compiling, not running, is most of this suite's time: its data are small. LLVM at -O0 (XLA's
+# HLO passes, buffer assignment and the programs' semantics are unchanged; only the machine code
+# is less optimised) took tests/ann/test_graph.py from 205 to 126 s (2 workers, 2026-12-06).
+# A flag the environment already sets is kept: XLA_FLAGS=--xla_backend_optimization_level=3
+# runs the suite as users run the code.
+if "--xla_backend_optimization_level" not in _xla_flags:
+    _xla_flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _xla_flags.strip()
 
 # One persistent compilation cache for the run, shared by every process it starts (pytest-xdist
 # workers, the command-line and multi-process tests' subprocesses, notebooks: they inherit the
