@@ -41,6 +41,26 @@ def test_rng_prune_by_hand():
     np.testing.assert_array_equal(kept, [[True, False, True]])
 
 
+@pytest.mark.parametrize("k", [3, 13, 40, 64])
+def test_pruning_from_codes_keeps_what_the_pair_distances_keep(k):
+    # The build's pruning computes the pair distances it needs in segments of steps: the same
+    # kept flags as from the whole [K, K, r] matrix, for K not a multiple of the segment, with
+    # invalid entries and distance ties (codes of few bits set).
+    from alijax.ann.hamming import hamming_pairs_word_major
+
+    rng = np.random.default_rng(k)
+    r, words = 300, 8
+    bits = [rng.integers(0, 2**32, (words, k, r), dtype=np.uint32) for _ in range(3)]
+    nb = jnp.asarray(bits[0] & bits[1] & bits[2])  # ~32 bits set of 256: many equal distances
+    d_pn = jnp.sort(jnp.asarray(rng.integers(20, 40, (k, r), dtype=np.int32)), axis=0)
+    valid = jnp.asarray(rng.random((k, r)) < 0.9)
+    d_nn = hamming_pairs_word_major(nb[:, :, None], nb[:, None, :])
+    want = graph._rng_prune_t(d_pn, d_nn, valid)
+    got = graph._rng_prune_codes_t(d_pn, nb, valid)
+    np.testing.assert_array_equal(got, want)
+    assert 0 < int(want.sum()) < int(valid.sum())  # some pruned, some kept
+
+
 @pytest.mark.parametrize("axis", [0, -1])
 def test_chunked_map_equals_one_call(axis):
     x = jnp.arange(2 * 37 * 3).reshape(2, 37, 3)
