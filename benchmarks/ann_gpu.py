@@ -303,7 +303,7 @@ def phases(index, q, spec: str, fused: bool = False) -> dict:
         lambda: search.seed_batch(queries, index.binarizer, codes, entries, candidates=candidates)
     )
 
-    def walk(iterations, **fused):
+    def walk(iterations, **walk_options):
         return search.walk_batch(
             query_codes,
             codes,
@@ -312,7 +312,7 @@ def phases(index, q, spec: str, fused: bool = False) -> dict:
             candidates=candidates,
             width=width,
             iterations=iterations,
-            **fused,
+            **walk_options,
         )
 
     walk_ms, (cand, _) = median_ms(lambda: walk(cfg.iterations()))

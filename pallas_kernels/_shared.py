@@ -58,6 +58,10 @@ def is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
 def pad_to(x, multiples):
     """Zero-pads each dim of x up to a multiple of multiples[d] (exact for int8 products: zero
     rows and columns add nothing to the int32 sums); x itself when nothing is padded."""

@@ -45,7 +45,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._shared import TritonCompilerParams, caller_independent_locations, is_pow2
+from pallas_kernels._shared import (
+    TritonCompilerParams,
+    caller_independent_locations,
+    is_pow2,
+    next_pow2,
+)
 
 SENTINEL = np.uint32(0xFFFFFFFF)
 
@@ -105,8 +110,8 @@ def default_config(q: int, size: int, fresh: int, n_words: int = 8) -> GraphWalk
       13 KB at 16 warps (its [L, F] compares want 64 warps).
     Not yet timed on a GPU: benchmarks/ann_gpu.py times several configs."""
     del q
-    threads = size * (1 << max(0, (fresh - 1).bit_length())) // 64  # 64 compares each
-    warps = min(16, max(2, 1 << max(0, (threads // 32 - 1).bit_length())))
+    threads = size * next_pow2(fresh) // 64  # 64 compares each
+    warps = min(16, max(2, next_pow2(threads // 32)))
     return GraphWalkConfig(
         num_warps=warps, merge="scatter", gather="rows" if is_pow2(n_words) else "words"
     )
@@ -390,7 +395,7 @@ def graph_walk(
         n_words=codes.shape[1],
         degree=degree,
         width=width,
-        fresh_p=1 << max(0, (width * degree - 1).bit_length()),
+        fresh_p=next_pow2(width * degree),
         iterations=iterations,
         id_bits=id_bits,
         block_q=cfg.block_q,

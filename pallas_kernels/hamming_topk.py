@@ -51,6 +51,7 @@ from pallas_kernels._shared import (
     TritonCompilerParams,
     caller_independent_locations,
     is_pow2,
+    next_pow2,
     triton_dot,
 )
 from pallas_kernels.int8_matmul_mosaic import MosaicInt8Config, int8_matmul_nt
@@ -58,10 +59,6 @@ from pallas_kernels.int8_matmul_mosaic import MosaicInt8Config, int8_matmul_nt
 _INT32_MAX = 2**31 - 1
 # Programs to aim for when choosing the number of N splits: a few waves on a 132-SM H100/H200.
 _TARGET_PROGRAMS = 4 * 132
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,7 +416,7 @@ def _fused_topk(kernel, query_rows, codes, n, n_words, k, cfg, interpret, name):
     kernel(q_ref, c_ref, o_ref, **topk) must accept the _running_topk keywords.
     """
     q, width = query_rows.shape
-    kp = _next_pow2(k)
+    kp = next_pow2(k)
     index_bits, pad_distance = _key_bits(n_words)
     num_splits, split_size = _split_plan(q, n, n_words, cfg)
     bq = cfg.block_q

@@ -942,10 +942,17 @@ def _rng_prune_t(d_pn, d_nn, valid):
     k = d_pn.shape[0]
 
     def body(j, kept):
-        occluded = jnp.any(kept & (d_nn[j] < d_pn[j][None, :]), axis=0)
-        return kept.at[j].set(valid[j] & ~occluded)
+        return _prune_step(kept, j, d_nn[j], d_pn, valid)
 
     return lax.fori_loop(0, k, body, jnp.zeros_like(valid))
+
+
+def _prune_step(kept, j, d_j, d_pn, valid):
+    """Step j of the pruning: kept [K, r] with row j set, given d_j [<= K, r] the distances
+    from neighbour j to the first rows (only kept ones, all before j, count)."""
+    rows = d_j.shape[0]
+    occluded = jnp.any(kept[:rows] & (d_j < d_pn[j][None, :]), axis=0)
+    return kept.at[j].set(valid[j] & ~occluded)
 
 
 _PRUNE_SEGMENT = 32  # pruning steps whose pair distances are computed together
@@ -968,9 +975,8 @@ def _rng_prune_codes_t(d_pn, nb, valid):
         d_seg = hamming_pairs_word_major(nb[:, start:end, None], nb[:, None, :end])
         d_seg = d_seg.astype(jnp.int16) if small else d_seg  # [end - start, end, r]
 
-        def body(j, kept, d_seg=d_seg, start=start, end=end):
-            occluded = jnp.any(kept[:end] & (d_seg[j - start] < d_pn[j][None, :]), axis=0)
-            return kept.at[j].set(valid[j] & ~occluded)
+        def body(j, kept, d_seg=d_seg, start=start):
+            return _prune_step(kept, j, d_seg[j - start], d_pn, valid)
 
         kept = lax.fori_loop(start, end, body, kept)
     return kept
