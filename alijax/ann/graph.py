@@ -63,8 +63,8 @@ Per-device memory is O(N / D) either way (never an all-gathered copy). A ring ru
 costs bytes that grow with N whatever D: propagation's candidate codes on the ring moved
 (n / chunk) * (D - 1) * 32 n bytes a device a round (1.7 GB at 1M on 8 devices), as requests
 about 2 * 36 * S * n (1.1 GB, falling as 1 / D).
-Stage 2 on a mesh makes its blocks in 8 groups a shard, and each group's kNN rows travel the ring
-into a buffer that becomes the lists (`_merge_blocks_by_group`). Stage 5 counts each shard's
+Stage 2 makes its blocks in groups (8 a shard on a mesh, 4 on one device), and each group's kNN
+rows travel the ring into a buffer that becomes the lists (`_merge_blocks_by_group`). Stage 5 counts each shard's
 in-edges per node in a first ring, so the second places every source at its slot in place.
 Cluster histograms ([D, n_clusters]) and the centroids with their graph are the only replicated
 arrays; the k-means sample is split over the devices and its vote counts summed with psum
@@ -76,9 +76,9 @@ one process of 8, in 1.29x its time (2026-12-05, benchmarks/ann_multiprocess.py,
 loopback TCP).
 
 Memory. The build is three compiled programs (stages 1-2, 3, 4-5) that pass only the lists
-between them (donated, and every stage updates them in their own buffer: on one device the
-blocks' kNN rows are merged straight into the lists, propagation and stages 4-5 rewrite them
-slice by slice), and every large working set is cut into chunks of points (`row_chunk`), of
+between them (donated, and every stage updates them in their own buffer: stage 2 makes them
+from one group of blocks' kNN rows at a time, propagation and stages 4-5 rewrite them slice by
+slice), and every large working set is cut into chunks of points (`row_chunk`), of
 blocks (`block_batch`), of edge ranks (the reverse edges) or of centroids. At 1M 256-bit codes
 on one device XLA's buffers peak at 0.42 GB (`build_memory`, stages 4-5: the lists 0.24 GB and
 the in-edges 0.12 GB), against 0.79 GB with a block table beside the lists and out-of-place
@@ -158,8 +158,8 @@ class GraphConfig:
     block_batch: int = 8  # blocks per step of the exact in-block kNN
     # Entries kept per (point, block) by the in-block kNN; None: K // 2 (at least K /
     # num_assign) in build_graph, K in knn_graph. The block rows are N * num_assign of these
-    # lists (0.5 GB at 1M with K entries; they are merged into the lists as they are made, a
-    # group of blocks at a time on a mesh); K // 2 halves them and the merge work, and changed
+    # lists (0.5 GB at 1M with K entries; they are made and taken into the lists a group of
+    # blocks at a time); K // 2 halves them and the merge work, and changed
     # no search recall (1M:
     # recall@10 0.9562 at L=64 either way; 100k: 0.9766 at L=32), though some of the K-lists
     # then stay short of K until the pruning cuts them to `degree`, which is why knn_graph,
@@ -200,9 +200,16 @@ class _Plan:
 
 _PRUNE_CHUNK = 4096  # rows per pruning step: [64, 64, 4096] pair distances are 64 MB
 _MIN_CHUNK = 1024  # a mesh's propagation chunks are no smaller (each runs its exchanges)
-# A mesh makes its blocks in this many groups a shard, and only one group's kNN rows exist at
-# a time (_merge_blocks_by_group): the whole shard's were 31 MB a device at 1M on 8 devices.
+# Stage 2 makes a shard's blocks in this many groups, and only one group's kNN rows exist at a
+# time (_merge_blocks_by_group): the whole shard's were 31 MB a device at 1M on 8 devices. Each
+# group costs a pass over all the shard's points (their slots and rows), so one device, whose
+# peak is the pruning stage's, takes fewer. 1M on one device, stages 1-2 (second run, 2 cores,
+# 2026-12-06): 4 groups 12.3 s, XLA peak 413 MB (stages 4-5: 444 MB); 8 groups 14.8 s, 372
+# MB; each batch of blocks merged straight into the loop-carried [K, N] lists (sessions 5-22)
+# 20.2 s, 360 MB, the same lists: a point's column there is K cache lines, gathered and
+# scattered per batch (4.9 ms of a batch's ~28 ms, against 0.17 ms for [N, K] rows).
 _TABLE_GROUPS = 8
+_TABLE_GROUPS_ONE_DEVICE = 4
 
 
 def auto_capacity(n: int, num_assign: int, fill: float) -> int:
@@ -241,9 +248,7 @@ def _plan(n_total: int, words: int, degree: int, shards: int, cfg: GraphConfig) 
     if n_ids >= 1 << 31:
         raise ValueError(f"{n_total} codes (padded to {n_ids}) exceed 2**31 - 1 ids")
     layout = KeyLayout.for_ids(n_ids) if KeyLayout.fits(n_ids, words * 32) else PairLayout()
-    # Groups of blocks wherever the block rows are gathered (a mesh): one device merges each
-    # batch of blocks straight into the lists.
-    groups = 1 if shards == 1 else min(_TABLE_GROUPS, -(-per_shard // batch))
+    groups = min(_TABLE_GROUPS if shards > 1 else _TABLE_GROUPS_ONE_DEVICE, -(-per_shard // batch))
     per_shard = -(-per_shard // (batch * groups)) * batch * groups
     slots = per_shard * shards * capacity
     if slots >= 1 << 31:
@@ -725,25 +730,22 @@ def _group_slots(pos, plan: _Plan):
 
 def _initial_knn_keys(codes, plan: _Plan, axis: str):
     """Stages 1-2: this shard's lists as keys uint32 [K, n] (or Pairs), sorted per column."""
-    pos = _partition(codes, plan, axis)
-    if plan.shards == 1:
-        return _merge_blocks_in_place(codes, pos, plan)
-    return _merge_blocks_by_group(codes, pos, plan, axis)
+    return _merge_blocks_by_group(codes, _partition(codes, plan, axis), plan, axis)
 
 
 def _merge_blocks_by_group(codes, pos, plan: _Plan, axis: str):
-    """Stage 2 on a mesh: the blocks' kNN rows, gathered over the ring into each point's
-    columns, then merged in place into its list.
+    """Stage 2: the blocks' kNN rows, gathered over the ring into each point's columns,
+    then merged in place into its list.
 
-    A block's slots hold points of any shard, so a shard cannot merge its blocks into its own
-    lists as one device does (_merge_blocks_in_place). Instead every shard's blocks are cut
-    into `plan.groups` groups; each group's rows (a table of 1/groups of the shard's slots)
-    are made, passed around the ring, and each point takes its own rows from it into a buffer
-    rows [num_assign * block_k, n]: assignment j's row in rows j * block_k onwards. So the
-    whole block table never exists (31 MB a device at 1M on 8 devices, as large as the lists),
-    only one group's. Once every group is in, each column is merged into its K smallest
-    distinct keys where it lies, and the buffer's first K rows are the lists (num_assign *
-    block_k = K by default, so the buffer is the lists' own)."""
+    A block's slots hold points of any shard. Every shard's blocks are cut into `plan.groups`
+    groups; each group's rows (a table of 1/groups of the shard's slots) are made, passed
+    around the ring, and each point takes its own rows from it into a buffer rows
+    [num_assign * block_k, n]: assignment j's row in rows j * block_k onwards. So the whole
+    block table never exists (31 MB a device at 1M on 8 devices, as large as the lists), only
+    one group's. Once every group is in, each column is merged into its K smallest distinct
+    keys where it lies, and the buffer's first K rows are the lists (num_assign * block_k = K
+    by default, so the buffer is the lists' own). Every access to the buffer is a slice of
+    whole columns (see _TABLE_GROUPS for what gathering single columns cost)."""
     a, bk = plan.num_assign, plan.block_k
     group_blocks = plan.blocks_per_shard // plan.groups
     per_group = group_blocks * plan.capacity  # slots of one group on one shard
@@ -783,46 +785,6 @@ def _merge_blocks_by_group(codes, pos, plan: _Plan, axis: str):
         return bitonic.pad_rows(bitonic.unique_smallest(rows_c, plan.k), a * bk)
 
     return bitonic.slice_update(merge, rows, (), plan.cfg.row_chunk)[: plan.k]
-
-
-def _merge_blocks_in_place(codes, pos, plan: _Plan):
-    """Stage 2 on one device: each batch of blocks merges its kNN rows straight into the
-    lists [K, n], a loop-carried array that XLA updates in place, so no block table (a row of
-    block_k entries for each of the N * num_assign slots, as large as the lists) is ever made.
-
-    A point may have several slots in one batch (its clusters are neighbours in the layout),
-    and a scatter of different columns to one point would keep only one of them; so every
-    slot merges the rows of all its point's slots in the batch, and a point's slots write the
-    same column. The lists are the K smallest distinct keys of all the rows either way, the
-    result of the mesh path's block table."""
-    n, a, k, bk = plan.rows, plan.num_assign, plan.k, plan.block_k
-    batch = min(plan.cfg.block_batch, plan.blocks_per_shard)
-    size = batch * plan.capacity  # slots per batch
-    slot_ids = _scatter_blocks(codes, pos, plan, "", with_codes=False).reshape(-1, size)
-    knn = functools.partial(_block_knn_keys, k=bk, layout=plan.layout)
-
-    def one_batch(i, lists):
-        pts = slot_ids[i]  # [size] point ids, -1 for empty slots
-        safe = jnp.maximum(pts, 0)
-        bcodes = codes[safe].reshape(batch, plan.capacity, -1)
-        rows = jax.vmap(knn)(pts.reshape(batch, -1), bcodes)
-        rows = jax.tree.map(lambda w: w.reshape(size, bk), rows)
-        # Where each slot's point has its slots, relative to this batch (in range: here).
-        local = pos[safe] - i * size  # [size, a]
-        here = (local >= 0) & (local < size) & (pts >= 0)[:, None]
-        parts = [
-            bitonic.where(
-                here[:, j, None], rows[jnp.clip(local[:, j], 0, size - 1)], bitonic.SENTINEL
-            ).T
-            for j in range(a)
-        ]
-        col = jnp.where(pts >= 0, pts, n)  # n: out of range, dropped
-        old = lists[:, jnp.minimum(col, n - 1)]
-        merged = bitonic.unique_smallest((old, *parts), k)
-        return jax.tree.map(lambda w, m: w.at[:, col].set(m, mode="drop"), lists, merged)
-
-    empty = plan.layout.empty((k, n), lo_fill=jnp.uint32(0))
-    return lax.fori_loop(0, plan.blocks_per_shard // batch, one_batch, empty)
 
 
 # ------------------------------------------------------------------------------- 3. propagation

@@ -157,11 +157,10 @@ def test_reverse_samples_keep_the_graph_exact_enough(data_codes):
 
 
 def test_eight_device_lists_equal_single_device(data_codes):
-    # The initial lists alone (no propagation): the single device merges each batch of blocks
-    # into the lists in place, the mesh passes each group of blocks' rows around the ring into
-    # a buffer it then merges; both keep the K smallest distinct keys of every point's block
-    # rows. 16 blocks in batches of 8, 2 and 1 (two groups a shard): points with both clusters
-    # in one batch must merge both rows into the one column they write.
+    # The initial lists alone (no propagation): one device makes its blocks in up to 4 groups,
+    # the mesh in up to 8 a shard whose rows go around the ring; both keep the K smallest
+    # distinct keys of every point's block rows, whichever group and shard hold its slots.
+    # 16 blocks in batches of 8, 2 and 1 (so 2, 4 and 4 groups on one device).
     mesh = make_mesh()
     for batch in (8, 2, 1):
         cfg = graph.GraphConfig(block_batch=batch)
