@@ -326,6 +326,60 @@ def _segment_rank(keys):
     return i - lax.cummax(jnp.where(start, i, 0))
 
 
+# _stable_ranks packs a key and an entry's place in its chunk into one uint32 so that a chunk
+# sorts as a single array: XLA:CPU sorts 1M uint32s in 70 ms, 1M (key, index) pairs in 325 ms
+# and 2M (key, key, index) triples in 1.1 s (2 cores). With fewer index bits than this the
+# chunks' loop would cost more than the pair sort it replaces.
+_MIN_INDEX_BITS = 8
+
+
+def _stable_ranks(keys, n_keys: int, before=None, chunk: int | None = None):
+    """Each entry's rank among the entries of its key, in entry order, after before[key]
+    (default 0) that come earlier: keys int32 [M] in 0..n_keys - 1, or n_keys or more for
+    none (rank unspecified) -> (ranks int32 [M], before + each key's count).
+
+    What a stable sort by key and a segment rank give, computed a chunk of entries at a time
+    (`chunk` a power of two; None: the most a uint32 holds beside the key): each chunk sorts
+    key << b | place (its entries in place order within a key), ranks them within the chunk,
+    and adds the counts of earlier chunks. Falls back to one stable pair sort when a chunk
+    would hold fewer than 2^_MIN_INDEX_BITS entries."""
+    m = keys.shape[0]
+    before = jnp.zeros((n_keys,), jnp.int32) if before is None else before
+    keys = jnp.where((keys >= 0) & (keys < n_keys), keys, n_keys)  # n_keys: none
+    bits = 32 - n_keys.bit_length()  # n_keys << bits | place fits a uint32
+    if bits < _MIN_INDEX_BITS:
+        order = jnp.arange(m, dtype=jnp.int32)
+        s_keys, s_order = lax.sort((keys, order), num_keys=1, is_stable=True)
+        s_ranks = _segment_rank(s_keys) + before[jnp.minimum(s_keys, n_keys - 1)]
+        ranks = jnp.zeros((m,), jnp.int32).at[s_order].set(s_ranks)
+        counts = jax.ops.segment_sum(jnp.ones_like(keys), keys, n_keys + 1)[:n_keys]
+        return ranks, before + counts
+    size = min(chunk or 1 << bits, 1 << bits, bitonic.next_pow2(m))
+    bits = size.bit_length() - 1
+    chunks = -(-m // size)
+    place = jnp.arange(chunks * size, dtype=jnp.uint32) & jnp.uint32(size - 1)
+    padded = jnp.pad(keys, (0, chunks * size - m), constant_values=n_keys)
+    # None is key n_keys (after every key, and still below 2^32): each entry keeps its place.
+    packed = (padded.astype(jnp.uint32) << bits) | place
+    packed = lax.sort(packed.reshape(chunks, size), dimension=1)
+    s_keys = (packed >> bits).astype(jnp.int32)
+    s_place = (packed & jnp.uint32(size - 1)).astype(jnp.int32)
+    s_ranks = jax.vmap(_segment_rank)(s_keys)  # within the chunk
+
+    def one_chunk(c, state):
+        ranks, counts = state
+        k = s_keys[c]
+        r = s_ranks[c] + counts[jnp.minimum(k, n_keys - 1)]
+        ranks = lax.dynamic_update_slice(
+            ranks, jnp.zeros((size,), jnp.int32).at[s_place[c]].set(r), (c * size,)
+        )
+        return ranks, counts.at[k].add(1, mode="drop")
+
+    init = (jnp.zeros((chunks * size,), jnp.int32), before)
+    ranks, counts = lax.fori_loop(0, chunks, one_chunk, init)
+    return ranks[:m], counts
+
+
 # ------------------------------------------------------------------------------- ring exchange
 
 
@@ -629,22 +683,19 @@ def _partition(codes, plan: _Plan, axis: str):
     valid = (gid < plan.n_total)[:, None]
     cl = jnp.where(valid, cl, nc)  # padding goes to a dummy cluster past the end
     flat_cl = cl.reshape(-1)
-    flat_pt = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, a)).reshape(-1)
-    entry = jnp.arange(n * a, dtype=jnp.int32)
-    s_cl, _, s_entry = lax.sort((flat_cl, flat_pt, entry), num_keys=2)
-    rank = _segment_rank(s_cl)
-    hist = jax.ops.segment_sum(jnp.ones_like(flat_cl), flat_cl, nc + 1)
+    # Each (point, assignment) ranked within its cluster in point order: the (cluster, point
+    # id) layout. (A sort of the [n * a] (cluster, point, entry) triples took 1.1 s at 1M.)
+    rank, hist = _stable_ranks(flat_cl, nc)
     if plan.shards > 1:
-        all_hist = lax.all_gather(hist, axis)  # [D, nc + 1]
+        all_hist = lax.all_gather(hist, axis)  # [D, nc]
         before = jnp.arange(plan.shards)[:, None] < me
         dev_off = jnp.sum(jnp.where(before, all_hist, 0), axis=0)
         total = jnp.sum(all_hist, axis=0)
     else:
         dev_off, total = jnp.zeros_like(hist), hist
     start = jnp.cumsum(total) - total
-    s_pos = start[s_cl] + dev_off[s_cl] + rank
-    s_pos = jnp.where(s_cl < nc, s_pos, -1)
-    pos = jnp.zeros((n * a,), jnp.int32).at[s_entry].set(s_pos)
+    c = jnp.minimum(flat_cl, nc - 1)
+    pos = jnp.where(flat_cl < nc, start[c] + dev_off[c] + rank, -1)
     return pos.reshape(n, a)
 
 
@@ -965,45 +1016,19 @@ def _kept_first(ids, kept, valid):
     return jnp.take_along_axis(ids, (order % k).astype(jnp.int32), axis=0), order < k
 
 
-# One device packs an edge as target << b | source % 2^b, b = 32 - the target's bits, so that a
-# chunk of 2^b sources sorts as one uint32 array: XLA:CPU sorts 1M single uint32s in 70 ms and
-# 1M (target, source) pairs in 325 ms (2 cores). Fewer source bits than this would make the
-# chunks' loop the cost (16M targets and more); there the pair sort serves.
-_MIN_SOURCE_BITS = 8
-
-
-def _reverse_edges_by_chunks(row, ranks: int, n: int, width: int, chunk: int | None = None):
+def _reverse_edges_one_device(row, ranks: int, n: int, width: int, chunk: int | None = None):
     """_reverse_edges on one device: the same in-edges [width, n], sources ordered by (rank,
-    source id). Each rank's edges are cut into chunks of consecutive sources (`chunk`, a power
-    of two; None: the most the keys hold), each chunk sorted by (target, source) as packed
-    uint32 keys; the chunks then place their edges in source order, each after the target's
-    sources of earlier ranks and chunks (counted in `filled`). 1M points, 16 ranks, 2 cores:
-    2.4 s against the pair sorts' 5.2 s, the same in-edges."""
-    bits = 32 - n.bit_length()  # a target < n packs below SENTINEL
-    chunk = min(chunk or 1 << bits, 1 << bits, bitonic.next_pow2(n))
-    bits = chunk.bit_length() - 1
-    chunks = -(-n // chunk)
-    low = jnp.arange(chunks * chunk, dtype=jnp.uint32) & jnp.uint32(chunk - 1)
-    first = jnp.arange(chunks, dtype=jnp.int32)[:, None] * chunk
+    source id), each rank's edges ranked among their target's by _stable_ranks (packed
+    single-array sorts; `chunk` is its). 1M points, 16 ranks, 2 cores: 2.4 s against the pair
+    sorts' 5.2 s, the same in-edges."""
+    sources = jnp.arange(n, dtype=jnp.int32)
 
     def one_rank(r, state):
-        targets = jnp.pad(row(r), (0, chunks * chunk - n), constant_values=-1)
-        packed = (targets.astype(jnp.uint32) << bits) | low
-        keys = jnp.where(targets >= 0, packed, bitonic.SENTINEL).reshape(chunks, chunk)
-        keys = lax.sort(keys, dimension=1)
-        valid = keys != bitonic.SENTINEL
-        target = jnp.where(valid, (keys >> bits).astype(jnp.int32), n)  # n: none, dropped
-        source = first + (keys & jnp.uint32(chunk - 1)).astype(jnp.int32)
-        rank = jax.vmap(_segment_rank)(target)  # among this chunk's edges into the target
-
-        def place(c, state):
-            rev, filled = state
-            t = target[c]
-            slot = rank[c] + filled[jnp.minimum(t, n - 1)]
-            rev = rev.at[slot, jnp.where(slot < width, t, n)].set(source[c], mode="drop")
-            return rev, filled.at[t].add(1, mode="drop")
-
-        return lax.fori_loop(0, chunks, place, state)
+        rev, filled = state
+        targets = row(r)
+        slot, filled = _stable_ranks(targets, n, filled, chunk)
+        col = jnp.where((targets >= 0) & (slot < width), targets, n)  # n: dropped
+        return rev.at[slot, col].set(sources, mode="drop"), filled
 
     # The fill read from the edges, as in _reverse_edges: allocated once they exist.
     fill = jnp.minimum(row(0)[0], -1)
@@ -1020,7 +1045,7 @@ def _reverse_edges(fwd_t, plan: _Plan, axis: str, width: int, ranks=None, target
 
     One rank at a time: the rank's n edges are sorted by target (stably, so sources stay in id
     order) and each lands at its slot among its target's sources, written in place. One device
-    sorts packed keys a chunk of sources at a time instead (_reverse_edges_by_chunks). A sort of
+    ranks a rank's edges by _stable_ranks instead (_reverse_edges_one_device). A sort of
     all E * n edges at once held 16M entries at 1M points and its scratch was half the peak of
     the build's last stage (VmHWM); a rank's sort is n entries.
 
@@ -1033,8 +1058,8 @@ def _reverse_edges(fwd_t, plan: _Plan, axis: str, width: int, ranks=None, target
     e, n = fwd_t.shape
     e = e if ranks is None else ranks
     row = (lambda r: fwd_t[r]) if targets is None else (lambda r: targets(fwd_t[r]))  # noqa: E731
-    if plan.shards == 1 and 32 - n.bit_length() >= _MIN_SOURCE_BITS:
-        return _reverse_edges_by_chunks(row, e, n, width)
+    if plan.shards == 1:
+        return _reverse_edges_one_device(row, e, n, width)
     base = _shard_index(plan, axis) * n
 
     def local_targets(targets):

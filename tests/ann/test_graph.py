@@ -106,7 +106,7 @@ def _in_edges_reference(fwd, ranks, width):
     return rev
 
 
-@pytest.mark.parametrize("path", ["chunks of 64", "chunks of 1024", "pair sorts"])
+@pytest.mark.parametrize("path", ["chunks of 64", "chunks of 1024", "pair sort"])
 def test_reverse_edges_against_numpy(path, monkeypatch):
     # Hubs (a target many sources share, past `width`), empty edges, and chunks that do not
     # divide n (1000): each path gives every target its sources in (rank, source) order.
@@ -115,18 +115,42 @@ def test_reverse_edges_against_numpy(path, monkeypatch):
     fwd = rng.integers(0, n, size=(4, n))
     fwd = np.where(rng.random(fwd.shape) < 0.3, rng.integers(0, 5, size=fwd.shape), fwd)  # hubs
     fwd[rng.random(fwd.shape) < 0.1] = -1
-    plan = graph._plan(n, 8, 4, 1, graph.GraphConfig())
     fwd_j = jnp.asarray(fwd, jnp.int32)
-    if path == "pair sorts":
-        monkeypatch.setattr(graph, "_MIN_SOURCE_BITS", 33)
-        got = graph._reverse_edges(fwd_j, plan, "data", width, ranks=ranks)
+    if path == "pair sort":
+        monkeypatch.setattr(graph, "_MIN_INDEX_BITS", 33)
+        chunk = None
     else:
         chunk = int(path.split()[-1])
-        row = lambda r: fwd_j[r]  # noqa: E731
-        got = graph._reverse_edges_by_chunks(row, ranks, n, width, chunk=chunk)
+    row = lambda r: fwd_j[r]  # noqa: E731
+    got = graph._reverse_edges_one_device(row, ranks, n, width, chunk=chunk)
     want = _in_edges_reference(fwd, ranks, width)
     assert (want[-1] >= 0).sum() >= 5  # some targets fill all their slots
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("chunk", [16, 256, None, "pair sort"])
+def test_stable_ranks_against_numpy(chunk, monkeypatch):
+    # Each entry's rank among the earlier entries of its key, after `before`; keys out of
+    # range (-1, n_keys, past it) count for none. 1000 entries: chunks that do not divide it.
+    rng = np.random.default_rng(3)
+    n_keys, m = 37, 1000
+    keys = rng.integers(-1, n_keys + 3, size=m)
+    before = rng.integers(0, 5, size=n_keys)
+    if chunk == "pair sort":
+        monkeypatch.setattr(graph, "_MIN_INDEX_BITS", 33)
+        chunk = None
+    ranks, counts = graph._stable_ranks(
+        jnp.asarray(keys, jnp.int32), n_keys, jnp.asarray(before, jnp.int32), chunk
+    )
+    seen = before.copy()
+    want = np.zeros(m, np.int64)
+    for i, key in enumerate(keys):
+        if 0 <= key < n_keys:
+            want[i] = seen[key]
+            seen[key] += 1
+    valid = (keys >= 0) & (keys < n_keys)
+    np.testing.assert_array_equal(np.asarray(ranks)[valid], want[valid])
+    np.testing.assert_array_equal(np.asarray(counts), seen)
 
 
 def test_knn_graph_recall_against_brute_force(data_codes):
