@@ -482,8 +482,8 @@ def _exchange_take(table, gidx, fill, plan: _Plan, axis: str, table_axis: int = 
 
 
 # _rank_by_owner counts with a one-hot [M, D] cumsum up to this many shards (no sort; 2 MB for
-# the pruning's 65k requests on 8 devices) and sorts beyond, where [M, D] would outgrow the
-# per-device arrays it serves.
+# the pruning's 65k requests on 8 devices) and by _stable_ranks beyond, where [M, D] would
+# outgrow the per-device arrays it serves.
 _ONE_HOT_RANK_SHARDS = 16
 
 
@@ -493,10 +493,7 @@ def _rank_by_owner(owner, valid, shards: int):
         hits = (owner[:, None] == jnp.arange(shards)[None, :]) & valid[:, None]
         before = jnp.cumsum(hits.astype(jnp.int32), axis=0) - 1
         return jnp.take_along_axis(before, owner[:, None], axis=1)[:, 0]
-    pos = jnp.arange(owner.shape[0], dtype=jnp.int32)
-    key = jnp.where(valid, owner, shards)
-    key, pos = lax.sort((key, pos), num_keys=1, is_stable=True)
-    return jnp.zeros_like(pos).at[pos].set(_segment_rank(key))
+    return _stable_ranks(jnp.where(valid, owner, shards), shards)[0]
 
 
 def _ring_scan(tables, step_fn, init, plan: _Plan, axis: str):
