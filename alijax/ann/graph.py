@@ -64,8 +64,9 @@ costs bytes that grow with N whatever D: propagation's candidate codes on the ri
 (n / chunk) * (D - 1) * 32 n bytes a device a round (1.7 GB at 1M on 8 devices), as requests
 about 2 * 36 * S * n (1.1 GB, falling as 1 / D).
 Stage 2 makes its blocks in groups (8 a shard on a mesh, 4 on one device), and each group's kNN
-rows travel the ring into a buffer that becomes the lists (`_merge_blocks_by_group`). Stage 5 counts each shard's
-in-edges per node in a first ring, so the second places every source at its slot in place.
+rows travel the ring into a buffer that becomes the lists (`_merge_blocks_by_group`). Stage 5
+counts each shard's in-edges per node in a first ring, so the second places every source at its
+slot in place.
 Cluster histograms ([D, n_clusters]) and the centroids with their graph are the only replicated
 arrays; the k-means sample is split over the devices and its vote counts summed with psum
 (`build_memory` gives XLA's per-device buffer sizes for any mesh). A mesh may span processes
@@ -80,10 +81,11 @@ between them (donated, and every stage updates them in their own buffer: stage 2
 from one group of blocks' kNN rows at a time, propagation and stages 4-5 rewrite them slice by
 slice), and every large working set is cut into chunks of points (`row_chunk`), of
 blocks (`block_batch`), of edge ranks (the reverse edges) or of centroids. At 1M 256-bit codes
-on one device XLA's buffers peak at 0.42 GB (`build_memory`, stages 4-5: the lists 0.24 GB and
-the in-edges 0.12 GB), against 0.79 GB with a block table beside the lists and out-of-place
-propagation, and 2.0 GB as one program. On 8 devices each one's peak is 56 MiB, 0.133 of that
-(1/7.5, stages 4-5; the lists' share is 31 MB, the in-edges 15 MB, the rest chunk buffers).
+on one device XLA's buffers peak at 0.45 GB (`build_memory`, stages 4-5: the lists 0.24 GB,
+the in-edges 0.12 GB and, since 2026-12-06, 8 MB more for the reverse edges' chunk sorts),
+against 0.79 GB with a block table beside the lists and out-of-place propagation, and 2.0 GB as
+one program. On 8 devices each one's peak is 56 MiB, 0.13 of that (stages 4-5; the lists' share
+is 31 MB, the in-edges 15 MB, the rest chunk buffers).
 Lists of Pairs (beyond 2^23 points at 256 bits) hold twice the bytes; forced at 1M they peak
 at 800 MiB on one device and 103 MiB a device on 8 (0.128; stages 4-5, `build_memory`), against
 767 and 100 MiB of the lax.sort path they replaced (2026-12-05), whose (ids, dist) rows made
@@ -206,7 +208,7 @@ _MIN_CHUNK = 1024  # a mesh's propagation chunks are no smaller (each runs its e
 # time (_merge_blocks_by_group): the whole shard's were 31 MB a device at 1M on 8 devices. Each
 # group costs a pass over all the shard's points (their slots and rows), so one device, whose
 # peak is the pruning stage's, takes fewer. 1M on one device, stages 1-2 (second run, 2 cores,
-# 2026-12-06): 4 groups 12.3 s, XLA peak 413 MB (stages 4-5: 444 MB); 8 groups 14.8 s, 372
+# 2026-12-06): 4 groups 12.3 s, XLA peak 413 MB (stages 4-5: 452 MB); 8 groups 14.8 s, 372
 # MB; each batch of blocks merged straight into the loop-carried [K, N] lists (sessions 5-22)
 # 20.2 s, 360 MB, the same lists: a point's column there is K cache lines, gathered and
 # scattered per batch (4.9 ms of a batch's ~28 ms, against 0.17 ms for [N, K] rows).
@@ -328,21 +330,24 @@ def _segment_rank(keys):
 
 # _stable_ranks packs a key and an entry's place in its chunk into one uint32 so that a chunk
 # sorts as a single array: XLA:CPU sorts 1M uint32s in 70 ms, 1M (key, index) pairs in 325 ms
-# and 2M (key, key, index) triples in 1.1 s (2 cores). With fewer index bits than this the
-# chunks' loop would cost more than the pair sort it replaces.
+# and 2M (key, key, index) triples in 1.1 s (2 cores). Keys of 2^24 or more leave fewer than 8
+# bits for the place: chunks of 128 entries or fewer, whose loop (one step a chunk) we expect,
+# not measured, to cost more than the pair sort; those take the pair sort.
 _MIN_INDEX_BITS = 8
 
 
 def _stable_ranks(keys, n_keys: int, before=None, chunk: int | None = None):
     """Each entry's rank among the entries of its key, in entry order, after before[key]
-    (default 0) that come earlier: keys int32 [M] in 0..n_keys - 1, or n_keys or more for
-    none (rank unspecified) -> (ranks int32 [M], before + each key's count).
+    (default 0) that come earlier: keys int32 [M] in 0..n_keys - 1, or negative or n_keys or
+    more for none (rank unspecified) -> (ranks int32 [M], before + each key's count).
 
     What a stable sort by key and a segment rank give, computed a chunk of entries at a time
     (`chunk` a power of two; None: the most a uint32 holds beside the key): each chunk sorts
     key << b | place (its entries in place order within a key), ranks them within the chunk,
-    and adds the counts of earlier chunks. Falls back to one stable pair sort when a chunk
-    would hold fewer than 2^_MIN_INDEX_BITS entries."""
+    and adds the counts of earlier chunks. Falls back to one stable pair sort when the keys
+    leave fewer than _MIN_INDEX_BITS bits of a uint32 for the place."""
+    if chunk is not None and (chunk < 1 or chunk & (chunk - 1)):
+        raise ValueError(f"chunk={chunk} must be a positive power of two")
     m = keys.shape[0]
     before = jnp.zeros((n_keys,), jnp.int32) if before is None else before
     keys = jnp.where((keys >= 0) & (keys < n_keys), keys, n_keys)  # n_keys: none

@@ -121,19 +121,21 @@ def test_reverse_edges_against_numpy(path, monkeypatch):
         chunk = None
     else:
         chunk = int(path.split()[-1])
-    row = lambda r: fwd_j[r]  # noqa: E731
+    row = lambda r: fwd_j[r]
     got = graph._reverse_edges_one_device(row, ranks, n, width, chunk=chunk)
     want = _in_edges_reference(fwd, ranks, width)
     assert (want[-1] >= 0).sum() >= 5  # some targets fill all their slots
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
+@pytest.mark.parametrize("n_keys", [1, 32, 37])
 @pytest.mark.parametrize("chunk", [16, 256, None, "pair sort"])
-def test_stable_ranks_against_numpy(chunk, monkeypatch):
+def test_stable_ranks_against_numpy(chunk, n_keys, monkeypatch):
     # Each entry's rank among the earlier entries of its key, after `before`; keys out of
     # range (-1, n_keys, past it) count for none. 1000 entries: chunks that do not divide it.
+    # n_keys 32: the packed "none" key n_keys << b is 2^31 exactly.
     rng = np.random.default_rng(3)
-    n_keys, m = 37, 1000
+    m = 1000
     keys = rng.integers(-1, n_keys + 3, size=m)
     before = rng.integers(0, 5, size=n_keys)
     if chunk == "pair sort":
@@ -151,6 +153,11 @@ def test_stable_ranks_against_numpy(chunk, monkeypatch):
     valid = (keys >= 0) & (keys < n_keys)
     np.testing.assert_array_equal(np.asarray(ranks)[valid], want[valid])
     np.testing.assert_array_equal(np.asarray(counts), seen)
+
+
+def test_stable_ranks_refuses_a_chunk_not_a_power_of_two():
+    with pytest.raises(ValueError, match="chunk=1000"):
+        graph._stable_ranks(jnp.zeros((10,), jnp.int32), 4, chunk=1000)
 
 
 def test_knn_graph_recall_against_brute_force(data_codes):
@@ -350,9 +357,9 @@ def test_per_device_build_memory_shrinks_with_the_mesh(path, monkeypatch, fresh_
 
 
 def test_build_memory_at_1m():
-    # The 1M single-device build's XLA buffers at their peak (compiled, not run): 424 MiB
-    # (finalize), 786 MiB before the block table went and propagation ran in place
-    # (measured 2026-11-26). The lists [64, 1M] are 244 MiB of it. On 8 devices each one's
+    # The 1M single-device build's XLA buffers at their peak (compiled, not run): 431 MiB
+    # (finalize; 424 before the reverse edges' chunk sorts, 2026-12-06), 786 MiB before the
+    # block table went and propagation ran in place (measured 2026-11-26). The lists [64, 1M] are 244 MiB of it. On 8 devices each one's
     # peak is 56.3 MiB (0.133, 2026-12-05): the lists' share is 31 MiB, the in-edges' 15 MiB.
     one = graph.build_memory(1_000_000, 8, 32)
     assert one["peak"] < 450 * 2**20, {s: one[s]["peak"] >> 20 for s in graph.STAGES}
