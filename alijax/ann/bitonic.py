@@ -279,7 +279,7 @@ def contains(sorted_keys, keys):
     lane, then the entry found there is compared with the flag bit set on both sides (an
     entry's key with the flag clear is its lowest, so the lower bound lands on it)."""
     size, lanes = sorted_keys.shape[0], keys.shape[1]
-    _check_pow2("sorted_keys.shape[0]", size)
+    check_pow2("sorted_keys.shape[0]", size)
     flat = jax.tree.map(lambda a: a.reshape(-1), sorted_keys)
     lane = jnp.arange(lanes, dtype=jnp.int32)[None, :]
 
@@ -417,7 +417,7 @@ def _smallest(x, k: int):
     return x[:, 0]
 
 
-def _check_pow2(name: str, value: int):
+def check_pow2(name: str, value: int):
     if value < 1 or value != next_pow2(value):
         raise ValueError(f"{name}={value} must be a power of two")
 
@@ -426,7 +426,7 @@ def smallest(x, k: int):
     """The k smallest along axis 0 of x [m, c] (keys or Pairs; any m; SENTINEL-padded when
     m < k), sorted; k a power of two. Chunks of k are sorted, then merged pairwise (a
     tournament), so the cost is O(m log^2 k), not a sort of all m."""
-    _check_pow2("k", k)
+    check_pow2("k", k)
     return by_tiles(lambda t: _smallest(t, k), x)
 
 
@@ -448,7 +448,7 @@ def unique_smallest(x, k: int, window: int | None = None):
     parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
     full = next_pow2(max(sum(p.shape[0] for p in parts), k))
     window = full if window is None else min(window, full)
-    _check_pow2("window", window)
+    check_pow2("window", window)
     if window < k:
         raise ValueError(f"window={window} must be >= k={k}")
     join = lambda *t: _tree(lambda *w: jnp.concatenate(w, axis=0), *t)  # noqa: E731

@@ -346,8 +346,8 @@ def _stable_ranks(keys, n_keys: int, before=None, chunk: int | None = None):
     key << b | place (its entries in place order within a key), ranks them within the chunk,
     and adds the counts of earlier chunks. Falls back to one stable pair sort when the keys
     leave fewer than _MIN_INDEX_BITS bits of a uint32 for the place."""
-    if chunk is not None and (chunk < 1 or chunk & (chunk - 1)):
-        raise ValueError(f"chunk={chunk} must be a positive power of two")
+    if chunk is not None:
+        bitonic.check_pow2("chunk", chunk)
     m = keys.shape[0]
     before = jnp.zeros((n_keys,), jnp.int32) if before is None else before
     keys = jnp.where((keys >= 0) & (keys < n_keys), keys, n_keys)  # n_keys: none
@@ -375,10 +375,7 @@ def _stable_ranks(keys, n_keys: int, before=None, chunk: int | None = None):
         ranks, counts = state
         k = s_keys[c]
         r = s_ranks[c] + counts[jnp.minimum(k, n_keys - 1)]
-        ranks = lax.dynamic_update_slice(
-            ranks, jnp.zeros((size,), jnp.int32).at[s_place[c]].set(r), (c * size,)
-        )
-        return ranks, counts.at[k].add(1, mode="drop")
+        return ranks.at[c * size + s_place[c]].set(r), counts.at[k].add(1, mode="drop")
 
     init = (jnp.zeros((chunks * size,), jnp.int32), before)
     ranks, counts = lax.fori_loop(0, chunks, one_chunk, init)
