@@ -872,7 +872,10 @@ def _propagate_keys_chunk(keys_c, codes_c, gid_c, rev_c, lists, codes, plan: _Pl
     # neighbour packs to the same key as its list entry, so the dedup drops it.
     drop = (nn < 0) | (nn == gid_c[None, :]) | (cd > kth)
     cand_keys = layout.pack(cd, jnp.where(drop, -1, nn))
-    return bitonic.unique_smallest((keys_c, cand_keys), plan.k)
+    # keys_c is sorted (every list stays sorted): only the candidates are sorted, then merged
+    # into it. 1M, one device, the propagation stage in one process, interleaved medians of 5
+    # (2 cores, 2026-12-06): 6.43 s against 7.21 s for a sort of both, the same lists.
+    return bitonic.unique_smallest((keys_c, cand_keys), plan.k, sorted_first=True)
 
 
 # Requests per exchange of candidate codes on a mesh: its answer buffers [2 * requests, W]

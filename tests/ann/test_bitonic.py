@@ -125,6 +125,42 @@ def test_tiled_networks_and_tuple_input_match_numpy():
         np.testing.assert_array_equal(got[:, col], np.unique(both[:, col])[:16])
 
 
+@pytest.mark.parametrize(
+    "m_first, m_rest, k, window",
+    [(64, 128, 64, None), (16, 300, 16, 32), (40, 7, 8, None), (8, 100, 64, 64)],
+)
+@pytest.mark.parametrize("pairs", [False, True])
+def test_unique_smallest_after_a_sorted_first_part_matches_numpy(m_first, m_rest, k, window, pairs):
+    # Propagation's merge: a sorted list (distinct keys, SENTINEL-padded) and candidates that
+    # repeat its keys and each other; 300 lists, two tiles. Sorting only the candidates and
+    # merging them gives what sorting both gives, and numpy's k smallest distinct keys where
+    # the window holds them all.
+    rng = np.random.default_rng(m_first * 1000 + m_rest)
+    first = np.stack([np.sort(rng.choice(400, m_first, replace=False)) for _ in range(300)], 1)
+    first = first.astype(np.uint32) * 40_000
+    first[m_first - m_first // 4 :, ::3] = bitonic.SENTINEL  # short lists
+    rest = rng.integers(0, 400, size=(m_rest, 300), dtype=np.uint32) * 40_000
+    rest[: m_rest // 3] = first[rng.integers(0, m_first, (m_rest // 3, 1)), np.arange(300)]
+    rest[-(m_rest // 5) :] = bitonic.SENTINEL
+    if pairs:
+        split = lambda a: bitonic.Pairs(jnp.asarray(a >> 16), jnp.asarray(a & 0xFFFF))  # noqa: E731
+        join = lambda p: np.asarray(p.hi) << 16 | np.asarray(p.lo)  # noqa: E731
+    else:
+        split, join = jnp.asarray, np.asarray
+    want = join(bitonic.unique_smallest((split(first), split(rest)), k, window))
+    got = join(bitonic.unique_smallest((split(first), split(rest)), k, window, sorted_first=True))
+    np.testing.assert_array_equal(got, want)
+    if window is None:
+        both = np.concatenate([first, rest])
+        for col in range(300):
+            u = np.unique(both[:, col])
+            u = u[u != bitonic.SENTINEL][:k]
+            pad = np.full(k - len(u), bitonic.SENTINEL, np.uint32)
+            np.testing.assert_array_equal(got[:, col], np.concatenate([u, pad]))
+    with pytest.raises(ValueError, match="sorted_first"):
+        bitonic.unique_smallest(split(first), k, sorted_first=True)
+
+
 @pytest.mark.parametrize("axis", [0, 1])
 def test_slice_map_joins_overlapping_slices(axis):
     x = jnp.arange(3 * 37).reshape(3, 37) if axis else jnp.arange(37 * 3).reshape(37, 3)
