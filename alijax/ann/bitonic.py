@@ -435,16 +435,13 @@ def _window_after_sorted(first, rest, window: int):
     rest sorted on its own (its `window` smallest), then merged with first, instead of a sort
     of both (propagation's list of 64 keys and 128 candidates: 1792 + 1280 compare-exchanges
     a list against 4608)."""
-    rest = _smallest(rest, min(window, next_pow2(jax.tree.leaves(rest)[0].shape[0])))
+    rest = _smallest(rest, min(window, next_pow2(rest.shape[0])))
     fit = lambda a: pad_rows(_tree(lambda w: w[:window], a), window)  # noqa: E731
     return merge_smallest(fit(first), fit(rest))
 
 
-def _unique_smallest(x, k: int, window: int, sorted_first=None):
-    if sorted_first is None:
-        s = _smallest(x, window)
-    else:
-        s = _window_after_sorted(sorted_first, x, window)
+def _distinct_smallest(s, k: int):
+    """The k smallest distinct keys of s [window, ...], sorted along axis 0."""
     repeat = jnp.concatenate([jnp.zeros((1, *s.shape[1:]), bool), equal(s[1:], s[:-1])], axis=0)
     # The k smallest of the window with its repeats emptied, not a sort of the whole window:
     # chunks of k sorted and merged (propagation's 256-key window, k = 64: 3456 compare-
@@ -458,9 +455,9 @@ def unique_smallest(x, k: int, window: int | None = None, *, sorted_first: bool 
     axis 0, which is then formed one tile at a time (never as a whole [sum m_i, c] array).
 
     Equal keys are duplicates (the same entry met twice); after a sort they are adjacent, the
-    repeats become SENTINEL and the k smallest of the rest are taken (holes last). Only the `window` smallest
-    keys (a power of two >= k; default all) are deduplicated, so heavy duplication beyond the
-    window can leave fewer than k distinct keys in one call.
+    repeats become SENTINEL and the k smallest of the rest are taken (holes last). Only the
+    `window` smallest keys (a power of two >= k; default all) are deduplicated, so heavy
+    duplication beyond the window can leave fewer than k distinct keys in one call.
 
     sorted_first: x is a tuple whose first part is sorted along axis 0 already (a list that
     the other parts are merged into): the others are sorted alone and merged with it. The same
@@ -475,7 +472,8 @@ def unique_smallest(x, k: int, window: int | None = None, *, sorted_first: bool 
         raise ValueError(f"window={window} must be >= k={k}")
     join = lambda *t: _tree(lambda *w: jnp.concatenate(w, axis=0), *t)  # noqa: E731
     if sorted_first:
-        tiles = lambda first, *t: _unique_smallest(join(*t), k, window, first)  # noqa: E731
+        window_of = lambda first, *t: _window_after_sorted(first, join(*t), window)  # noqa: E731
     else:
-        tiles = lambda *t: _unique_smallest(join(*t), k, window)  # noqa: E731
+        window_of = lambda *t: _smallest(join(*t), window)  # noqa: E731
+    tiles = lambda *t: _distinct_smallest(window_of(*t), k)  # noqa: E731
     return slice_map(tiles, parts, TILE, axis=1)
