@@ -215,12 +215,18 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _empty_of(a):
+    """The empty key of a's unsigned dtype, all ones: SENTINEL for uint32 (the networks also
+    sort narrower keys, graph's uint16 in-block keys)."""
+    return np.dtype(a.dtype).type(np.iinfo(a.dtype).max)
+
+
 def pad_rows(x, rows: int):
     """x [n, ...] (keys or Pairs) -> [rows, ...] padded with SENTINEL (rows >= n)."""
 
     def pad(a):
         widths = [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1)
-        return jnp.pad(a, widths, constant_values=SENTINEL)
+        return jnp.pad(a, widths, constant_values=_empty_of(a))
 
     return _tree(pad, x)
 
@@ -410,7 +416,7 @@ def _smallest(x, k: int):
     x = sort(_tree(lambda w: w.reshape(k, chunks, *rest), pad_rows(x, chunks * k)))
     while chunks > 1:  # x [k, chunks, ...]: chunk c sorted along axis 0
         if chunks % 2:
-            x = _tree(lambda w: jnp.concatenate([w, jnp.full_like(w[:, :1], SENTINEL)], 1), x)
+            x = _tree(lambda w: jnp.concatenate([w, jnp.full_like(w[:, :1], _empty_of(w))], 1), x)
             chunks += 1
         x = merge_smallest(x[:, 0::2], x[:, 1::2])
         chunks //= 2

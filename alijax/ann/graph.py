@@ -32,7 +32,9 @@ Lists as packed keys. Stages 2-4 keep every list as keys [K, n] (column p: p's l
 sort, top-k and dedup is a bitonic network on column tiles (bitonic.py), which XLA:CPU vectorises
 across lists. A key is one uint32 (distance, id) where both fit (bitonic.KeyLayout: up to 2^23
 ids at 256 bits), beyond that bitonic.Pairs of two words (distance; id), which sort to the same
-order, so the graph is the same either way, at twice the lists' bytes.
+order, so the graph is the same either way, at twice the lists' bytes. The in-block kNN selects
+on narrower uint16 keys (distance above the point's nearest, rank of the id in the block),
+which order the candidates the same way (`_block_knn_keys_narrow`).
 4. Pruning: relative-neighbourhood (HNSW-style heuristic) on the K-list in rank order: p -> q is
    kept unless an already kept neighbour r is strictly closer to q than p is. Kept edges come
    first, then the pruned ones (rank order), so the list still fills the degree.
@@ -158,6 +160,9 @@ class GraphConfig:
     # propagates row_chunk // D (at least 1024) at a time, so those buffers shrink with it.
     row_chunk: int = 16384
     block_batch: int = 8  # blocks per step of the exact in-block kNN
+    # The in-block kNN's selection on uint16 keys (see _block_knn_keys_narrow): the same
+    # graph, the selection ~1.6-2x faster; False for uint32 keys throughout.
+    narrow_block_keys: bool = True
     # Entries kept per (point, block) by the in-block kNN; None: K // 2 (at least K /
     # num_assign) in build_graph, K in knn_graph. The block rows are N * num_assign of these
     # lists (0.5 GB at 1M with K entries; they are made and taken into the lists a group of
@@ -214,6 +219,19 @@ _MIN_CHUNK = 1024  # a mesh's propagation chunks are no smaller (each runs its e
 # scattered per batch (4.9 ms of a batch's ~28 ms, against 0.17 ms for [N, K] rows).
 _TABLE_GROUPS = 8
 _TABLE_GROUPS_ONE_DEVICE = 4
+
+
+def _scoped(fn):
+    """fn under a jax.named_scope of its name: the build's HLO ops carry it in their op_name, so
+    a profile (benchmarks/profile_build.py) sums time by step, not only by source line, whose
+    call chain the compiled HLO does not keep. Metadata only: the programs are the same."""
+
+    @functools.wraps(fn)
+    def scoped(*args, **kwargs):
+        with jax.named_scope(fn.__name__.strip("_")):
+            return fn(*args, **kwargs)
+
+    return scoped
 
 
 def auto_capacity(n: int, num_assign: int, fill: float) -> int:
@@ -336,6 +354,7 @@ def _segment_rank(keys):
 _MIN_INDEX_BITS = 8
 
 
+@_scoped
 def _stable_ranks(keys, n_keys: int, before=None, chunk: int | None = None):
     """Each entry's rank among the entries of its key, in entry order, after before[key]
     (default 0) that come earlier: keys int32 [M] in 0..n_keys - 1, or negative or n_keys or
@@ -385,6 +404,7 @@ def _stable_ranks(keys, n_keys: int, before=None, chunk: int | None = None):
 # ------------------------------------------------------------------------------- ring exchange
 
 
+@_scoped
 def _ring_take(
     table, gidx, fill, plan: _Plan, axis: str, table_axis: int = 0, home=False, reduce=None
 ):
@@ -444,6 +464,7 @@ def _ring_take(
     return (out, lax.ppermute(buf, axis, perm)) if home else out
 
 
+@_scoped
 def _exchange_take(table, gidx, fill, plan: _Plan, axis: str, table_axis: int = 0):
     """_ring_take's result (without reduce) by sending requests and answers instead of
     tables: each device sends every owner the local indices it asks of it, the owner answers
@@ -530,6 +551,7 @@ def _chunked(fn, arrays, max_size: int, axis: int = 0):
 # ------------------------------------------------------------------------------- 1. partition
 
 
+@_scoped
 def majority_centroids(codes, assign, n_clusters: int, old, total=None):
     """Majority vote per bit: codes uint32 [S, W], assign int32 [S] -> uint32 [C, W]
     (ties to 0; clusters without members keep `old`; an assignment outside 0..C-1 counts for
@@ -567,6 +589,7 @@ _ASSIGN_TILE = 256
 _CENTROID_CHUNK = 256
 
 
+@_scoped
 def nearest_centroids(points, cent, a: int):
     """The a nearest centroids of each point: points uint32 [P, W], cent uint32 [C, W] ->
     int32 [P, a]. Exact for C <= 4096; above, approximate: a short beam search (a list of
@@ -602,6 +625,7 @@ def nearest_centroids(points, cent, a: int):
     return _chunked(lambda p: walk(p, cent, graph, entries)[0][:, :a], (points,), _ASSIGN_CHUNK)
 
 
+@_scoped
 def hamming_kmeans(
     sample,
     n_clusters: int,
@@ -640,6 +664,7 @@ def hamming_kmeans(
     return lax.fori_loop(0, iterations, iteration, init)
 
 
+@_scoped
 def _kmeans(codes, plan: _Plan, axis: str):
     """Centroids from an evenly spaced sample of all N points, sharded over the devices: each
     assigns its share of the sample and the vote counts are summed with psum, so no device holds
@@ -681,6 +706,7 @@ def _in_code_order(cent):
     return cent[order]
 
 
+@_scoped
 def _partition(codes, plan: _Plan, axis: str):
     """Global slot position of each (point, assignment) in the (cluster, point) layout.
 
@@ -713,6 +739,7 @@ def _partition(codes, plan: _Plan, axis: str):
 # ------------------------------------------------------------------------------- 2. sub-graphs
 
 
+@_scoped
 def _scatter_blocks(codes, pos, plan: _Plan, axis: str, with_codes: bool = True, part=None):
     """This shard's blocks: (ids int32 [B, C] global point ids or -1, codes uint32 [B, C, W]);
     with_codes=False: the ids only. part=(first, count): blocks first .. first + count - 1 of
@@ -743,6 +770,31 @@ def _scatter_blocks(codes, pos, plan: _Plan, axis: str, with_codes: bool = True,
     return ids.reshape(-1, c), bcodes.reshape(-1, c, w)
 
 
+def _block_tiles(ids, codes):
+    """A block's slots as column tiles of bitonic.TILE: ids [count, tile] (-1 pads),
+    codes [count, tile, W]."""
+    c = ids.shape[0]
+    tile = min(bitonic.TILE, c)
+    count = -(-c // tile)
+    pad = count * tile - c
+    col_ids = jnp.pad(ids, (0, pad), constant_values=-1).reshape(count, tile)
+    return col_ids, jnp.pad(codes, ((0, pad), (0, 0))).reshape(count, tile, -1)
+
+
+def _tile_distances(ids, codes, tile_ids, tile_codes):
+    """Distances int32 [C, tile] from every slot of a block (rows) to a tile's slots (columns),
+    and bool [C, tile]: not a neighbour (an empty slot, or the column's own point)."""
+    d = hamming_pairs(codes[:, None, :], tile_codes[None, :, :])
+    # Same point, not just the diagonal: both of a point's clusters can land in one block.
+    return d, (ids[:, None] < 0) | (ids[:, None] == tile_ids[None, :])
+
+
+def _block_rows(tiles, c: int, k: int):
+    """The tiles' lists [count, tile, k] (or Pairs) -> one row per slot, [C, k]."""
+    return jax.tree.map(lambda w: w.reshape(-1, k)[:c], tiles)
+
+
+@_scoped
 def _block_knn_keys(ids, codes, k: int, layout: KeyLayout | PairLayout):
     """Exact kNN inside one block: ids int32 [C] (-1: empty slot), codes [C, W] -> keys [C, k]
     (or Pairs of them), row i slot i's list, sorted. Computed per tile of
@@ -750,24 +802,87 @@ def _block_knn_keys(ids, codes, k: int, layout: KeyLayout | PairLayout):
     the network stay in cache; whole [C, C] blocks cost a transpose pass into tiles, 0.7 s of
     100k, measured); each tile's [k, tile] result is transposed in cache, so the block table is
     one row per slot and the per-point gather reads whole rows."""
-    c = ids.shape[0]
-    tile = min(bitonic.TILE, c)
-    count = -(-c // tile)
-    pad = count * tile - c
-    col_ids = jnp.pad(ids, (0, pad), constant_values=-1).reshape(count, tile)
-    col_codes = jnp.pad(codes, ((0, pad), (0, 0))).reshape(count, tile, -1)
     width = bitonic.next_pow2(k)
 
     def one_tile(cols):
-        tile_ids, tile_codes = cols
-        d = hamming_pairs(codes[:, None, :], tile_codes[None, :, :])  # [C, tile]
-        # Same point, not just the diagonal: both of a point's clusters can land in one block.
-        bad = (ids[:, None] < 0) | (ids[:, None] == tile_ids[None, :])
+        d, bad = _tile_distances(ids, codes, *cols)
         keys = layout.pack(jnp.where(bad, -1, d), jnp.broadcast_to(ids[:, None], d.shape))
         return bitonic.smallest(keys, width)[:k].T
 
-    out = lax.map(one_tile, (col_ids, col_codes))  # [count, tile, k]
-    return jax.tree.map(lambda w: w.reshape(count * tile, k)[:c], out)
+    return _block_rows(lax.map(one_tile, _block_tiles(ids, codes)), ids.shape[0], k)
+
+
+_NARROW_KEY = np.uint16(0xFFFF)  # the empty uint16 key
+_NARROW_MIN_LEVEL_BITS = 5  # fewer distance levels than 32 would send most blocks to uint32
+
+
+def narrow_rank_bits(capacity: int) -> int | None:
+    """The bits of an in-block rank in _block_knn_keys_narrow's uint16 keys (the other bits
+    hold the distance level), or None where a block is too large to leave enough levels."""
+    bits = max(1, (capacity - 1).bit_length())
+    return bits if 16 - bits >= _NARROW_MIN_LEVEL_BITS else None
+
+
+@_scoped
+def _block_knn_keys_narrow(ids, codes, k: int, layout: KeyLayout | PairLayout, rank_bits: int):
+    """_block_knn_keys with the selection on uint16 keys: the same keys [C, k] where `exact`
+    (a bool scalar) is true, and the whole block must run on uint32 keys where it is false.
+
+    The selection (the k smallest of C keys a point, ~11 compare-exchanges a candidate at
+    C = 512, k = 32) is most of the in-block kNN, and the networks move twice the keys a vector
+    at 16 bits: 26.6 and 21.3 ms against 43.0 and 42.6 ms for 64 tiles of [512, 256] (2 cores,
+    2026-12-06). A uint16 key is (level, rank): the level is the distance above the point's
+    nearest in the block (its own base), the rank the candidate's position among the block's
+    sorted ids (equal ids, one point in two slots, share it). So the keys order the candidates
+    as (distance, id) does, and each decodes to that uint32 key through the base and the
+    sorted ids. A candidate whose level does not fit saturates to the empty key; the result
+    is still exact where the k-th key is not empty (every saturated candidate is farther than
+    the k kept) or where nothing saturated. Otherwise `exact` is false (a point whose k-th
+    in-block neighbour is 2**(16 - rank_bits) - 1 or more bits beyond its nearest: not seen
+    in the 1M benchmark's data)."""
+    levels = 1 << (16 - rank_bits)
+    sorted_ids = jnp.sort(ids)
+    rank = jnp.searchsorted(sorted_ids, ids, side="left").astype(jnp.uint16)
+    width = bitonic.next_pow2(k)
+
+    def one_tile(cols):
+        d, bad = _tile_distances(ids, codes, *cols)
+        base = jnp.min(jnp.where(bad, bitonic.BIG, d), axis=0)  # [tile]
+        level = d - base
+        saturated = ~bad & (level >= levels - 1)
+        key = (level.astype(jnp.uint16) << rank_bits) | rank[:, None]
+        best = bitonic.smallest(jnp.where(bad | saturated, _NARROW_KEY, key), width)[:k]
+        exact = jnp.all((best[k - 1] != _NARROW_KEY) | ~jnp.any(saturated, axis=0))
+        empty = best == _NARROW_KEY
+        node = sorted_ids[(best & (rank.dtype.type(1 << rank_bits) - 1)).astype(jnp.int32)]
+        dist = base[None, :] + (best >> rank_bits).astype(jnp.int32)
+        keys = layout.pack(jnp.where(empty, -1, dist), jnp.where(empty, -1, node))
+        return jax.tree.map(lambda w: w.T, keys), exact
+
+    tiles, exact = lax.map(one_tile, _block_tiles(ids, codes))
+    return _block_rows(tiles, ids.shape[0], k), jnp.all(exact)
+
+
+def _blocks_knn_keys(blocks, plan: _Plan):
+    """The in-block kNN of every block of `blocks` (ids [B, C], codes [B, C, W]) -> keys
+    [B, C, block_k], `block_batch` blocks a step: on uint16 keys where the block size leaves
+    them levels enough (narrow_rank_bits), all again on uint32 keys in the rare call where
+    some block needs them."""
+    wide = functools.partial(_block_knn_keys, k=plan.block_k, layout=plan.layout)
+    batch = min(plan.cfg.block_batch, blocks[0].shape[0])
+    rank_bits = narrow_rank_bits(plan.capacity) if plan.cfg.narrow_block_keys else None
+    if rank_bits is None:
+        return lax.map(lambda x: wide(*x), blocks, batch_size=batch)
+    narrow = functools.partial(
+        _block_knn_keys_narrow, k=plan.block_k, layout=plan.layout, rank_bits=rank_bits
+    )
+    table, exact = lax.map(lambda x: narrow(*x), blocks, batch_size=batch)
+    return lax.cond(
+        jnp.all(exact),
+        lambda blocks: table,
+        lambda blocks: lax.map(lambda x: wide(*x), blocks, batch_size=batch),
+        blocks,
+    )
 
 
 def _after(x, value):
@@ -797,6 +912,7 @@ def _initial_knn_keys(codes, plan: _Plan, axis: str):
     return _merge_blocks_by_group(codes, _partition(codes, plan, axis), plan, axis)
 
 
+@_scoped
 def _merge_blocks_by_group(codes, pos, plan: _Plan, axis: str):
     """Stage 2: the blocks' kNN rows, gathered over the ring into each point's columns,
     then merged in place into its list.
@@ -814,8 +930,6 @@ def _merge_blocks_by_group(codes, pos, plan: _Plan, axis: str):
     group_blocks = plan.blocks_per_shard // plan.groups
     per_group = group_blocks * plan.capacity  # slots of one group on one shard
     group, index = (x.T for x in _group_slots(pos, plan))  # [a, n]
-    knn = functools.partial(_block_knn_keys, k=bk, layout=plan.layout)
-    batch = min(plan.cfg.block_batch, group_blocks)
 
     def take(rows_c, group_c, index_c, table, g):  # [a * bk, r], [a, r], [a, r]
         asked = jnp.where(group_c == g, index_c, -1)
@@ -834,7 +948,7 @@ def _merge_blocks_by_group(codes, pos, plan: _Plan, axis: str):
         # The group's blocks with their codes (gathered over the ring per group: the codes of
         # all the shard's slots were 8 MB a device at 1M on 8 devices).
         blocks = _scatter_blocks(codes, pos, plan, axis, part=(g * group_blocks, group_blocks))
-        table = lax.map(lambda x: knn(*x), blocks, batch_size=batch)
+        table = _blocks_knn_keys(blocks, plan)
         table = jax.tree.map(lambda w: w.reshape(per_group, bk), table)
         # The table goes round the ring and home again in every chunk, threaded from chunk
         # to chunk, so no copy of it stays behind.
@@ -846,7 +960,8 @@ def _merge_blocks_by_group(codes, pos, plan: _Plan, axis: str):
     rows = lax.fori_loop(0, plan.groups, one_group, rows)
 
     def merge(rows_c):  # [a * bk, r] -> its K smallest distinct keys, then SENTINEL rows
-        return bitonic.pad_rows(bitonic.unique_smallest(rows_c, plan.k), a * bk)
+        with jax.named_scope("merge"):
+            return bitonic.pad_rows(bitonic.unique_smallest(rows_c, plan.k), a * bk)
 
     return bitonic.slice_update(merge, rows, (), plan.cfg.row_chunk)[: plan.k]
 
@@ -854,6 +969,7 @@ def _merge_blocks_by_group(codes, pos, plan: _Plan, axis: str):
 # ------------------------------------------------------------------------------- 3. propagation
 
 
+@_scoped
 def _propagate_keys_chunk(keys_c, codes_c, gid_c, rev_c, lists, codes, plan: _Plan, axis: str):
     """Propagation of one chunk of columns: keys_c [K, r] (or Pairs), codes_c uint32 [r, W],
     gid_c [r], reverse neighbours rev_c int32 [R, r] (R may be 0); lists int32 [S2, n] (every
@@ -884,6 +1000,7 @@ def _propagate_keys_chunk(keys_c, codes_c, gid_c, rev_c, lists, codes, plan: _Pl
 _CODE_REQUESTS = 32768
 
 
+@_scoped
 def _candidate_distances(codes, nn, codes_c, plan: _Plan, axis: str):
     """Hamming distances int32 [S, r] from the chunk's codes codes_c uint32 [r, W] to their
     candidates nn int32 [S, r] (global ids, < 0: BIG), codes [n, W] the shard's table.
@@ -905,6 +1022,7 @@ def _candidate_distances(codes, nn, codes_c, plan: _Plan, axis: str):
     return _chunked(part_distances, (nn,), max(1, _CODE_REQUESTS // nn.shape[1]))
 
 
+@_scoped
 def _propagate_keys(codes, keys, plan: _Plan, axis: str):
     """Propagation rounds on the lists keys uint32 [K, n] or Pairs (column p: p's list,
     sorted).
@@ -931,6 +1049,7 @@ def _propagate_keys(codes, keys, plan: _Plan, axis: str):
     return lax.fori_loop(0, plan.cfg.rounds, one_round, keys)
 
 
+@_scoped
 def _prune_keys_chunk(keys_c, codes, plan: _Plan, axis: str):
     """rng pruning of lists keys_c [K, r] -> edges uint32 [K, r] in the lists' place (of
     Pairs: in their lo words):
@@ -1055,6 +1174,7 @@ def _reverse_edges_one_device(row, ranks: int, n: int, width: int, chunk: int | 
     return lax.fori_loop(0, ranks, one_rank, init)[0]
 
 
+@_scoped
 def _reverse_edges(fwd_t, plan: _Plan, axis: str, width: int, ranks=None, targets=None):
     """In-edges, column layout: fwd_t int32 [E, n] (row j: every node's j-th edge, a global
     target or -1) -> sources int32 [width, n] (column t: t's first `width` sources ordered by
@@ -1157,6 +1277,7 @@ def merge_forward_reverse(fwd, rev, degree: int, id_bits: int | None = None):
     return jnp.where(_take_along(prio, pos) >= BIG, -1, out)
 
 
+@_scoped
 def _merge_forward_reverse_t(fwd_t, rev_t, degree: int, id_bits: int):
     """merge_forward_reverse in column layout on bitonic networks: fwd_t [K, r], rev_t [R, r]
     -> [degree, r]."""
@@ -1184,6 +1305,7 @@ def _merge_forward_reverse_t(fwd_t, rev_t, degree: int, id_bits: int):
     return jnp.where(out == bitonic.SENTINEL, -1, (out & ((1 << id_bits) - 1)).astype(jnp.int32))
 
 
+@_scoped
 def _finalize_keys(keys, codes, plan: _Plan, axis: str):
     """Stages 4-5 on the lists keys [K, n] (donated) -> uint32 [K, n] whose first `degree`
     rows are the graph, column p node p's edges (-1 as SENTINEL); from Pairs, Pairs whose lo

@@ -1,6 +1,7 @@
 """alijax.ann.graph: merge and pruning by hand, kNN-graph recall against brute force, and the
 8-device build against the single-device build."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -103,6 +104,60 @@ def test_nearest_centroids_walk_finds_the_nearest(a):
     d_want = np.asarray(hamming_pairs(points, cent[want[:, 0]]))
     assert (d_got >= d_want).all()
     assert np.mean(d_got == d_want) >= 0.95, np.mean(d_got == d_want)
+
+
+def _block_with_duplicates(seed: int, c: int, words: int = 8):
+    """A block of c slots: clustered codes (many equal distances), one point in two slots,
+    empty slots (-1) and ids in no particular order, as blocks shared by clusters are."""
+    rng = np.random.default_rng(seed)
+    centre = rng.integers(0, 2**32, words, dtype=np.uint32)
+    flips = rng.random((c, words * 32)) < rng.uniform(0.02, 0.2, (c, 1))
+    bits = np.unpackbits(centre.view(np.uint8), bitorder="little").astype(bool) ^ flips
+    block_codes = np.packbits(bits, axis=1, bitorder="little").view(np.uint32)
+    ids = rng.permutation(10 * c)[:c].astype(np.int32)
+    ids[rng.choice(c, c // 8, replace=False)] = -1
+    ids[5], block_codes[5] = ids[9], block_codes[9]  # one point in two of the block's slots
+    return jnp.asarray(ids), jnp.asarray(block_codes)
+
+
+@pytest.mark.parametrize("c, k", [(256, 32), (512, 32), (200, 13)])
+@pytest.mark.parametrize("layout", [bitonic.KeyLayout(id_bits=20), bitonic.PairLayout()])
+def test_narrow_block_knn_equals_wide(c, k, layout):
+    ids, block_codes = _block_with_duplicates(c, c)
+    want = graph._block_knn_keys(ids, block_codes, k, layout)
+    rank_bits = graph.narrow_rank_bits(c)
+    got, exact = graph._block_knn_keys_narrow(ids, block_codes, k, layout, rank_bits)
+    assert bool(exact)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    # The lists hold real neighbours: the point in two slots is not its own neighbour.
+    assert not np.any(layout.ids(want)[9] == int(ids[9]))
+
+
+def test_narrow_block_knn_falls_back_where_levels_run_out():
+    # Slot 0's nearest is its duplicate (distance 0), every other slot is 255 or 256 bits
+    # away: with 8 rank bits the levels stop at 254, so slot 0's k-th neighbour saturates.
+    c, k, words = 256, 8, 8
+    block_codes = np.full((c, words), 0xFFFFFFFF, np.uint32)
+    block_codes[:2] = 0
+    block_codes[2::2, 0] = 0xFFFFFFFE  # 255 bits from slot 0, and ties among the rest
+    ids = jnp.arange(c, dtype=jnp.int32)
+    block_codes = jnp.asarray(block_codes)
+    layout = bitonic.KeyLayout(id_bits=10)
+    _, exact = graph._block_knn_keys_narrow(ids, block_codes, k, layout, 8)
+    assert not bool(exact)
+    plan = graph._plan(c, words, 2 * k, 1, graph.GraphConfig(cluster_capacity=c))
+    plan = dataclasses.replace(plan, block_k=k, layout=layout)
+    blocks = (ids[None].repeat(3, 0), block_codes[None].repeat(3, 0))
+    got = graph._blocks_knn_keys(blocks, plan)
+    want = graph._block_knn_keys(ids, block_codes, k, layout)
+    np.testing.assert_array_equal(got, jnp.broadcast_to(want, got.shape))
+    assert layout.dist(want)[0, k - 1] >= 255
+
+
+def test_narrow_block_keys_build_the_same_graph(data_codes):
+    wide = graph.GraphConfig(narrow_block_keys=False)
+    want = graph.build_graph(data_codes, 16, config=wide)
+    np.testing.assert_array_equal(graph.build_graph(data_codes, 16), want)
 
 
 @pytest.mark.parametrize("id_bits", [None, 10])
