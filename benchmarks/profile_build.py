@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import gzip
 import importlib.util
@@ -40,6 +41,7 @@ import numpy as np  # noqa: E402
 
 from alijax.ann import codes as codes_lib  # noqa: E402
 from alijax.ann import graph  # noqa: E402
+from alijax.ann import hamming as hamming_lib  # noqa: E402
 
 _TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}", re.M)
@@ -92,22 +94,38 @@ def _frame_chains(hlo: str):
 
 
 # op_name components that are not named scopes: jax's control flow and transformations
-# (vmap(f), jit(f) and the like keep f, the scope or function they wrap).
+# (vmap(f), jit(f) and the like keep f where f is an alijax function or scope; jax's own
+# jitted helpers, jit(_where), jit(floor_divide), are folded into the step that called them).
 _NOT_A_SCOPE = re.compile(
     r"^(pjit|while|body|cond|closed_call|core_call|shard_map|checkpoint|remat)$"
 )
 _WRAPPED = re.compile(r"^\w+\((.*)\)$")
 
 
+@functools.lru_cache(maxsize=None)
+def _alijax_functions() -> frozenset[str]:
+    """The names of alijax.ann's functions, and the scopes graph._scoped gives its steps (the
+    name without leading underscores)."""
+    names = set()
+    for module in (graph, graph.search_lib, graph.bitonic, hamming_lib):
+        functions = {k: v for k, v in vars(module).items() if callable(v)}
+        names.update(functions)
+        names.update(k.strip("_") for k, v in functions.items() if hasattr(v, "__wrapped__"))
+    return frozenset(names)
+
+
 def _scope_path(op_name: str) -> str:
     """ "jit(stage)/partition/while/body/closed_call/vmap(nearest_centroids)/min" -> the named
-    scopes and jitted functions under the stage's own jit, "partition/nearest_centroids" (the
-    last component is the primitive)."""
+    scopes and jitted alijax functions under the stage's own jit, "partition/
+    nearest_centroids" (the last component is the primitive)."""
     parts = []
     for part in op_name.split("/")[1:-1]:
         wrapped = _WRAPPED.match(part)
-        part = wrapped.group(1) if wrapped else part
-        if part and not _NOT_A_SCOPE.match(part) and (not parts or parts[-1] != part):
+        if wrapped:
+            part = wrapped.group(1)
+            if part not in _alijax_functions():
+                continue
+        if not _NOT_A_SCOPE.match(part) and (not parts or parts[-1] != part):
             parts.append(part)
     return "/".join(parts) or "(no scope)"
 
@@ -213,12 +231,14 @@ def main(argv=None) -> None:
         args_ = (device_codes,) if lists is None else (device_codes, lists)
         return jax.block_until_ready(programs[-1](*args_))
 
+    # The stages donate their lists, so every run of the last one gets fresh ones.
     last(before_last())  # warm-up: the first run pages in code and allocates
     lists = before_last()
     start = time.perf_counter()
     last(lists)
     seconds = time.perf_counter() - start
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="alijax-profile-")
+    lists = before_last()
     seconds_by_op = op_seconds(lambda: last(lists), trace_dir)
 
     print(
