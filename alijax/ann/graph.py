@@ -813,7 +813,7 @@ def _block_knn_keys(ids, codes, k: int, layout: KeyLayout | PairLayout):
 
 
 _NARROW_KEY = np.uint16(0xFFFF)  # the empty uint16 key
-_NARROW_MIN_LEVEL_BITS = 5  # fewer distance levels than 32 would send most blocks to uint32
+_NARROW_MIN_LEVEL_BITS = 6  # fewer levels a band than 64 would loop over bands too often
 
 
 def narrow_rank_bits(capacity: int) -> int | None:
@@ -825,64 +825,73 @@ def narrow_rank_bits(capacity: int) -> int | None:
 
 @_scoped
 def _block_knn_keys_narrow(ids, codes, k: int, layout: KeyLayout | PairLayout, rank_bits: int):
-    """_block_knn_keys with the selection on uint16 keys: the same keys [C, k] where `exact`
-    (a bool scalar) is true, and the whole block must run on uint32 keys where it is false.
+    """_block_knn_keys with the selection on uint16 keys: the same keys [C, k].
 
     The selection (the k smallest of C keys a point, ~11 compare-exchanges a candidate at
     C = 512, k = 32) is most of the in-block kNN, and the networks move twice the keys a vector
     at 16 bits: 26.6 and 21.3 ms against 43.0 and 42.6 ms for 64 tiles of [512, 256] (2 cores,
     2026-12-06). A uint16 key is (level, rank): the level is the distance above the point's
-    nearest in the block (its own base), the rank the candidate's position among the block's
-    sorted ids (equal ids, one point in two slots, share it). So the keys order the candidates
-    as (distance, id) does, and each decodes to that uint32 key through the base and the
-    sorted ids. A candidate whose level does not fit saturates to the empty key; the result
-    is still exact where the k-th key is not empty (every saturated candidate is farther than
-    the k kept) or where nothing saturated. Otherwise `exact` is false (a point whose k-th
-    in-block neighbour is 2**(16 - rank_bits) - 1 or more bits beyond its nearest: not seen
-    in the 1M benchmark's data)."""
-    levels = 1 << (16 - rank_bits)
+    band base, the rank the candidate's position among the block's sorted ids (equal ids, one
+    point in two slots, share it). So the keys order the candidates as (distance, id) does, and
+    each decodes to that uint32 key through the base and the sorted ids.
+
+    A band holds 2**(16 - rank_bits) - 1 distances; the first starts at the point's nearest.
+    A point whose k-th neighbour lies beyond its first band (never, in the 1M benchmark's data)
+    selects again in the next band, the same network in a loop, and the bands' lists are
+    merged: their distances do not overlap. (A uint32 network for those points instead was
+    1.4 s more compilation at 1M for a path that did not run.)
+
+    The same graph; at 1M on one device (2 cores, 2026-12-06, ITQ codes) stages 1-2 ran in
+    9.71 s against 11.75 (medians of 3, alternating in one process), and whole first builds
+    (compilation included) in 39.2 and 37.8 s against 41.4 and 40.6 (fresh processes)."""
+    span = (1 << (16 - rank_bits)) - 1  # levels a band keys; the all-ones key is empty
     sorted_ids = jnp.sort(ids)
     rank = jnp.searchsorted(sorted_ids, ids, side="left").astype(jnp.uint16)
+    rank_mask = rank.dtype.type((1 << rank_bits) - 1)
     width = bitonic.next_pow2(k)
 
     def one_tile(cols):
         d, bad = _tile_distances(ids, codes, *cols)
-        base = jnp.min(jnp.where(bad, bitonic.BIG, d), axis=0)  # [tile]
-        level = d - base
-        saturated = ~bad & (level >= levels - 1)
-        key = (level.astype(jnp.uint16) << rank_bits) | rank[:, None]
-        best = bitonic.smallest(jnp.where(bad | saturated, _NARROW_KEY, key), width)[:k]
-        exact = jnp.all((best[k - 1] != _NARROW_KEY) | ~jnp.any(saturated, axis=0))
-        empty = best == _NARROW_KEY
-        node = sorted_ids[(best & (rank.dtype.type(1 << rank_bits) - 1)).astype(jnp.int32)]
-        dist = base[None, :] + (best >> rank_bits).astype(jnp.int32)
-        keys = layout.pack(jnp.where(empty, -1, dist), jnp.where(empty, -1, node))
-        return jax.tree.map(lambda w: w.T, keys), exact
+        d = jnp.where(bad, bitonic.BIG, d)
+        nearest = jnp.min(d, axis=0)  # [tile]
+        farthest = jnp.max(jnp.where(bad, -1, d), axis=0)
 
-    tiles, exact = lax.map(one_tile, _block_tiles(ids, codes))
-    return _block_rows(tiles, ids.shape[0], k), jnp.all(exact)
+        def band(state):  # the next band's sorted list, merged after the lists so far
+            start, lists = state  # [tile], [width, tile]
+            level = d - start
+            inside = (level >= 0) & (level < span)  # bad: d = BIG, never inside
+            key = (level.astype(jnp.uint16) << rank_bits) | rank[:, None]
+            best = bitonic.smallest(jnp.where(inside, key, _NARROW_KEY), width)
+            empty = best == _NARROW_KEY
+            node = sorted_ids[(best & rank_mask).astype(jnp.int32)]
+            dist = start[None, :] + (best >> rank_bits).astype(jnp.int32)
+            found = layout.pack(jnp.where(empty, -1, dist), jnp.where(empty, -1, node))
+            return start + span, bitonic.merge_smallest(lists, found)
+
+        def short(state):  # a point with fewer than k neighbours and more beyond its bands
+            start, lists = state
+            return jnp.any(bitonic.is_empty(lists[k - 1]) & (farthest >= start))
+
+        lists = layout.empty((width, d.shape[1]))
+        _, lists = lax.while_loop(short, band, (nearest, lists))
+        return jax.tree.map(lambda w: w[:k].T, lists)
+
+    return _block_rows(lax.map(one_tile, _block_tiles(ids, codes)), ids.shape[0], k)
 
 
 def _blocks_knn_keys(blocks, plan: _Plan):
     """The in-block kNN of every block of `blocks` (ids [B, C], codes [B, C, W]) -> keys
     [B, C, block_k], `block_batch` blocks a step: on uint16 keys where the block size leaves
-    them levels enough (narrow_rank_bits), all again on uint32 keys in the rare call where
-    some block needs them."""
-    wide = functools.partial(_block_knn_keys, k=plan.block_k, layout=plan.layout)
+    them levels enough (narrow_rank_bits), else uint32."""
     batch = min(plan.cfg.block_batch, blocks[0].shape[0])
     rank_bits = narrow_rank_bits(plan.capacity) if plan.cfg.narrow_block_keys else None
     if rank_bits is None:
-        return lax.map(lambda x: wide(*x), blocks, batch_size=batch)
-    narrow = functools.partial(
-        _block_knn_keys_narrow, k=plan.block_k, layout=plan.layout, rank_bits=rank_bits
-    )
-    table, exact = lax.map(lambda x: narrow(*x), blocks, batch_size=batch)
-    return lax.cond(
-        jnp.all(exact),
-        lambda blocks: table,
-        lambda blocks: lax.map(lambda x: wide(*x), blocks, batch_size=batch),
-        blocks,
-    )
+        knn = functools.partial(_block_knn_keys, k=plan.block_k, layout=plan.layout)
+    else:
+        knn = functools.partial(
+            _block_knn_keys_narrow, k=plan.block_k, layout=plan.layout, rank_bits=rank_bits
+        )
+    return lax.map(lambda x: knn(*x), blocks, batch_size=batch)
 
 
 def _after(x, value):

@@ -1,7 +1,6 @@
 """alijax.ann.graph: merge and pruning by hand, kNN-graph recall against brute force, and the
 8-device build against the single-device build."""
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -126,32 +125,28 @@ def test_narrow_block_knn_equals_wide(c, k, layout):
     ids, block_codes = _block_with_duplicates(c, c)
     want = graph._block_knn_keys(ids, block_codes, k, layout)
     rank_bits = graph.narrow_rank_bits(c)
-    got, exact = graph._block_knn_keys_narrow(ids, block_codes, k, layout, rank_bits)
-    assert bool(exact)
+    got = graph._block_knn_keys_narrow(ids, block_codes, k, layout, rank_bits)
     jax.tree.map(np.testing.assert_array_equal, got, want)
     # The lists hold real neighbours: the point in two slots is not its own neighbour.
     assert not np.any(layout.ids(want)[9] == int(ids[9]))
 
 
-def test_narrow_block_knn_falls_back_where_levels_run_out():
+@pytest.mark.parametrize("rank_bits", [8, 10])
+def test_narrow_block_knn_selects_again_beyond_the_first_band(rank_bits):
     # Slot 0's nearest is its duplicate (distance 0), every other slot is 255 or 256 bits
-    # away: with 8 rank bits the levels stop at 254, so slot 0's k-th neighbour saturates.
+    # away: with 8 rank bits a band holds distances 0-254 and with 10 bits 0-62, so slot 0's
+    # k-th neighbour lies in a later band (the 5th with 10 bits). The other slots' do not.
     c, k, words = 256, 8, 8
     block_codes = np.full((c, words), 0xFFFFFFFF, np.uint32)
     block_codes[:2] = 0
     block_codes[2::2, 0] = 0xFFFFFFFE  # 255 bits from slot 0, and ties among the rest
-    ids = jnp.arange(c, dtype=jnp.int32)
+    ids = jnp.asarray(np.random.default_rng(0).permutation(c).astype(np.int32))
     block_codes = jnp.asarray(block_codes)
     layout = bitonic.KeyLayout(id_bits=10)
-    _, exact = graph._block_knn_keys_narrow(ids, block_codes, k, layout, 8)
-    assert not bool(exact)
-    plan = graph._plan(c, words, 2 * k, 1, graph.GraphConfig(cluster_capacity=c))
-    plan = dataclasses.replace(plan, block_k=k, layout=layout)
-    blocks = (ids[None].repeat(3, 0), block_codes[None].repeat(3, 0))
-    got = graph._blocks_knn_keys(blocks, plan)
     want = graph._block_knn_keys(ids, block_codes, k, layout)
-    np.testing.assert_array_equal(got, jnp.broadcast_to(want, got.shape))
-    assert layout.dist(want)[0, k - 1] >= 255
+    assert layout.dist(want)[0, k - 1] == 255 and layout.dist(want)[0, 0] == 0
+    got = graph._block_knn_keys_narrow(ids, block_codes, k, layout, rank_bits)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_narrow_block_keys_build_the_same_graph(data_codes):
