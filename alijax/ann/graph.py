@@ -822,7 +822,7 @@ def _block_knn_keys(ids, codes, k: int, layout: KeyLayout | PairLayout):
 
 
 _NARROW_KEY = np.uint16(0xFFFF)  # the empty uint16 key
-_NARROW_MIN_LEVEL_BITS = 6  # fewer levels a band than 64 would loop over bands too often
+_NARROW_MIN_LEVEL_BITS = 6  # bands of 63 distances at least; narrower ones would loop too often
 
 
 def narrow_rank_bits(capacity: int) -> int | None:
