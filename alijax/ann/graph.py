@@ -810,7 +810,6 @@ def _block_knn_keys(ids, codes, k: int, layout: KeyLayout | PairLayout):
     100k, measured); each tile's [k, tile] result is transposed in cache, so the block table is
     one row per slot and the per-point gather reads whole rows."""
     width = bitonic.next_pow2(k)
-
     codes_t = codes.T
 
     def one_tile(cols):
@@ -978,9 +977,9 @@ def _merge_blocks_by_group(codes, pos, plan: _Plan, axis: str):
     rows = plan.layout.empty((a * bk, plan.rows), *fills)
     rows = lax.fori_loop(0, plan.groups, one_group, rows)
 
+    @_scoped
     def merge(rows_c):  # [a * bk, r] -> its K smallest distinct keys, then SENTINEL rows
-        with jax.named_scope("merge"):
-            return bitonic.pad_rows(bitonic.unique_smallest(rows_c, plan.k), a * bk)
+        return bitonic.pad_rows(bitonic.unique_smallest(rows_c, plan.k), a * bk)
 
     return bitonic.slice_update(merge, rows, (), plan.cfg.row_chunk)[: plan.k]
 
