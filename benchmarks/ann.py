@@ -273,7 +273,7 @@ def best_at(rows, target=0.95, recall="recall@10"):
 
 # L (ours, the faiss binary indexes) and ef (the HNSWs) swept. 512: recall@100 >= 0.95 needs
 # more binary candidates than 256 (1M synthetic: 0.948 at L=256), and the HNSWs' ef as many.
-SWEEP = (16, 24, 32, 48, 64, 128, 256, 512)
+SWEEP = (16, 24, 32, 48, 64, 96, 128, 256, 512)
 QUICK_SWEEP = (16, 32, 64, 128)
 
 

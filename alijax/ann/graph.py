@@ -9,12 +9,12 @@ below are ours.
 1. Partition. Hamming k-means on an evenly spaced sample (`kmeans_sample_per_cluster` points per
    cluster, at most 65536), centroids are the per-bit majority vote of their members (ties to 0;
    an empty cluster keeps its centroid; skipped below 8 sample points a cluster). One pass then
-   assigns every point to its `num_assign` nearest centroids: exactly up to 4096 centroids,
-   above that by a beam search over the centroids' 16-NN graph (approximate, O(N log C) instead
-   of O(N C)). `n_clusters` defaults to N * num_assign / (cluster_capacity * cluster_fill), so
-   an average cluster fills half a block; the capacity defaults to about 6 sqrt(N) clusters,
-   and below ~145k points, where the capacity stops at 256, the clusters stay 6 sqrt(N) and
-   several share a block. Where 4 or more share one on average the centroids are numbered in
+   assigns every point to its `num_assign` nearest centroids: the nearest exactly (every
+   centroid scored in a running min), the others by a short walk over the centroids' 16-NN
+   graph (`nearest_centroids`). `n_clusters` defaults to N * num_assign / (cluster_capacity *
+   cluster_fill), so an average cluster fills half a block; the capacity defaults to about 6
+   sqrt(N) clusters, and below ~145k points, where the capacity stops at 256, the clusters
+   stay 6 sqrt(N) and several share a block. Where 4 or more share one on average the centroids are numbered in
    the order of their codes, so the clusters that share a block are near each other.
 2. Sub-graphs. The N * num_assign (cluster, point) assignments are laid out in (cluster, point id)
    order and cut into blocks of `cluster_capacity` consecutive slots; exact kNN runs inside each
@@ -577,51 +577,57 @@ def _pack(bits):
     return jnp.sum(b << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
 
 
-# Above this many centroids, points find their nearest ones by beam search over a kNN graph of
-# the centroids instead of by brute force (which grows as N^2 / capacity). Measured on 1M
-# SIFT-like codes and 23k centroids, 2 cores: brute force ~24 s; the walk with a list of 8 and
-# 16 iterations 11.5 s (+2 s for the centroid graph), nearest centroid exact for 87% of points
-# (a list of 16 and 32 iterations: 28.7 s, 89%). The propagation rounds repair the rest.
-_EXACT_ASSIGN_MAX = 4096
+# Up to this many centroids, points take their nearest ones by brute force (hamming_topk): the
+# centroids' kNN graph that nearest_centroids walks needs more than _CENTROID_DEGREE of them.
+_EXACT_ASSIGN_MAX = 32
 _CENTROID_DEGREE = 16
 _ASSIGN_CHUNK = 4096
-_ASSIGN_TILE = 256
 _CENTROID_CHUNK = 256
 
 
 @_scoped
 def nearest_centroids(points, cent, a: int):
     """The a nearest centroids of each point: points uint32 [P, W], cent uint32 [C, W] ->
-    int32 [P, a]. Exact for C <= 4096; above, approximate: a short beam search (a list of
-    max(4, 2a), as many iterations) over the exact 16-NN graph of the centroids."""
+    int32 [P, a], by (distance, centroid). The first is exact; the others are found by a short
+    walk over the centroids' 16-NN graph (a list of max(4, 2a), as many iterations), so they
+    are near ones but not always the next nearest (the 2nd: 95% of points, 100k codes).
+
+    Every centroid is an entry of the walk: its seed scores them all, word-major in a running
+    min (search._seed), and keeps the nearest of each of the list's strided groups, among them
+    the nearest of all. Seeded from 2048 evenly spaced centroids instead, the walk missed the
+    nearest for 2.9% of points (1M SIFT-like codes, 7812 centroids), and mostly by far: the
+    centroids' graph falls apart like the data's ~1000 natural clusters, so a point whose
+    cluster held no near entry was assigned across the space. Both its clusters then held no
+    near point, the propagation could not repair a list of far points, and 1.5% of the graph's
+    nodes kept lists 15+ bits farther than their true nearest neighbour, with few in-edges:
+    search recall@10 stopped at 0.991 at L=512 (0.999 now; L=64 / 128: 0.935 / 0.978 -> 0.943
+    / 0.989). The whole 1M build took ~1 s longer (2 cores, 2026-12-07).
+
+    Brute force by hamming_topk, exact for every rank, ran 3.8x slower than this (100k points,
+    1897 centroids: 0.67 against 0.18 s): its [P, C] distance tiles go to a top-k, where this
+    folds each group of entries into the list."""
     c = cent.shape[0]
     if c <= _EXACT_ASSIGN_MAX:
-        # In chunks of points and of centroids: hamming_topk's tiles are [P, chunk] distances;
-        # its default chunk (tiles up to 32 MB) was most of an 8-device 131k build's
-        # per-device peak (XLA buffer assignment), [4096, 256] is 4 MB.
-        exact = lambda p: hamming_topk(p, cent, a, chunk_size=_ASSIGN_TILE)[1]  # noqa: E731
+        exact = lambda p: hamming_topk(p, cent, a)[1]  # noqa: E731
         return _chunked(exact, (points,), _ASSIGN_CHUNK)
+    entries = jnp.arange(c, dtype=jnp.int32)
+    if a == 1:  # the seed alone (k-means): no centroid graph to make, no walk
+        nearest = lambda p: search_lib.nearest_entry(p, cent, entries)[:, None]  # noqa: E731
+        return _chunked(nearest, (points,), _ASSIGN_CHUNK)
     # In chunks of centroids: the Q x chunk distance tiles of all C at once were 5 x 31 MB
     # at 1M (7812 centroids), most of an 8-device build's per-device peak (XLA buffers);
     # chunks of 1024 still left 29 MB float tiles, chunks of 256 leave 7.5 MB.
     knn = lambda rows: hamming_topk(rows, cent, _CENTROID_DEGREE + 1)[1]  # noqa: E731
     nbrs = _chunked(knn, (cent,), _CENTROID_CHUNK)
     graph = nbrs[:, 1:]  # drop self (or a duplicate centroid: either way a valid edge)
-    entries = jnp.linspace(0, c - 1, min(c, 2048)).astype(jnp.int32)
-    # 2048 evenly spaced entries seed the walk: the centroid graph splits like the data's
-    # clusters, and fewer entries left points stranded (top-1 exact 0.37 with 256, 0.71 with
-    # 1024, 0.88 with 2048, measured on 1M SIFT-like codes and 23k centroids; with 1024 of
-    # today's 7812, search recall@10 at L=64 fell 0.935 -> 0.904).
     # The walk after that seed is short: a list of 4 and 4 iterations. 1M SIFT-like codes,
-    # 7812 centroids, 2 cores (2026-12-06): the final assignment took 1.65 s against 5.16 s
-    # with a list of 8 and 16 iterations, nearest centroid exact for 95.7% of points against
-    # 97.8% on the same centroids (96.9% on those of its own k-means, as a build runs it),
-    # and the built graph searched as well (recall@10 at L=32 / 64 / 128: 0.821 / 0.935 /
-    # 0.978 against 0.819 / 0.933 / 0.977): the propagation repairs what it misses.
+    # 7812 centroids, 2 cores (2026-12-06, seeded from 2048 centroids then): the final
+    # assignment took 1.65 s against 5.16 s with a list of 8 and 16 iterations, and the built
+    # graph searched as well (recall@10 at L=32 / 64 / 128: 0.821 / 0.935 / 0.978 against
+    # 0.819 / 0.933 / 0.977).
     size = bitonic.next_pow2(max(4, 2 * a))
     walk = functools.partial(search_lib.beam_search, candidates=size, iterations=size)
-    # In chunks of points: the walk's start scores every entry against every point, [2048, P]
-    # (16 GB of a 1M build in one piece, measured).
+    # In chunks of points: the seed's list and the walk's rows stay [size, P].
     return _chunked(lambda p: walk(p, cent, graph, entries)[0][:, :a], (points,), _ASSIGN_CHUNK)
 
 
@@ -648,11 +654,10 @@ def hamming_kmeans(
         return init
 
     def iteration(_, cent):
-        # The same walk as the final assignment, not an exact one: exact assignments (a running
-        # min over all 7812 centroids of 1M SIFT-like codes, 0.18 s an iteration against 0.30)
-        # made centroids that the walk then assigned worse (nearest exact for 93.1% of points
-        # against 96.9%), and the graph's search recall@10 at L=64 fell 0.935 -> 0.914
-        # (2026-12-06).
+        # The same assignment as the final one. (When the final one was a walk seeded from
+        # 2048 centroids, exact assignments here alone made centroids that walk then assigned
+        # worse: search recall@10 at L=64 0.935 -> 0.914, 1M, 2026-12-06. Now both find the
+        # nearest exactly.)
         assign = nearest_centroids(sample, cent, 1)[:, 0]
         if valid is not None:
             assign = jnp.where(valid, assign, n_clusters)  # out of range: counted nowhere

@@ -231,6 +231,13 @@ def seed_list(query_codes, codes, entries, *, candidates: int, pairs: bool | Non
     return _seed(query_codes, codes, entries, _layout(codes, pairs), size)
 
 
+def nearest_entry(query_codes, codes, entries):
+    """The nearest of `entries` int32 [E] to each query, exactly, ties to the lower id: int32
+    [Q]. The seed of a list of one, a running min over all of them (see _seed)."""
+    layout = _layout(codes)
+    return layout.ids(_seed(query_codes, codes, entries, layout, 1)[0])
+
+
 def walk(
     query_codes,
     codes,
