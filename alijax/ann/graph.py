@@ -9,13 +9,14 @@ below are ours.
 1. Partition. Hamming k-means on an evenly spaced sample (`kmeans_sample_per_cluster` points per
    cluster, at most 65536), centroids are the per-bit majority vote of their members (ties to 0;
    an empty cluster keeps its centroid; skipped below 8 sample points a cluster). One pass then
-   assigns every point to its `num_assign` nearest centroids: the nearest exactly (every
-   centroid scored in a running min), the others by a short walk over the centroids' 16-NN
-   graph (`nearest_centroids`). `n_clusters` defaults to N * num_assign / (cluster_capacity *
-   cluster_fill), so an average cluster fills half a block; the capacity defaults to about 6
-   sqrt(N) clusters, and below ~145k points, where the capacity stops at 256, the clusters
-   stay 6 sqrt(N) and several share a block. Where 4 or more share one on average the centroids are numbered in
-   the order of their codes, so the clusters that share a block are near each other.
+   assigns every point to its `num_assign` nearest centroids: every centroid is scored in a
+   running min per strided group of them, so the nearest is exact and the others are the
+   nearest of other groups (`nearest_centroids`). `n_clusters` defaults to N * num_assign /
+   (cluster_capacity * cluster_fill), so an average cluster fills half a block; the capacity
+   defaults to about 6 sqrt(N) clusters, and below ~145k points, where the capacity stops at
+   256, the clusters stay 6 sqrt(N) and several share a block. Where 4 or more share one on
+   average the centroids are numbered in the order of their codes, so the clusters that share
+   a block are near each other.
 2. Sub-graphs. The N * num_assign (cluster, point) assignments are laid out in (cluster, point id)
    order and cut into blocks of `cluster_capacity` consecutive slots; exact kNN runs inside each
    block and keeps `block_degree` neighbours a slot. A cluster larger than a block spans several
@@ -577,58 +578,39 @@ def _pack(bits):
     return jnp.sum(b << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
 
 
-# Up to this many centroids, points take their nearest ones by brute force (hamming_topk): the
-# centroids' kNN graph that nearest_centroids walks needs more than _CENTROID_DEGREE of them.
-_EXACT_ASSIGN_MAX = 32
-_CENTROID_DEGREE = 16
-_ASSIGN_CHUNK = 4096
-_CENTROID_CHUNK = 256
+_ASSIGN_CHUNK = 4096  # points assigned at a time (nearest_centroids' lists are [groups, P])
+_ASSIGN_GROUPS_PER_RANK = 16  # nearest_centroids' strided groups: this many per centroid asked
 
 
 @_scoped
 def nearest_centroids(points, cent, a: int):
     """The a nearest centroids of each point: points uint32 [P, W], cent uint32 [C, W] ->
-    int32 [P, a], by (distance, centroid). The first is exact; the others are found by a short
-    walk over the centroids' 16-NN graph (a list of max(4, 2a), as many iterations), so they
-    are near ones but not always the next nearest (the 2nd: 95% of points, 100k codes).
+    int32 [P, a], by (distance, centroid), distinct. The first is the exact nearest; the others
+    are the nearest of the other strided groups of centroids (16a groups), so the next nearest
+    unless it shares the first one's group (1M SIFT-like codes, 7812 centroids: the 2nd exact
+    for 96.9% of points). With C <= 16a centroids every rank is exact.
 
-    Every centroid is an entry of the walk: its seed scores them all, word-major in a running
-    min (search._seed), and keeps the nearest of each of the list's strided groups, among them
-    the nearest of all. Seeded from 2048 evenly spaced centroids instead, the walk missed the
-    nearest for 2.9% of points (1M SIFT-like codes, 7812 centroids), and mostly by far: the
-    centroids' graph falls apart like the data's ~1000 natural clusters, so a point whose
+    Every centroid is scored against every point, word-major in a running min a group
+    (search.nearest_entries, the search's seed). Until 2026-12-07 the points walked a 16-NN
+    graph of the centroids instead, from 2048 evenly spaced ones: on 1M SIFT-like codes (7812
+    centroids) that missed the nearest for 2.9% of points, and mostly by far, since the
+    centroids' graph falls apart like the data's ~1000 natural clusters and a point whose
     cluster held no near entry was assigned across the space. Both its clusters then held no
     near point, the propagation could not repair a list of far points, and 1.5% of the graph's
     nodes kept lists 15+ bits farther than their true nearest neighbour, with few in-edges:
-    search recall@10 stopped at 0.991 at L=512 (0.999 now; L=64 / 128: 0.935 / 0.978 -> 0.943
-    / 0.989). The whole 1M build took ~1 s longer (2 cores, 2026-12-07).
+    search recall@10 stopped at 0.991 at L=512 (0.999 now; L=64 / 128: 0.935 / 0.978 -> 0.944
+    / 0.989). Without the centroids' graph and walk, stages 1-2 also compile in 5.0-5.4 s
+    against 6.5-6.8, and a first 1M build took 30.5-36.2 s against 34.5-37.0 (the second one
+    as long as before; 2 cores, 2026-12-07, alternating runs).
 
-    Brute force by hamming_topk, exact for every rank, ran 3.8x slower than this (100k points,
-    1897 centroids: 0.67 against 0.18 s): its [P, C] distance tiles go to a top-k, where this
-    folds each group of entries into the list."""
-    c = cent.shape[0]
-    if c <= _EXACT_ASSIGN_MAX:
-        exact = lambda p: hamming_topk(p, cent, a)[1]  # noqa: E731
-        return _chunked(exact, (points,), _ASSIGN_CHUNK)
-    entries = jnp.arange(c, dtype=jnp.int32)
-    if a == 1:  # the seed alone (k-means): no centroid graph to make, no walk
-        nearest = lambda p: search_lib.nearest_entry(p, cent, entries)[:, None]  # noqa: E731
-        return _chunked(nearest, (points,), _ASSIGN_CHUNK)
-    # In chunks of centroids: the Q x chunk distance tiles of all C at once were 5 x 31 MB
-    # at 1M (7812 centroids), most of an 8-device build's per-device peak (XLA buffers);
-    # chunks of 1024 still left 29 MB float tiles, chunks of 256 leave 7.5 MB.
-    knn = lambda rows: hamming_topk(rows, cent, _CENTROID_DEGREE + 1)[1]  # noqa: E731
-    nbrs = _chunked(knn, (cent,), _CENTROID_CHUNK)
-    graph = nbrs[:, 1:]  # drop self (or a duplicate centroid: either way a valid edge)
-    # The walk after that seed is short: a list of 4 and 4 iterations. 1M SIFT-like codes,
-    # 7812 centroids, 2 cores (2026-12-06, seeded from 2048 centroids then): the final
-    # assignment took 1.65 s against 5.16 s with a list of 8 and 16 iterations, and the built
-    # graph searched as well (recall@10 at L=32 / 64 / 128: 0.821 / 0.935 / 0.978 against
-    # 0.819 / 0.933 / 0.977).
-    size = bitonic.next_pow2(max(4, 2 * a))
-    walk = functools.partial(search_lib.beam_search, candidates=size, iterations=size)
-    # In chunks of points: the seed's list and the walk's rows stay [size, P].
-    return _chunked(lambda p: walk(p, cent, graph, entries)[0][:, :a], (points,), _ASSIGN_CHUNK)
+    Other ways, measured on 262k of those points: the walk seeded from every centroid (the
+    2nd exact for 99.96%) 0.94 s against 0.51 s, and its graph searched no better; an exact
+    top-2 by hamming_topk 7.5 s (its [P, C] distance tiles go to a top-k); a running top-2 a
+    point (an insertion per centroid) 0.48-0.52 s per 100k points."""
+    groups = 1 if a == 1 else bitonic.next_pow2(_ASSIGN_GROUPS_PER_RANK * a)
+    entries = jnp.arange(cent.shape[0], dtype=jnp.int32)
+    nearest = lambda p: search_lib.nearest_entries(p, cent, entries, a, groups)  # noqa: E731
+    return _chunked(nearest, (points,), _ASSIGN_CHUNK)
 
 
 @_scoped
@@ -654,17 +636,16 @@ def hamming_kmeans(
         return init
 
     def iteration(_, cent):
-        # The same assignment as the final one. (When the final one was a walk seeded from
+        # The final assignment's exact nearest. (When the final one was a walk seeded from
         # 2048 centroids, exact assignments here alone made centroids that walk then assigned
-        # worse: search recall@10 at L=64 0.935 -> 0.914, 1M, 2026-12-06. Now both find the
-        # nearest exactly.)
+        # worse: search recall@10 at L=64 0.935 -> 0.914, 1M, 2026-12-06.)
         assign = nearest_centroids(sample, cent, 1)[:, 0]
         if valid is not None:
             assign = jnp.where(valid, assign, n_clusters)  # out of range: counted nowhere
         return majority_centroids(sample, assign, n_clusters, cent, total)
 
-    # A loop, not unrolled: the assignment (above 4096 centroids a beam search over their
-    # graph) is compiled once instead of once an iteration. The 1M build's first stage, 4
+    # A loop, not unrolled: the assignment is compiled once instead of once an iteration
+    # (measured when it was a walk over the centroids' graph). The 1M build's first stage, 4
     # iterations: XLA:CPU compiled it in 5.7-6.5 s unrolled (2 cores, 2026-12-06).
     return lax.fori_loop(0, iterations, iteration, init)
 

@@ -231,11 +231,13 @@ def seed_list(query_codes, codes, entries, *, candidates: int, pairs: bool | Non
     return _seed(query_codes, codes, entries, _layout(codes, pairs), size)
 
 
-def nearest_entry(query_codes, codes, entries):
-    """The nearest of `entries` int32 [E] to each query, exactly, ties to the lower id: int32
-    [Q]. The seed of a list of one, a running min over all of them (see _seed)."""
+def nearest_entries(query_codes, codes, entries, count: int, groups: int):
+    """Of entries int32 [E] split into `groups` strided groups, the nearest of each group to
+    each query, the `count` nearest of those: int32 [Q, count], by (distance, id), -1 past the
+    entries. The first is the nearest of all, exactly (ties to the lower id); with E <= groups
+    all are exact. The search's seed (see _seed), a running min over all entries."""
     layout = _layout(codes)
-    return layout.ids(_seed(query_codes, codes, entries, layout, 1)[0])
+    return layout.ids(_seed(query_codes, codes, entries, layout, groups)[:count]).T
 
 
 def walk(
