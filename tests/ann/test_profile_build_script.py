@@ -33,3 +33,11 @@ def test_profile_build_script_reports_steps_and_lines(tmp_path, capsys, benchmar
     assert "partition" in steps
     lines = out.split("by source line:")[1]
     assert "graph.py:" in lines and "bitonic.py:" in lines
+
+
+def test_coverage_warning_when_the_trace_lost_ops(benchmark_script):
+    # 1M codes, --stage initial: 2.97 s of ops in a 6.23 s stage (the trace's million events
+    # ran out); 200k: 1.41 s of ops on two threads in 1.07 s.
+    profile_build = benchmark_script("profile_build")
+    assert profile_build.coverage_warning(2.97, 6.23).startswith("warning: the trace holds 2.97 s")
+    assert profile_build.coverage_warning(1.41, 1.07) is None
