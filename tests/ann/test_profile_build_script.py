@@ -11,8 +11,8 @@ def test_scope_path_keeps_scopes_and_alijax_functions(benchmark_script):
         "jit(_initial_stage)/merge_blocks_by_group/while/body/closed_call/vmap(block_knn_keys)/min"
     )
     assert path(knn) == "merge_blocks_by_group/block_knn_keys"
-    walk = "jit(_initial_stage)/partition/jit(hamming_topk_chunked)/while/body/xor"
-    assert path(walk) == "partition/hamming_topk_chunked"
+    topk = "jit(_initial_stage)/partition/jit(hamming_topk_chunked)/while/body/xor"
+    assert path(topk) == "partition/hamming_topk_chunked"
     # jax's own jitted helpers fold into the step that called them
     assert path("jit(_propagate_stage)/propagate_keys/jit(_where)/select") == "propagate_keys"
     assert path("jit(_initial_stage)/mul") == "(no scope)"
