@@ -444,19 +444,42 @@ def main(argv=None):
     if min(caps) < 1:
         raise ValueError(f"--caps={args.caps}: each multiple must be >= 1")
     OURS_OPTIONS["search_caps"] = caps
+    if args.queries and not args.fvecs:
+        raise ValueError("--queries: the queries of --fvecs's base; give --fvecs too")
     n, nq = (20_000, 500) if args.quick else (args.n, args.nq)
+    # The user's files first: a bad one stops the run before the built-in data sets' minutes.
+    user = user_data(args.fvecs, args.queries, nq) if args.fvecs else None
     x, q = synthetic(n, nq)
     bench(f"synthetic{n // 1000}k", x, q, args.out_dir, args.quick, sweep)
     if not args.no_digits:
         bench("digits", *digits(), args.out_dir, args.quick, sweep)
-    if args.fvecs:
-        from alijax.data.vecs import read_vecs
-
-        x = np.asarray(read_vecs(args.fvecs), np.float32)
-        q = np.asarray(read_vecs(args.queries), np.float32) if args.queries else x[-nq:]
-        x = x if args.queries else x[:-nq]
+    if user is not None:
         name = os.path.splitext(os.path.basename(args.fvecs))[0]
-        bench(name, x, q, args.out_dir, args.quick, sweep)
+        bench(name, *user, args.out_dir, args.quick, sweep)
+
+
+def user_data(base_path, queries_path, nq: int) -> tuple[np.ndarray, np.ndarray]:
+    """(base, queries) float32 from --fvecs and --queries (without --queries, the base's last
+    nq rows are the queries), checked: rows in both, one dimension."""
+    from alijax.data.vecs import read_vecs
+
+    x = np.asarray(read_vecs(base_path), np.float32)
+    if queries_path:
+        q = np.asarray(read_vecs(queries_path), np.float32)
+    else:
+        if x.shape[0] <= nq:
+            raise ValueError(
+                f"--fvecs {base_path}: {x.shape[0]} rows, not more than --nq {nq} (without "
+                "--queries its last nq rows are the queries)"
+            )
+        x, q = x[:-nq], x[-nq:]
+    if x.shape[0] < 2 or q.shape[0] < 1:
+        raise ValueError(f"--fvecs / --queries: {x.shape[0]} base rows and {q.shape[0]} queries")
+    if q.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"--queries {queries_path}: dimension {q.shape[1]}, --fvecs has {x.shape[1]}"
+        )
+    return x, q
 
 
 if __name__ == "__main__":

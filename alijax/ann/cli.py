@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 
 import numpy as np
@@ -82,23 +83,44 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
     return index
 
 
-def _read(path: str) -> np.ndarray:
+def _read(path: str, flag: str) -> np.ndarray:
+    """The vector file named by `flag` as float32 [n, d], or an exit naming the flag."""
     from alijax.data.vecs import read_vecs
 
     try:
-        return np.asarray(read_vecs(path), dtype=np.float32)
-    except (FileNotFoundError, ValueError) as err:  # FormatError is a ValueError
-        raise SystemExit(str(err)) from None
+        x = np.asarray(read_vecs(path), dtype=np.float32)
+    except (OSError, ValueError) as err:  # FormatError is a ValueError
+        raise SystemExit(f"{flag}: {err}") from None
+    if x.shape[0] == 0:
+        raise SystemExit(f"{flag}: {path} holds no vectors")
+    return x
+
+
+def _read_truth(path: str, rows: int, k: int) -> np.ndarray:
+    """--groundtruth as int32 [rows, >= k], read and checked before any search runs."""
+    from alijax.data.vecs import read_ivecs
+
+    try:
+        truth = np.asarray(read_ivecs(path))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--groundtruth: {err}") from None
+    if truth.shape[0] != rows or truth.shape[1] < k:
+        raise SystemExit(f"--groundtruth shape {truth.shape} must be [{rows}, >= {k}]")
+    return truth
 
 
 def _build(args) -> int:
     from alijax import parallel
-    from alijax.ann.index import BinaryGraphIndex
+    from alijax.ann.index import BinaryGraphIndex, check_save_directory
 
+    try:  # before the build, not after it
+        check_save_directory(args.out)
+    except ValueError as err:
+        raise SystemExit(f"--out: {err}") from None
     # Before jax starts a backend: with a coordinator in the environment the mesh spans the
     # devices of every process. Each reads the whole input and keeps the whole graph.
     parallel.maybe_initialize_distributed()
-    x = _read(args.input)
+    x = _read(args.input, "--input")
     mesh = parallel.make_mesh() if args.sharded else None
     t0 = time.perf_counter()
     dtype = {} if args.vector_dtype is None else {"vector_dtype": args.vector_dtype}
@@ -126,28 +148,39 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
 
 def _search(args) -> int:
     from alijax.ann.index import BinaryGraphIndex
-    from alijax.data.vecs import read_ivecs, write_ivecs
+    from alijax.data.vecs import write_ivecs
 
+    # Every argument is checked before the searches run and --out is written.
     try:
         index = BinaryGraphIndex.load(args.index)
     except FormatError as err:
         raise SystemExit(f"--index: {err}") from None
-    q = _read(args.queries)
+    q = _read(args.queries, "--queries")
+    if q.shape[1] != index.dim:
+        raise SystemExit(f"--queries: dimension {q.shape[1]}, the index's is {index.dim}")
+    if args.k < 1:
+        raise SystemExit(f"--k {args.k} must be >= 1")
+    if args.exact and args.k > len(index):
+        raise SystemExit(f"--k {args.k} must be at most the index's {len(index)} live vectors")
+    truth = _read_truth(args.groundtruth, len(q), args.k) if args.groundtruth else None
+    out_folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_folder):
+        raise SystemExit(f"--out: folder {out_folder} does not exist")
     if args.walk:
         index.search_config = dataclasses.replace(index.search_config, walk=args.walk)
     options = dict(candidates=args.candidates, width=args.width, refine=args.refine)
     # Untimed first: it compiles the programs of these query batches (a few queries alone
     # would compile smaller ones, and the timed search would compile again: 46 QPS for 200).
-    index.search(q, args.k, **options)
+    try:
+        index.search(q, args.k, **options)
+    except ValueError as err:  # (--candidates, --width, --refine out of range)
+        raise SystemExit(str(err)) from None
     t0 = time.perf_counter()
     _, ids = index.search(q, args.k, **options)
     seconds = time.perf_counter() - t0
     write_ivecs(args.out, ids.astype(np.int32))
     line = f"{len(q)} queries, k={args.k}: {len(q) / seconds:.0f} QPS"
-    if args.groundtruth:
-        truth = np.asarray(read_ivecs(args.groundtruth))
-        if truth.shape[0] != len(q) or truth.shape[1] < args.k:
-            raise SystemExit(f"--groundtruth shape {truth.shape} must be [{len(q)}, >= {args.k}]")
+    if truth is not None:
         line += f", recall@{args.k} {recall_at_k(ids, truth, args.k):.4f}"
     if args.exact:
         qps, truth = _exact_truth(index, q, args.k)
@@ -167,8 +200,6 @@ def _exact_truth(index, queries: np.ndarray, k: int) -> tuple[float, np.ndarray]
 
     live = ~np.asarray(index.deleted)
     vectors, ids = np.asarray(index.vectors)[live], np.asarray(index.ids)[live]
-    if k > len(ids):
-        raise SystemExit(f"--k {k} must be at most the index's {len(ids)} live vectors")
     run = lambda: jax.block_until_ready(exact_search(queries, vectors, k, metric=index.metric))  # noqa: E731
     run()
     t0 = time.perf_counter()

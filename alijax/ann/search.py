@@ -840,6 +840,8 @@ def search(
     if not encode_here:
         query_codes = np.asarray(query_codes, np.uint32)
     nq = queries.shape[0]
+    if nq == 0:  # (no program compiled for no queries)
+        return np.empty((0, k), np.float32), np.empty((0, k), np.int32)
     threads = thread_count(nq, config, cpu=jax.default_backend() == "cpu")
     per, bs = query_batches(nq, config.batch_size, threads)
     deleted = jnp.zeros((n,), bool) if deleted is None else jnp.asarray(deleted)
@@ -890,6 +892,4 @@ def search(
             if len(in_flight) > _IN_FLIGHT:
                 parts.append(collect(in_flight.popleft()))
         parts += [collect(launched) for launched in in_flight]
-    if not parts:
-        return np.empty((0, k), np.float32), np.empty((0, k), np.int32)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

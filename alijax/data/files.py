@@ -24,6 +24,8 @@ def atomic_write(path: str | os.PathLike, *, text: bool = False) -> Iterator[IO]
     """
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(folder):  # (else the error would name the hidden temporary file)
+        raise FileNotFoundError(f"{path}: its folder {folder} does not exist")
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     # Opened by name (not mkstemp) so the final file gets the usual umask permissions, not 0600.
     f = open(tmp, "x", encoding="utf-8", newline="\n") if text else open(tmp, "xb")

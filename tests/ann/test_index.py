@@ -621,10 +621,10 @@ def test_id_table_finds_ids_across_appends_and_tail_merges(monkeypatch):
 def test_lookup_after_adds(data):
     x, _, xa = data
     index = BinaryGraphIndex(bits=64, degree=8, itq_iterations=5).build(x, ids=np.arange(N)[::-1])
-    index.add(xa[:5], [10**6 + 4, -7, 10**6, 3 * N, -1])
+    index.add(xa[:5], [10**6 + 4, -7, 10**6, 3 * N, -2])
     with pytest.raises(ValueError, match="already in the index, e.g. -7"):
         index.add(xa[5:7], [10**7, -7])
-    internal, found = index._lookup(np.array([-1, 0, N - 1, 10**6, 5 * N]))
+    internal, found = index._lookup(np.array([-2, 0, N - 1, 10**6, 5 * N]))
     np.testing.assert_array_equal(found, [True, True, True, True, False])
     np.testing.assert_array_equal(internal[:4], [N + 4, N - 1, 0, N + 2])
     assert index.delete([-7, 0]) == 2
@@ -668,6 +668,7 @@ def test_format_versions(data, built, tmp_path):
     manifest = json.loads(path.read_text())
     assert manifest["format_version"] == 2 and manifest["params"]["search_config"]["width"] is None
     manifest["format_version"] = 1
+    del manifest["params_sha256"]  # (files before it have none)
     manifest["params"]["search_config"]["width"] = 1
     del manifest["params"]["search_config"]["refine"]  # files before the float hop: automatic
     path.write_text(json.dumps(manifest))
@@ -708,6 +709,88 @@ def test_bad_input_refused(data, built):
         BinaryGraphIndex(metric="hamming")
 
 
+def test_ids_checked_at_delete_and_add(data):
+    x, q, _ = data
+    index = BinaryGraphIndex(bits=64, itq_iterations=5).build(x[:50], ids=np.arange(50) + 10)
+    with pytest.raises(ValueError, match="ids.dtype=float64 must be integer"):
+        index.delete([13.7])  # (was: id 13 deleted)
+    with pytest.raises(ValueError, match="ids.dtype=<U2 must be integer"):
+        index.delete(["15"])
+    assert index.delete([17, 17, 18]) == 2  # an id given twice counts once
+    assert index.delete(np.array([17], np.uint8)) == 0
+    with pytest.raises(ValueError, match="17 was deleted.*compact"):
+        index.add(x[:1], [17])
+    index.compact()
+    index.add(x[50:51], [17])  # once compacted, the id is free
+    assert index.search(x[50:51], 1)[1][0, 0] == 17
+    with pytest.raises(ValueError, match="past int64's range"):
+        BinaryGraphIndex(bits=64).build(x[:3], ids=np.array([2**64 - 1, 2**63, 5], np.uint64))
+    with pytest.raises(ValueError, match="holds -1"):
+        BinaryGraphIndex(bits=64).build(x[:3], ids=[4, -1, 5])
+    big = np.array([2**63 - 1, 0, 7], np.uint64)  # uint64 within int64's range: kept
+    assert BinaryGraphIndex(bits=64).build(x[:3], ids=big).ids.tolist() == [2**63 - 1, 0, 7]
+
+
+def test_queries_and_vectors_checked(data):
+    x, q, _ = data
+    index = BinaryGraphIndex(bits=64, itq_iterations=5).build(x[:50])
+    scores, ids = index.search(q[:0], 5)  # no queries: no results
+    assert scores.shape == ids.shape == (0, 5) and ids.dtype == np.int64
+    with pytest.raises(ValueError, match="queries.dtype=complex64 must be a real float"):
+        index.search(q[:2].astype(np.complex64), 5)
+    huge = x[:5].astype(np.float64)
+    huge[2, 0] = 1e300
+    with pytest.raises(ValueError, match="NaN or Inf \\(or values beyond float32's range\\)"):
+        index.search(huge, 5)
+    # A build fits the binarizer anew: another dimension is another index, not an error.
+    index.build(x[:50, :16])
+    assert index.dim == 16 and index.search(x[:3, :16], 1)[1][:, 0].tolist() == [0, 1, 2]
+
+
+def test_save_keeps_a_folder_that_is_not_an_index(built, tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("a researcher's notes")
+    with pytest.raises(ValueError, match="not a saved index"):
+        built.save(folder)
+    assert (folder / "notes.txt").read_text() == "a researcher's notes"
+    (tmp_path / "empty").mkdir()
+    built.save(tmp_path / "empty")  # an empty folder, or a saved index, is replaced
+    built.save(tmp_path / "empty")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        built.save(tmp_path / "file")
+
+
+def _edit_manifest(path, edit):
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m["params"].update(degree=17), "params sha256 checksum mismatch"),
+        (lambda m: m["params"].update(bits=128), "params sha256 checksum mismatch"),
+        (lambda m: m["params"].pop("bits"), "bad params \\(KeyError"),
+        (lambda m: m["params"]["graph_config"].update(bogus=1), "bad params \\(TypeError"),
+        (lambda m: m["params"].update(metric="l3"), "bad params \\(ValueError"),
+        (lambda m: m["params"].update(degree=17), "graph.npy: shape/dtype"),
+        (lambda m: m.update(arrays=[]), "'arrays' must map"),
+        (lambda m: m["arrays"]["graph"].pop("bytes"), "graph.npy: not listed"),
+    ],
+)
+def test_a_bad_manifest_is_refused_naming_it(built, tmp_path, edit, match):
+    built.save(tmp_path / "ix")
+    path = tmp_path / "ix" / "manifest.json"
+    if "checksum" not in match:  # (as a file from before the params' checksum)
+        _edit_manifest(path, lambda m: m.pop("params_sha256"))
+    _edit_manifest(path, edit)
+    with pytest.raises(FormatError, match=match):
+        BinaryGraphIndex.load(tmp_path / "ix")
+
+
 def test_command_line_build_and_search(data, tmp_path, capsys):
     x, q, _ = data
     write_fvecs(tmp_path / "base.fvecs", x)
@@ -715,20 +798,12 @@ def test_command_line_build_and_search(data, tmp_path, capsys):
     write_ivecs(tmp_path / "gt.ivecs", exact_topk(x, q, 10).astype(np.int32))
     parser = argparse.ArgumentParser()
     cli.add_index_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
-        [
-            "index",
-            "build",
-            "--input",
-            str(tmp_path / "base.fvecs"),
-            "--out",
-            str(tmp_path / "ix"),
-            "--bits",
-            "128",
-            "--degree",
-            "16",
-        ]
-    )
+    build = ["index", "build", "--input", str(tmp_path / "base.fvecs"), "--bits", "128"]
+    build += ["--degree", "16", "--out"]
+    args = parser.parse_args([*build, str(tmp_path)])  # holds the inputs: refused, unbuilt
+    with pytest.raises(SystemExit, match="--out: .* is not a saved index"):
+        args.run(args)
+    args = parser.parse_args([*build, str(tmp_path / "ix")])
     assert args.run(args) == 0
     args = parser.parse_args(
         [
@@ -776,6 +851,45 @@ def test_command_line_build_and_search(data, tmp_path, capsys):
     np.testing.assert_array_equal(
         read_ivecs(tmp_path / "xla.ivecs"), read_ivecs(tmp_path / "r.ivecs")[:16]
     )
+
+
+def test_command_line_refuses_bad_arguments_before_searching(data, tmp_path):
+    # Each bad argument is a one-line exit naming it (not a traceback), before any search runs
+    # or --out is written (a bad --groundtruth was found after both).
+    x, q, _ = data
+    BinaryGraphIndex(bits=64, degree=8, itq_iterations=5).build(x[:300]).save(tmp_path / "ix")
+    write_fvecs(tmp_path / "q.fvecs", q[:20])
+    write_fvecs(tmp_path / "q8.fvecs", q[:20, :8])
+    write_ivecs(tmp_path / "gt5.ivecs", np.zeros((20, 5), np.int32))
+    parser = argparse.ArgumentParser()
+    cli.add_index_commands(parser.add_subparsers(dest="command"))
+    out = tmp_path / "r.ivecs"
+    good = dict(index="ix", queries="q.fvecs", k="10", out=str(out))
+    cases = [
+        (dict(groundtruth="missing.ivecs"), "--groundtruth: .*missing.ivecs"),
+        (dict(groundtruth="gt5.ivecs"), r"--groundtruth shape \(20, 5\) must be \[20, >= 10\]"),
+        (dict(queries="q8.fvecs"), "--queries: dimension 8, the index's is 64"),
+        (dict(queries="missing.fvecs"), "--queries: .*missing.fvecs"),
+        (dict(queries="."), "--queries: "),
+        (dict(k="0"), "--k 0 must be >= 1"),
+        (dict(k="500", exact=True), "--k 500 must be at most the index's 300 live vectors"),
+        (dict(index="q.fvecs"), "--index: .*not a saved index"),
+        (dict(out=str(tmp_path / "nodir" / "r.ivecs")), "--out: folder .*nodir does not exist"),
+        (dict(candidates="4"), "k=10 must be in 1..candidates=4"),
+    ]
+    for change, match in cases:
+        given = {**good, **change}
+        argv = ["index", "search"]
+        for name, value in given.items():
+            if value is True:
+                argv.append(f"--{name}")
+            else:
+                path = tmp_path / value if name in ("index", "queries", "groundtruth") else value
+                argv += [f"--{name}", str(path)]
+        args = parser.parse_args(argv)
+        with pytest.raises(SystemExit, match=match):
+            args.run(args)
+        assert not out.exists(), change
 
 
 def _two_processes(command: list[str]) -> list[str]:
@@ -840,6 +954,35 @@ def test_entry_points_scale_with_the_index(built):
     assert len(built.entries) == default_num_entries(N) and len(set(built.entries.tolist())) == N
 
 
+@pytest.mark.parametrize("grow", ["one add", "small adds"])
+def test_adds_spread_the_entry_points_over_the_new_rows(data, grow):
+    # An index built from 2 points and grown by adds: its searches (and each add's walk) start
+    # from entries over all its rows. With the build's 2 entries kept (before the fix),
+    # recall@10 at L >= N was 0.075 on 400 points of 6 clusters (degree 8, one add).
+    x, q, _ = data
+    n = 300
+    index = BinaryGraphIndex(bits=64, degree=8, itq_iterations=5).build(x[:2])
+    if grow == "one add":
+        index.add(x[2:n], np.arange(2, n))
+    else:
+        for start in range(2, n, 37):  # small adds (their own program) and general ones
+            index.add(x[start : min(n, start + 37)], np.arange(start, min(n, start + 37)))
+    np.testing.assert_array_equal(index.entries, np.arange(n))  # all rows, below the floor
+    want = exact_topk(x[:n], q, 10)
+    assert recall(index.search(q, 10, candidates=512)[1], want) >= 0.99  # measured 1.0
+    programs = set(search_lib._PROGRAMS)
+    index.add(x[n : n + 5], np.arange(n, n + 5))  # within the capacity: the same programs
+    assert recall(index.search(q, 10, candidates=512)[1], exact_topk(x[: n + 5], q, 10)) >= 0.99
+    assert set(search_lib._PROGRAMS) == programs
+
+
+def test_grown_entries_pad_with_no_entry():
+    index = BinaryGraphIndex(bits=64, num_entries=6)
+    np.testing.assert_array_equal(index._entries(4, rows=1024), [0, 1, 2, 3, -1, -1])
+    np.testing.assert_array_equal(index._entries(11, rows=1024), [0, 2, 4, 6, 8, 10])
+    assert len(BinaryGraphIndex()._entries(300, rows=1024)) == 1024
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_device_vectors_fill_every_row(dtype):
     from alijax.ann.index import _device_vectors
@@ -886,7 +1029,10 @@ def test_float16_vectors(data, tmp_path):
     text = manifest.read_text().replace('"vector_dtype": "float16"', '"vector_dtype": "float32"')
     assert '"vector_dtype": "float32"' in text
     manifest.write_text(text)
-    with pytest.raises(FormatError, match="vectors.npy: dtype float16"):
+    with pytest.raises(FormatError, match="manifest.json: params sha256 checksum mismatch"):
+        BinaryGraphIndex.load(tmp_path / "ix")
+    _edit_manifest(manifest, lambda m: m.pop("params_sha256"))  # (as a file from before it)
+    with pytest.raises(FormatError, match=r"vectors.npy: shape/dtype \(2020, 64\)/float16"):
         BinaryGraphIndex.load(tmp_path / "ix")
 
 

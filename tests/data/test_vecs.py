@@ -255,11 +255,28 @@ def test_wrong_dimension_at_slice_end_caught(tmp_path):
 
 
 @pytest.mark.parametrize("mmap", [True, False])
-def test_wrong_dimension_in_middle_row_needs_check_all(tmp_path, mmap):
+def test_wrong_dimension_in_middle_row(tmp_path, mmap):
+    # Rows of dimension 2, 5, 1 where the file's size fits dimension 2: up to 1024 rows are
+    # checked (was: only the first and last, so this read as garbage).
     _fvecs_with_dims(tmp_path / "x.fvecs", [2, 2, 5, 2, 2])
-    assert read_fvecs(tmp_path / "x.fvecs", mmap=mmap).shape == (5, 2)  # the cheap check's limit
     with pytest.raises(FormatError, match="row 2 has dimension 5, expected 2"):
-        read_fvecs(tmp_path / "x.fvecs", mmap=mmap, check_all=True)
+        read_fvecs(tmp_path / "x.fvecs", mmap=mmap)
+    # Past 1024 rows a row between the checked ones needs check_all.
+    dims = [2] * 3000
+    dims[1] = 5
+    _fvecs_with_dims(tmp_path / "y.fvecs", dims)
+    assert read_fvecs(tmp_path / "y.fvecs", mmap=mmap).shape == (3000, 2)  # the cheap check's limit
+    with pytest.raises(FormatError, match="row 1 has dimension 5, expected 2"):
+        read_fvecs(tmp_path / "y.fvecs", mmap=mmap, check_all=True)
+
+
+def test_empty_file_refuses_a_slice_past_it(tmp_path):
+    (tmp_path / "e.fvecs").write_bytes(b"")
+    assert read_fvecs(tmp_path / "e.fvecs").shape == (0, 0)
+    with pytest.raises(ValueError, match="count=3"):
+        read_fvecs(tmp_path / "e.fvecs", count=3)
+    with pytest.raises(ValueError, match="offset=5"):
+        read_fvecs(tmp_path / "e.fvecs", offset=5)
 
 
 def test_wrong_dimension_in_bvecs_middle_row(tmp_path):
