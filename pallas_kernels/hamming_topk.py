@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -147,17 +148,23 @@ def hamming_topk_reference(queries, codes, k, *, codes_layout="nw"):
     lax.top_k returns the lower index first among equal values, so on negated distances it
     breaks ties towards the lower code index. Returns (int32 [Q, k], int32 [Q, k])."""
     _, n, _ = _check(queries, codes, codes_layout)
-    _check_k(k, n)
+    k = _check_k(k, n)
     d = hamming_distance_reference(queries, codes, codes_layout=codes_layout)
     neg, idx = lax.top_k(-d, k)
     return -neg, idx.astype(jnp.int32)
 
 
-def _check_k(k, n):
-    if not isinstance(k, int) or k < 1:
+def _check_k(k, n) -> int:
+    """k as an int (numpy integers too), 1 <= k <= n."""
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise ValueError(f"k={k!r} must be an int >= 1") from None
+    if k < 1:
         raise ValueError(f"k={k} must be an int >= 1")
     if k > n:
         raise ValueError(f"k={k} must be <= N={n} (number of codes)")
+    return k
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -218,6 +225,8 @@ def hamming_distance(queries, codes, *, codes_layout="nw", config=None, interpre
       int32 [Q, N].
     """
     q, n, w = _check(queries, codes, codes_layout)
+    if q == 0 or n == 0:  # (no grid to launch)
+        return jnp.zeros((q, n), jnp.int32)
     cfg = default_config(q, n, w) if config is None else config
     cfg.validate()
     kernel = functools.partial(
@@ -284,6 +293,8 @@ def hamming_distance_tensorcore(queries, signs, *, config=None, interpret=False)
     bits = _check_signs(queries, signs)
     if config is not None and not isinstance(config, MosaicInt8Config):
         raise ValueError(f"config must be a MosaicInt8Config, got {type(config).__name__}")
+    if queries.shape[0] == 0 or signs.shape[0] == 0:  # (no grid to launch)
+        return jnp.zeros((queries.shape[0], signs.shape[0]), jnp.int32)
     dots = int8_matmul_nt(
         code_signs(queries), signs, out_dtype=jnp.int32, config=config, interpret=interpret
     )
@@ -416,6 +427,8 @@ def _fused_topk(kernel, query_rows, codes, n, n_words, k, cfg, interpret, name):
     kernel(q_ref, c_ref, o_ref, **topk) must accept the _running_topk keywords.
     """
     q, width = query_rows.shape
+    if q == 0:  # (no grid to launch)
+        return jnp.zeros((0, k), jnp.int32), jnp.zeros((0, k), jnp.int32)
     kp = next_pow2(k)
     index_bits, pad_distance = _key_bits(n_words)
     num_splits, split_size = _split_plan(q, n, n_words, cfg)
@@ -460,7 +473,7 @@ def hamming_topk(queries, codes, k, *, codes_layout="nw", config=None, interpret
       (distances int32 [Q, k], indices int32 [Q, k]), ascending by distance, ties by lower index.
     """
     q, n, w = _check(queries, codes, codes_layout)
-    _check_k(k, n)
+    k = _check_k(k, n)
     cfg = default_config(q, n, w, k) if config is None else config
     cfg.validate()
     kernel = functools.partial(hamming_topk_kernel, n_words=w, codes_layout=codes_layout)
@@ -498,7 +511,7 @@ def hamming_topk_tensorcore(queries, signs, k, *, config=None, interpret=False):
     bits = _check_signs(queries, signs)
     q, w = queries.shape
     n = signs.shape[0]
-    _check_k(k, n)
+    k = _check_k(k, n)
     cfg = default_tensorcore_config(q, n, bits, k) if config is None else config
     if not isinstance(cfg, HammingTopkConfig):
         raise ValueError(f"config must be a HammingTopkConfig, got {type(cfg).__name__}")

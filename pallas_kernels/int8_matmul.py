@@ -132,16 +132,23 @@ def _check_inputs(a, b, a_scale, b_scale, transpose_a, transpose_b, out_dtype):
             f"contraction dims differ: a gives K={ka}, b gives K={kb} "
             f"({a.shape=}, {b.shape=}, {transpose_a=}, {transpose_b=})"
         )
-    if a_scale is not None and tuple(a_scale.shape) != (m,):
-        raise ValueError(f"a_scale.shape={tuple(a_scale.shape)} must be (M,)=({m},)")
-    if b_scale is not None and tuple(b_scale.shape) != (n,):
-        raise ValueError(f"b_scale.shape={tuple(b_scale.shape)} must be (N,)=({n},)")
+    for name, scale, size, dim in (("a_scale", a_scale, m, "M"), ("b_scale", b_scale, n, "N")):
+        if scale is None:
+            continue
+        if tuple(scale.shape) != (size,):
+            raise ValueError(f"{name}.shape={tuple(scale.shape)} must be ({dim},)=({size},)")
+        if not jnp.issubdtype(scale.dtype, jnp.floating):  # (a complex one lost its imaginary part)
+            raise ValueError(f"{name}.dtype={scale.dtype} must be a real float dtype")
     out_dtype = jnp.dtype(out_dtype)
-    if (a_scale is not None or b_scale is not None) and not jnp.issubdtype(out_dtype, jnp.floating):
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype={out_dtype} must be one of {', '.join(map(str, OUT_DTYPES))}")
+    if (a_scale is not None or b_scale is not None) and out_dtype == jnp.int32:
         raise ValueError(f"out_dtype={out_dtype} must be floating when a scale is given")
-    if not (jnp.issubdtype(out_dtype, jnp.floating) or out_dtype == jnp.int32):
-        raise ValueError(f"out_dtype={out_dtype} must be a float dtype or int32")
     return m, n, ka
+
+
+# What the kernels' epilogues store (float64 is not among them: the scales apply in float32).
+OUT_DTYPES = tuple(map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32)))
 
 
 def int8_matmul_reference(
@@ -284,6 +291,16 @@ def int8_matmul(
     few programs for 132 multiprocessors. Integer partial sums make the split exact.
     """
     m, n, k = _check_inputs(a, b, a_scale, b_scale, transpose_a, transpose_b, out_dtype)
+    if 0 in (m, n, k):  # nothing to launch: an empty output, or K = 0's zero sums (scaled)
+        return int8_matmul_reference(
+            a,
+            b,
+            a_scale,
+            b_scale,
+            transpose_a=transpose_a,
+            transpose_b=transpose_b,
+            out_dtype=out_dtype,
+        )
     if config is None:
         config = pick_config(m, n, k, transpose_a, interpret)
     if isinstance(config, MosaicInt8Config):

@@ -14,6 +14,7 @@ any N.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -135,8 +136,9 @@ def exact_search(
             f"queries.shape[1]={queries.shape[1]} must equal vectors.shape[1]={vectors.shape[1]}"
         )
     n = vectors.shape[0]
-    if not isinstance(k, int) or not 1 <= k <= n:
+    if not isinstance(k, numbers.Integral) or not 1 <= k <= n:
         raise ValueError(f"k={k!r} must be an int in 1..{n} (the number of vectors)")
+    k = int(k)
     chunk = default_chunk_size(queries.shape[0], n) if chunk_size is None else chunk_size
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")

@@ -182,7 +182,7 @@ def hamming_topk(queries, codes, k, *, chunk_size=None):
       lower index; identical on every backend.
     """
     q, n, _ = _kernel._check(queries, codes, "nw")
-    _kernel._check_k(k, n)
+    k = _kernel._check_k(k, n)
     if jax.default_backend() == "gpu":
         return _kernel.hamming_topk(queries, codes, k)
     chunk = default_chunk_size(q, n) if chunk_size is None else chunk_size

@@ -49,13 +49,23 @@ def poison_nonfinite(scale: jax.Array, amax: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(amax), scale, jnp.nan).astype(jnp.float32)
 
 
+def _lift(s: jax.Array) -> jax.Array:
+    """2^64 where s < 2^-64, else 1: a power of two (exact) that keeps 127 / s and s / 127 of a
+    tiny scale in float32's normal range. Unlifted, 127 / s is inf below s = 3.7e-37 (every
+    nonzero code became +-127) and s / 127 subnormal below 1.5e-36, which XLA flushes to 0
+    (x_hat = 0). (Dividing instead does not help: XLA:CPU divides by multiplying with the
+    reciprocal, and 1 / s is flushed to 0 above s = 8.5e37.)"""
+    return jnp.where(s < 2.0**-64, jnp.float32(2.0**64), jnp.float32(1.0))
+
+
 def maxabs(x: jax.Array, axis: int | None = None) -> jax.Array:
     """max |x| per tensor ([]) or per channel along `axis` ([x.shape[axis]]), float32.
 
     NaN or Inf anywhere in a group makes that group's value NaN.
     """
     axis = _channel_axis(x.ndim, axis)
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=_reduce_axes(x.ndim, axis))
+    # initial: an empty group's max |x| is 0 (its zero scale gives zero codes), not an error.
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=_reduce_axes(x.ndim, axis), initial=0.0)
     return poison_nonfinite(amax, amax)
 
 
@@ -87,7 +97,8 @@ def quantize(
     x = x.astype(jnp.float32)
     usable = (s > 0) & jnp.isfinite(s)
     safe_s = jnp.where(usable, s, 1.0)
-    y = jnp.clip(x, -safe_s, safe_s) * (QMAX / safe_s)
+    lift = _lift(safe_s)  # 1 for any usual scale: the same bits as clip(x) * (127 / s)
+    y = (jnp.clip(x, -safe_s, safe_s) * lift) * (QMAX / (safe_s * lift))
     if rounding == "nearest":
         q = jnp.round(y)
     else:
@@ -103,7 +114,8 @@ def dequantize(q: jax.Array, scale: jax.Array, *, axis: int | None = None) -> ja
     """x_hat = q * s / 127, float32; NaN wherever the scale is not finite."""
     axis = _channel_axis(q.ndim, axis)
     s = _broadcast_scale(jnp.asarray(scale, jnp.float32), q.ndim, axis)
-    x_hat = q.astype(jnp.float32) * (s / QMAX)
+    lift = _lift(s)  # 1 for any usual scale: the same bits as q * (s / 127)
+    x_hat = q.astype(jnp.float32) * (s * lift / QMAX) / lift
     return jnp.where(jnp.isfinite(s), x_hat, jnp.nan)
 
 

@@ -181,6 +181,21 @@ class TestReferenceAndValidation:
             hamming_topk(q, c, 3, codes_layout="nk", interpret=True)
         with pytest.raises(ValueError, match="block_n"):
             hamming_topk(q, c, 3, config=HammingTopkConfig(block_n=48), interpret=True)
+        with pytest.raises(ValueError, match="k=2.5"):
+            hamming_topk(q, c, 2.5, interpret=True)
+
+    def test_numpy_int_k_and_no_queries(self):
+        rng = np.random.default_rng(3)
+        q, c = random_codes(rng, 3, 4), random_codes(rng, 40, 4)
+        d, i = hamming_topk(q, c, np.int64(5), interpret=True)
+        want_d, want_i = np_topk(q, c, 5)
+        np.testing.assert_array_equal(np.asarray(d), want_d)
+        np.testing.assert_array_equal(np.asarray(i), want_i)
+        # No queries (or no codes for the matrix): empty results, not a 0-sized grid's error.
+        d, i = hamming_topk(q[:0], c, 3, interpret=True)
+        assert d.shape == i.shape == (0, 3) and d.dtype == i.dtype == jnp.int32
+        assert hamming_distance(q[:0], c, interpret=True).shape == (0, 40)
+        assert hamming_distance(q, c[:0], interpret=True).shape == (3, 0)
 
     @pytest.mark.parametrize("w", [8, 3])
     def test_kernels_lower_for_cuda(self, w):

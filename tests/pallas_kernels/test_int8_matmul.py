@@ -340,6 +340,36 @@ class TestValidation:
         with pytest.raises(ValueError, match="out_dtype"):
             int8_matmul(a, b, np.ones(4, np.float32), out_dtype=jnp.int32, interpret=True)
 
+    @pytest.mark.parametrize("dtype", [np.complex64, np.bool_, np.int32])
+    def test_scale_dtypes(self, dtype):
+        # (A complex scale lost its imaginary part; bool and int scales went through.)
+        a, b = np.ones((2, 5), np.int8), np.ones((5, 3), np.int8)
+        with pytest.raises(ValueError, match="a_scale.dtype=.* must be a real float"):
+            int8_matmul(a, b, np.ones(2, dtype), interpret=True)
+        with pytest.raises(ValueError, match="b_scale.dtype=.* must be a real float"):
+            int8_matmul_reference(a, b, None, np.ones(3, dtype))
+
+    def test_out_dtypes(self):
+        a, b = np.ones((2, 5), np.int8), np.ones((5, 3), np.int8)
+        # (float64 failed inside the kernel's store: "Invalid dtype for swap".)
+        with pytest.raises(ValueError, match="out_dtype=float64 must be one of"):
+            int8_matmul(a, b, out_dtype=np.float64, interpret=True)
+        for dtype in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32):
+            out = int8_matmul(a, b, out_dtype=dtype, interpret=True)
+            assert out.dtype == dtype and np.all(np.asarray(out, np.float32) == 5)
+
+    @pytest.mark.parametrize("m, n, k", [(7, 5, 0), (0, 5, 3), (7, 0, 3), (0, 0, 0)])
+    def test_empty_operands(self, m, n, k):
+        # Any M, N, K, 0 included: K = 0 gives zero sums (the Pallas grid had a 0-wide block).
+        a, b = np.ones((m, k), np.int8), np.ones((k, n), np.int8)
+        scales = np.full(m, 2.0, np.float32), np.full(n, 3.0, np.float32)
+        for transpose_a in (False, True):
+            out = int8_matmul(
+                a.T if transpose_a else a, b, *scales, transpose_a=transpose_a, interpret=True
+            )
+            assert out.shape == (m, n) and out.dtype == jnp.float32
+            np.testing.assert_array_equal(out, np.zeros((m, n)))
+
     @pytest.mark.parametrize(
         "field,value",
         [

@@ -45,6 +45,24 @@ def test_clip_below_max_saturates_and_zero_scale_gives_zeros():
     np.testing.assert_array_equal(numerics.dequantize(q, s), [0.0, 0.0, 0.0])
 
 
+def test_tiny_scales_keep_their_codes_and_values():
+    # A normal float32 scale below 127 / FLT_MAX = 3.7e-37 made the factor 127 / s infinite
+    # (every nonzero code +-127), and below 1.5e-36, s / 127 was flushed to 0 (x_hat = 0).
+    x = jnp.array([1e-37, 5e-38, -1e-37 / 3, 0.0], jnp.float32)
+    q, s = numerics.quantize_maxabs(x)
+    np.testing.assert_array_equal(q, [127, 64, -42, 0])
+    np.testing.assert_array_equal(q, numerics.quantize_maxabs(x * 1e30)[0])
+    np.testing.assert_allclose(numerics.dequantize(q, s), np.asarray(q) * 1e-37 / 127, rtol=1e-6)
+    # And a scale near float32's top: 127 x overflows, x / s does not.
+    big = jnp.array([3e38, -1.5e38], jnp.float32)
+    np.testing.assert_array_equal(numerics.quantize_maxabs(big)[0], [127, -64])
+
+
+def test_empty_groups_have_zero_scale():
+    np.testing.assert_array_equal(numerics.maxabs(jnp.zeros((0, 3)), axis=1), [0.0, 0.0, 0.0])
+    assert float(numerics.maxabs(jnp.zeros((5, 0)))) == 0.0
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_input_never_becomes_finite(bad):
     x = jnp.array([[1.0, 2.0], [bad, 0.5], [0.1, 0.2]])
