@@ -71,9 +71,11 @@ def _orthonormal_columns(key, dim: int, bits: int) -> jax.Array:
 
 
 def _fit_sample(vectors, max_fit_points: int) -> np.ndarray:
+    if not isinstance(max_fit_points, (int, np.integer)) or max_fit_points < 1:
+        raise ValueError(f"max_fit_points={max_fit_points!r} must be a positive int")
     x = np.asarray(vectors, dtype=np.float32)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"vectors.shape={x.shape} must be [N > 0, D]")
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"vectors.shape={x.shape} must be [N > 0, D > 0]")
     if not np.isfinite(x).all():
         raise ValueError("vectors holds NaN or Inf")
     if x.shape[0] > max_fit_points:
@@ -156,6 +158,11 @@ def _fit_itq(x, rng, bits: int, iterations: int, random_start: bool):
     measured on 2 cores)."""
     mean = x.mean(axis=0)
     xc = x - mean
+    # Data past 2^32 in magnitude are scaled down by a power of two (exact; the directions
+    # do not change): x^T x overflowed float32 from |x| ~ 1e15 at 1k points, and the fit was
+    # NaN. Other data are multiplied by 1, bit for bit as before.
+    amax = jnp.max(jnp.abs(xc))
+    xc = xc * jnp.exp2(-jnp.where(amax > 2.0**32, jnp.floor(jnp.log2(amax)), 0.0))
     k_pca, k_rot = jax.random.split(rng)
     w = pca_projection(xc, bits, k_pca)
     r0 = _orthonormal_columns(k_rot, bits, bits) if random_start else jnp.eye(bits)

@@ -108,8 +108,8 @@ def _check_vectors(
     at a time (no [N, D] mask: 128 MB at 1M x 128), both checks from each row's largest
     magnitude."""
     x = np.asarray(x)
-    if x.ndim != 2 or x.shape[0] < min_rows:
-        raise ValueError(f"{name}.shape={x.shape} must be [N >= {min_rows}, D]")
+    if x.ndim != 2 or x.shape[0] < min_rows or x.shape[1] < 1:
+        raise ValueError(f"{name}.shape={x.shape} must be [N >= {min_rows}, D >= 1]")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise ValueError(f"{name}.dtype={x.dtype} must be a real float or integer dtype")
     finite_before = not (np.issubdtype(x.dtype, np.floating) and x.dtype.itemsize > 4)

@@ -114,3 +114,22 @@ def test_nan_and_wrong_dimension_refused():
     b = codes.fit_lsh(64, 32, jax.random.key(0))
     with pytest.raises(ValueError, match="vectors.shape"):
         codes.encode(b, np.zeros((4, 63), np.float32))
+
+
+def test_itq_fits_data_of_any_magnitude():
+    # x^T x overflowed float32 past |x| ~ 1e15 (here 1e19): a NaN projection, every code equal.
+    x = clustered(n=300, dim=16)
+    small = codes.fit_itq(x, 32, iterations=5)
+    huge = codes.fit_itq(x * np.float32(1e19), 32, iterations=5)
+    assert np.isfinite(np.asarray(huge.projection)).all()
+    # The same directions (the scale is a power of two's rounding away): codes nearly equal.
+    same = codes.encode(small, x) == codes.encode(huge, x * np.float32(1e19))
+    assert same.mean() > 0.99
+
+
+def test_fit_arguments_refused():
+    x = clustered(n=100)
+    with pytest.raises(ValueError, match="max_fit_points=0 must be a positive int"):
+        codes.fit_itq(x, 32, max_fit_points=0)
+    with pytest.raises(ValueError, match=r"vectors.shape=\(10, 0\) must be \[N > 0, D > 0\]"):
+        codes.fit_itq(np.zeros((10, 0), np.float32), 32)

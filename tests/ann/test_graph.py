@@ -144,6 +144,40 @@ def test_narrow_block_knn_equals_wide(c, k, layout):
     assert not np.any(layout.ids(want)[9] == int(ids[9]))
 
 
+@pytest.mark.parametrize("narrow", [False, True])
+def test_block_knn_counts_a_point_in_two_slots_once(narrow):
+    # Every point in two slots of the block (both its clusters there): as two candidates each
+    # took two places of a list, which held [1, 1, 2, 2] for point 0.
+    ids = jnp.array([0, 1, 2, 3, 0, 1, 2, 3], jnp.int32)
+    codes = jnp.array([[0], [1], [3], [7]] * 2, jnp.uint32)
+    layout = bitonic.KeyLayout.for_ids(8)
+    if narrow:
+        keys = graph._block_knn_keys_narrow(ids, codes, 4, layout, graph.narrow_rank_bits(8))
+    else:
+        keys = graph._block_knn_keys(ids, codes, 4, layout)
+    for slot in (0, 4):  # both of point 0's slots
+        np.testing.assert_array_equal(layout.ids(keys)[slot, :3], [1, 2, 3])
+        np.testing.assert_array_equal(layout.dist(keys)[slot, :3], [1, 2, 3])
+        assert bitonic.is_empty(keys[slot, 3])
+
+
+@pytest.mark.parametrize(
+    "n, degree, distinct", [(5, 4, None), (31, 2, None), (40, 32, None), (257, 8, 2)]
+)
+def test_small_and_repetitive_sets_fill_every_row(n, degree, distinct):
+    # Rows of min(degree, N - 1) distinct edges. Before, a point in two slots of a block took
+    # two list places (31 codes, degree 2: 15 rows of one edge; 2 distinct codes of 257: 245
+    # rows of 5), and N - 1 < 2 degree made the block lists shorter than the degree (5
+    # codes, degree 4: 2.2 edges a row).
+    rng = np.random.default_rng(n)
+    pool = rng.integers(0, 2**32, size=(distinct or n, 8), dtype=np.uint32)
+    codes = pool if distinct is None else pool[rng.integers(0, distinct, n)]
+    g = graph.build_graph(codes, degree)
+    assert ((g >= 0).sum(axis=1) == min(degree, n - 1)).all()
+    assert all(len(set(row[row >= 0])) == (row >= 0).sum() for row in g)
+    assert not (g == np.arange(n)[:, None]).any()
+
+
 @pytest.mark.parametrize("rank_bits", [8, 10])
 def test_narrow_block_knn_selects_again_beyond_the_first_band(rank_bits):
     # Slot 0's nearest is its duplicate (distance 0), every other slot is 255 or 256 bits
@@ -459,6 +493,14 @@ def test_bad_arguments():
         graph.build_graph(np.zeros((10, 2), np.uint32), 0)
     with pytest.raises(ValueError, match="config.axis"):
         graph.build_graph(np.zeros((10, 2), np.uint32), 4, config=graph.GraphConfig(axis="x"))
+    # (each failed inside the build: an IndexError or a ZeroDivisionError)
+    for field, value in [("sample_neighbors", 0), ("sample_width", 0), ("row_chunk", 0)]:
+        with pytest.raises(ValueError, match=f"config.{field}=0 must be an int >= 1"):
+            graph.GraphConfig(**{field: value})
+    with pytest.raises(ValueError, match="config.cluster_fill=0.0 must be in"):
+        graph.GraphConfig(cluster_fill=0.0)
+    with pytest.raises(ValueError, match="config.rounds=-1"):
+        graph.GraphConfig(rounds=-1)
 
 
 _OFF_HEAP_SCRIPT = """
