@@ -125,7 +125,10 @@ def _bwd(products, recipe, seed, res, g):
     if recipe.telemetry:
         telemetry = _telemetry(products, recipe, g, qx, sx, g_w, gq_w, per_channel)
     else:
-        telemetry = state["telemetry"]
+        telemetry = dict(state["telemetry"])
+    # phi scales the layer's update (overwrite.scale_updates), so it is kept with telemetry
+    # off too: that flag only logs (off, Unified INT8 trained with phi = 1).
+    telemetry["lr_scale"] = _lr_scale(recipe, gq_w)
     new_state = {"clip": gq_w.state, "step": state["step"] + 1, "telemetry": telemetry}
     return g_x.astype(x_dtype.dtype), g_w.astype(w_dtype.dtype), new_state
 
@@ -149,11 +152,6 @@ def _telemetry(products, recipe, g, qx, sx, g_w, gq_w, per_channel) -> dict:
         if per_channel
         else jnp.sum(~gvq.classify_channels(g, c_axis, recipe.mcs_lambda)).astype(jnp.float32)
     )
-    lr_scale = jnp.float32(1.0)
-    if recipe.clipping == "unified":
-        lr_scale = clipping.unified_lr_scale(
-            gq_w.d_c, alpha=recipe.unified_alpha, beta=recipe.unified_beta
-        )
     return {
         "grad_rel_l2": rel,
         "grad_cos": clipping.cosine(g_w, g_w_ref),
@@ -163,5 +161,12 @@ def _telemetry(products, recipe, g, qx, sx, g_w, gq_w, per_channel) -> dict:
         ),
         "clip_fraction": jnp.mean(jnp.abs(g) > _along(scale, g.ndim, c_axis)),
         "inverted_t_channels": inverted_t,
-        "lr_scale": lr_scale.astype(jnp.float32),
     }
+
+
+def _lr_scale(recipe, gq_w) -> jax.Array:
+    """Unified INT8's phi for this layer's update (1 for every other recipe)."""
+    if recipe.clipping != "unified":
+        return jnp.float32(1.0)
+    phi = clipping.unified_lr_scale(gq_w.d_c, alpha=recipe.unified_alpha, beta=recipe.unified_beta)
+    return phi.astype(jnp.float32)

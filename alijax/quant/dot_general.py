@@ -147,6 +147,9 @@ def _dot_layout(lhs_shape, rhs_shape, dimension_numbers) -> _DotLayout:
         raise ValueError(
             f"{dimension_numbers=} must be ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))"
         ) from err
+    for name, axes, rank in (("lhs", lc + lb, len(lhs_shape)), ("rhs", rc + rb, len(rhs_shape))):
+        if any(not -rank <= a < rank for a in axes):  # (taken modulo the rank, 3 ran as 1)
+            raise ValueError(f"{dimension_numbers=} names {name} axes beyond its rank {rank}")
     lc = tuple(a % len(lhs_shape) for a in lc)
     lb = tuple(a % len(lhs_shape) for a in lb)
     rc = tuple(a % len(rhs_shape) for a in rc)

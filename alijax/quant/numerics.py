@@ -49,6 +49,12 @@ def poison_nonfinite(scale: jax.Array, amax: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(amax), scale, jnp.nan).astype(jnp.float32)
 
 
+def _check_real(x) -> None:
+    # (a complex x lost its imaginary part in the float32 cast, with only a warning)
+    if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating):
+        raise ValueError(f"x.dtype={jnp.result_type(x)} must be real (int or float)")
+
+
 def _lift(s: jax.Array) -> jax.Array:
     """2^64 where s < 2^-64, else 1: a power of two (exact) that keeps 127 / s and s / 127 of a
     tiny scale in float32's normal range. Unlifted, 127 / s is inf below s = 3.7e-37 (every
@@ -63,6 +69,7 @@ def maxabs(x: jax.Array, axis: int | None = None) -> jax.Array:
 
     NaN or Inf anywhere in a group makes that group's value NaN.
     """
+    _check_real(x)
     axis = _channel_axis(x.ndim, axis)
     # initial: an empty group's max |x| is 0 (its zero scale gives zero codes), not an error.
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=_reduce_axes(x.ndim, axis), initial=0.0)
@@ -84,6 +91,7 @@ def quantize(
     needs `key`). A zero scale gives zero codes; non-finite x or scale gives code 0 (the scale
     carries the NaN, see the module docstring).
     """
+    _check_real(x)
     if rounding not in ROUNDINGS:
         raise ValueError(f"{rounding=} must be one of {ROUNDINGS}")
     if rounding == "stochastic" and key is None:

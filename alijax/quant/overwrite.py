@@ -25,7 +25,9 @@ the new quant_state instead of handing it to the optimizer:
     updates = scale_updates(updates, new_quant_state)      # Unified INT8's phi; 1 otherwise
     model_state = merge_overwrite(new_rest, new_quant_state)
 
-Caveats. A layer applied twice in one differentiated forward gets the sum of two new states.
+Caveats. A layer applied twice in one differentiated forward gets the sum of two new states
+(its step counts 2 per step, its clip and phi double), and so does each example of a `jax.vmap`
+over the batch inside the loss: quantized layers must see the whole batch, once (not checked).
 With an explicit data-parallel `psum` of gradients (shard_map / pmap), `pmean` the quant_state
 instead of summing it; under `jit` with sharded inputs (GSPMD) nothing is needed, the backward sees
 the global gradient. A layer not called in the step gets a zero "gradient", i.e. a reset state.

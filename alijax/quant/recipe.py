@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 
 from jax import lax
 
@@ -79,6 +80,10 @@ class Recipe:
     seed: int = 0  # mixed into every layer's stochastic-rounding stream
 
     def __post_init__(self):
+        for field in ("mcs_bins", "unified_candidates", "seed"):  # (a float failed in the backward)
+            value = getattr(self, field)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"{field}={value!r} must be an int")
         _one_of("forward", self.forward, FORWARDS)
         _one_of("granularity", self.granularity, GRANULARITIES)
         _one_of("rounding", self.rounding, ROUNDINGS)
@@ -170,8 +175,22 @@ def get_recipe(name: str, **overrides) -> Recipe:
 # ----------------------------------------------------------------------------- layer ops
 
 
+def _check_stateless(recipe: Recipe, name: str) -> None:
+    """The plain functions keep no state: every call is step 0 of one seed, so stochastic
+    rounding would draw the same noise in every layer and step (never averaging out)."""
+    if recipe.forward == "int8" and recipe.rounding == "stochastic":
+        raise ValueError(
+            f"{name}(recipe): recipe.rounding='stochastic' needs a step and a layer to draw "
+            "fresh noise from, and a plain function has neither; use layer_ops(recipe) (the "
+            "stateful modules), or quant_dot_general / quant_conv_general_dilated with a "
+            "seed of each layer and step"
+        )
+
+
 def dot_general(recipe: Recipe):
-    """A function with lax.dot_general's signature, for `nn.Dense(dot_general=...)`."""
+    """A function with lax.dot_general's signature, for `nn.Dense(dot_general=...)` (not for
+    stochastic rounding: see _check_stateless)."""
+    _check_stateless(recipe, "dot_general")
     if recipe.forward == "fp32":
         return lax.dot_general
     if recipe.forward == "bf16":
@@ -192,7 +211,9 @@ def dot_general(recipe: Recipe):
 
 
 def conv(recipe: Recipe):
-    """A function with lax.conv_general_dilated's signature, for nn.Conv(conv_general_dilated=)."""
+    """A function with lax.conv_general_dilated's signature, for nn.Conv(conv_general_dilated=)
+    (not for stochastic rounding: see _check_stateless)."""
+    _check_stateless(recipe, "conv")
     if recipe.forward == "fp32":
         return lax.conv_general_dilated
     if recipe.forward == "bf16":

@@ -194,6 +194,10 @@ def test_unified_recipe_reports_its_lr_scale():
     _, _, _, state = _run(quant.unified_int8(), x, w, g)
     phi = float(state["telemetry"]["lr_scale"])
     assert 0.1 <= phi <= 1.0
+    # phi scales the update, so it is the same without telemetry (which only logs): it was 1.
+    _, _, _, quiet = _run(quant.unified_int8(telemetry=False), x, w, g)
+    assert float(quiet["telemetry"]["lr_scale"]) == phi < 1.0
+    assert float(quiet["telemetry"]["grad_cos"]) == 0.0  # (not computed)
 
 
 def test_nan_gradient_stays_nan_and_the_clip_state_survives():
@@ -262,6 +266,23 @@ def lax_shape(x, w, dims):
 def test_bad_dimension_numbers_are_reported():
     with pytest.raises(ValueError, match="contracting dims differ"):
         quant_dot_general(jnp.ones((2, 3)), jnp.ones((4, 5)), DENSE, recipe=quant.da_int8())
+    beyond = (((3,), (0,)), ((), ()))  # (ran as axis 1: 3 % 2)
+    with pytest.raises(ValueError, match="lhs axes beyond its rank 2"):
+        quant_dot_general(jnp.ones((4, 3)), jnp.ones((3, 2)), beyond, recipe=quant.da_int8())
+    with pytest.raises(ValueError, match="must be real"):
+        quant_dot_general(
+            jnp.ones((4, 3), jnp.complex64), jnp.ones((3, 2)), DENSE, recipe=quant.da_int8()
+        )
+
+
+def test_plain_functions_refuse_stochastic_rounding():
+    # Stateless, every call drew step 0's noise of one seed: the same in every layer and step.
+    recipe = quant.per_tensor_int8(rounding="stochastic")
+    with pytest.raises(ValueError, match="dot_general\\(recipe\\): recipe.rounding='stochastic'"):
+        quant.dot_general(recipe)
+    with pytest.raises(ValueError, match="conv\\(recipe\\): recipe.rounding='stochastic'"):
+        quant.conv(recipe)
+    assert quant.layer_ops(recipe).dot_general_cls is not None  # the stateful modules serve it
 
 
 def test_plain_function_and_module_plug_into_flax_dense():

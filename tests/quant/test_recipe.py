@@ -80,6 +80,8 @@ def test_factories_and_their_fields():
         ({"mcs_target": "min"}, "mcs_target"),
         ({"gpu_conv_operands": "float16"}, "gpu_conv_operands"),
         ({"conv_lowering": "winograd"}, "conv_lowering"),
+        ({"mcs_bins": 64.0}, "mcs_bins=64.0 must be an int"),
+        ({"seed": 1.5}, "seed=1.5 must be an int"),
     ],
 )
 def test_bad_fields_are_named(overrides, field):
