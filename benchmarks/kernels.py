@@ -28,6 +28,7 @@ import datetime
 import functools
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -628,6 +629,17 @@ def print_table():
         )
 
 
+class Stopped(Exception):
+    """A SIGTERM (gpu_suite.sh's `timeout`) arrived: the rows so far are still printed and written."""
+
+
+def _stop_on_sigterm() -> None:
+    def stop(signum, frame):
+        raise Stopped(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -658,11 +670,19 @@ def main(argv=None):
     log(f"jax {jax.__version__}, device {dev.device_kind} ({dev.platform}), quick={args.quick}")
     deadline = T0 + args.budget_s
 
-    # Hamming first: its sweep is the smaller one, so the matmul sweep absorbs any budget cut.
-    if args.only in (None, "hamming"):
-        hamming_suite(args, on_gpu, deadline)
-    if args.only in (None, "matmul"):
-        matmul_suite(args, on_gpu, deadline)
+    # A timeout's SIGTERM ends the suites, not the run: the table and the JSON were written only
+    # at the end, so a run past BENCH_TIMEOUT on the GPU left neither (the log keeps each row).
+    _stop_on_sigterm()
+    stopped = None
+    try:
+        # Hamming first: its sweep is the smaller one, so the matmul sweep absorbs any budget cut.
+        if args.only in (None, "hamming"):
+            hamming_suite(args, on_gpu, deadline)
+        if args.only in (None, "matmul"):
+            matmul_suite(args, on_gpu, deadline)
+    except Stopped as err:
+        stopped = f"stopped by {err} after {time.perf_counter() - T0:.0f} s: the rows before it"
+        log(stopped)
     print_table()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
@@ -673,6 +693,7 @@ def main(argv=None):
                 "jax": jax.__version__,
                 "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "args": vars(args),
+                "stopped": stopped,
                 "rows": [dataclasses.asdict(r) for r in ROWS],
             },
             f,
