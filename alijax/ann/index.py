@@ -622,11 +622,14 @@ class BinaryGraphIndex:
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k={k!r} must be a positive int")
         q = self._prepare(queries, "queries", min_rows=0)
+        for name, value in (("candidates", candidates), ("width", width), ("refine", refine)):
+            if value is not None and not isinstance(value, (int, np.integer)):  # (3.7 ran as 3)
+                raise ValueError(f"{name}={value!r} must be an int or None")
         cfg = self.search_config
-        cfg = dataclasses.replace(
+        cfg = dataclasses.replace(  # (which refuses 0 candidates or width: they meant default)
             cfg,
-            candidates=int(candidates or max(k, cfg.candidates)),
-            width=int(width) if width else cfg.width,  # None: automatic (for_codes)
+            candidates=max(k, cfg.candidates) if candidates is None else int(candidates),
+            width=cfg.width if width is None else int(width),  # None: automatic (for_codes)
             refine=cfg.refine if refine is None else int(refine),
         )
         cfg = cfg.for_codes(len(self.ids))  # the index's size, not its padded arrays'

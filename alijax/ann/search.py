@@ -92,6 +92,26 @@ class SearchConfig:
     # lists either way. Not yet the GPU default: it has not run on one (see graph_walk).
     walk: str = "xla"
 
+    def __post_init__(self):
+        # None is "automatic" where a field has it; 0 or less was taken silently (width 0 and
+        # max_iterations 0 as automatic, max_iterations -1 as no walk at all).
+        for name, low, optional in (
+            ("candidates", 1, False),
+            ("width", 1, True),
+            ("max_iterations", 1, True),
+            ("batch_size", 1, False),
+            ("threads", 1, True),
+            ("refine", 0, True),
+        ):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                auto = " or None (automatic)" if optional else ""
+                raise ValueError(f"config.{name}={value!r} must be an int >= {low}{auto}")
+        if self.walk not in WALKS:
+            raise ValueError(f"config.walk={self.walk!r} must be one of {WALKS}")
+
     def for_codes(self, n: int) -> SearchConfig:
         """This config for an index of n codes: an automatic width resolved to auto_width(n),
         or to one parent per _SLOTS_PER_PARENT slots of the list where that is more (L=256: 2,
@@ -825,14 +845,11 @@ def search(
     config = config.for_codes(n)
     if not 1 <= k <= config.candidates:
         raise ValueError(f"k={k} must be in 1..candidates={config.candidates}")
-    if config.width < 1 or config.width > config.candidates:
+    # (SearchConfig itself refuses non-ints, negatives and an unknown walk.)
+    if config.width > config.candidates:
         raise ValueError(f"config.width={config.width} must be in 1..{config.candidates}")
-    if config.batch_size < 1:
-        raise ValueError(f"config.batch_size={config.batch_size} must be >= 1")
-    if not isinstance(config.refine, int) or not 0 <= config.refine <= config.candidates:
+    if config.refine > config.candidates:
         raise ValueError(f"config.refine={config.refine} must be in 0..{config.candidates}")
-    if config.walk not in WALKS:
-        raise ValueError(f"config.walk={config.walk!r} must be one of {WALKS}")
     queries = np.asarray(queries, np.float32)
     encode_here = isinstance(query_codes, Binarizer)
     if encode_here and queries.shape[1:] != (query_codes.dim,):

@@ -697,6 +697,12 @@ def test_bad_input_refused(data, built):
         built.search(q, 5, candidates=16, refine=17)
     with pytest.raises(ValueError, match=r"config.refine=-1"):
         built.search(q, 5, candidates=16, refine=-1)
+    with pytest.raises(ValueError, match=r"config.candidates=0 must be an int >= 1"):
+        built.search(q, 5, candidates=0)  # (ran with the default 64)
+    with pytest.raises(ValueError, match=r"candidates=3.7 must be an int or None"):
+        built.search(q, 5, candidates=3.7)  # (ran as 3)
+    with pytest.raises(ValueError, match=r"config.width=0 must be an int >= 1"):
+        built.search(q, 5, width=0)  # (ran as automatic)
     with pytest.raises(ValueError, match="ids holds duplicates"):
         BinaryGraphIndex(bits=64).build(x[:10], ids=[1] * 10)
     with pytest.raises(ValueError, match="already in the index"):

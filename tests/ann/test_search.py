@@ -357,6 +357,27 @@ def test_bad_arguments(setup):
         search.search(q, qc, c, g, x, entries, 100)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("candidates", 0),
+        ("width", 0),  # (was automatic)
+        ("max_iterations", 0),  # (was automatic)
+        ("max_iterations", -1),  # (ran no walk at all)
+        ("threads", -1),
+        ("batch_size", 0),
+        ("refine", True),
+        ("refine", -1),
+        ("candidates", 3.7),
+    ],
+)
+def test_search_config_refuses_what_it_would_misread(field, value):
+    with pytest.raises(ValueError, match=f"config.{field}={value!r} must be an int"):
+        search.SearchConfig(**{field: value})
+    with pytest.raises(ValueError, match="config.walk='tpu'"):
+        search.SearchConfig(walk="tpu")
+
+
 def test_an_index_too_large_for_one_word_keys_searches_with_pairs():
     # 2**23 codes of 256 bits: (distance, id, flag) needs 9 + 23 + 1 bits, so the list holds
     # Pairs (traced only: the arrays would be 8 GB).
