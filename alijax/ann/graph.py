@@ -186,14 +186,11 @@ class GraphConfig:
     def __post_init__(self):
         # (0 samples, chunks or fill failed inside the build as an IndexError or a division)
         positive = ("num_assign", "sample_neighbors", "sample_width", "row_chunk", "block_batch")
+        required = dict.fromkeys(positive, 1) | dict.fromkeys(
+            ("kmeans_iterations", "rounds", "reverse_samples"), 0
+        )
         optional = ("intermediate_degree", "cluster_capacity", "n_clusters", "block_degree")
-        for name in positive + optional + ("kmeans_iterations", "rounds", "reverse_samples"):
-            value = getattr(self, name)
-            low = 1 if name in positive + optional else 0
-            if value is None and name in optional:
-                continue
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-                raise ValueError(f"config.{name}={value!r} must be an int >= {low}")
+        search_lib.check_int_fields(self, required, optional=dict.fromkeys(optional, 1))
         if not 0.0 < self.cluster_fill <= 1.0:
             raise ValueError(f"config.cluster_fill={self.cluster_fill!r} must be in (0, 1]")
 

@@ -543,9 +543,13 @@ class BinaryGraphIndex:
         capacity) padded with -1, which the seed skips, to the count for that many rows, so
         that every add within one capacity gives the compiled programs the same shape."""
         entries = np.linspace(0, n - 1, self._entry_count(n)).astype(np.int32)
-        if rows is None:
-            return entries
-        return np.pad(entries, (0, self._entry_count(rows) - len(entries)), constant_values=-1)
+        return entries if rows is None else self._padded_entries(entries, rows)
+
+    def _padded_entries(self, entries: np.ndarray, rows: int) -> np.ndarray:
+        """entries padded with -1 (no entry: the seed skips it) to the count for `rows` rows."""
+        return np.pad(
+            entries, (0, max(0, self._entry_count(rows) - len(entries))), constant_values=-1
+        )
 
     # ------------------------------------------------------------------ build
 
@@ -671,7 +675,7 @@ class BinaryGraphIndex:
         n = len(host)
         padded = host
         if rows is not None and name == "entries":  # padded with -1 (no entry, see _entries)
-            padded = np.pad(host, (0, max(0, self._entry_count(rows) - n)), constant_values=-1)
+            padded = self._padded_entries(host, rows)
         elif rows is not None and n < rows:
             padded = _padded_to(host, rows, name)
         # device_put, not jnp.asarray: that staged a second host copy (1M x 128 floats: 977

@@ -95,20 +95,11 @@ class SearchConfig:
     def __post_init__(self):
         # None is "automatic" where a field has it; 0 or less was taken silently (width 0 and
         # max_iterations 0 as automatic, max_iterations -1 as no walk at all).
-        for name, low, optional in (
-            ("candidates", 1, False),
-            ("width", 1, True),
-            ("max_iterations", 1, True),
-            ("batch_size", 1, False),
-            ("threads", 1, True),
-            ("refine", 0, True),
-        ):
-            value = getattr(self, name)
-            if value is None and optional:
-                continue
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-                auto = " or None (automatic)" if optional else ""
-                raise ValueError(f"config.{name}={value!r} must be an int >= {low}{auto}")
+        check_int_fields(
+            self,
+            {"candidates": 1, "batch_size": 1},
+            optional={"width": 1, "max_iterations": 1, "threads": 1, "refine": 0},
+        )
         if self.walk not in WALKS:
             raise ValueError(f"config.walk={self.walk!r} must be one of {WALKS}")
 
@@ -159,6 +150,20 @@ _SLOTS_PER_PARENT = 128  # SearchConfig.for_codes: list slots per parent of an a
 # gives 0.966 in 41.7 ms; L=128 0.977 -> 0.979 in 54.5 -> 72.8 ms.
 _REFINE_FROM = 256
 _AUTO_REFINE = 4
+
+
+def check_int_fields(config, required: dict, optional: dict | None = None) -> None:
+    """Each field of `config` named in required / optional ({name: least value}) is an int (not
+    a bool) at least that value; an optional one may be None (automatic). Else a ValueError
+    naming it."""
+    optional = optional or {}
+    for name, low in (*required.items(), *optional.items()):
+        value = getattr(config, name)
+        if value is None and name in optional:
+            continue
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            auto = " or None (automatic)" if name in optional else ""
+            raise ValueError(f"config.{name}={value!r} must be an int >= {low}{auto}")
 
 
 def auto_width(n: int) -> int:
